@@ -57,7 +57,9 @@ def _section_type(info: FieldInfo) -> type[Section] | None:
     return ann if isinstance(ann, type) and issubclass(ann, Section) else None
 
 
-def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+def leaf_fields(
+    model: type[BaseModel] = Config, prefix: str = ""
+) -> Iterator[tuple[str, FieldInfo]]:
     """Every settable leaf of the schema as (dotted key, field info), in declaration order."""
     for name, info in model.model_fields.items():
         sub = _section_type(info)
@@ -67,7 +69,9 @@ def leaf_fields(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[t
             yield f"{prefix}{name}", info
 
 
-def sections(model: type[BaseModel] = Config, prefix: str = "") -> Iterator[tuple[str, type[Section]]]:
+def sections(
+    model: type[BaseModel] = Config, prefix: str = ""
+) -> Iterator[tuple[str, type[Section]]]:
     """Every section (nested ones too) as (dotted key, class)."""
     for name, info in model.model_fields.items():
         sub = _section_type(info)
@@ -120,15 +124,19 @@ def get_value(obj: BaseModel, key: str) -> Any:
 
 
 def _flatten(data: dict, source: str, prefix: str = "", model: type[BaseModel] = Config) -> dict:
-    """Nested mapping -> {dotted key: value}; mappings under a section recurse, others are leaves."""
+    """Nested mapping -> {dotted key: value}; sections recurse, everything else is a leaf."""
     flat: dict[str, Any] = {}
     for k, v in data.items():
         if not isinstance(k, str):
-            raise ConfigError(f"{source}: key {k!r} under '{prefix or 'top level'}' must be a string")
+            raise ConfigError(
+                f"{source}: key {k!r} under '{prefix or 'top level'}' must be a string"
+            )
         key = f"{prefix}{k}"
         info = model.model_fields.get(k)
         if info is None:
-            raise ConfigError(f"{source}: {_unknown_key_message(key, model, prefix.split('.')[:-1])}")
+            raise ConfigError(
+                f"{source}: {_unknown_key_message(key, model, prefix.split('.')[:-1])}"
+            )
         sub = _section_type(info)
         if sub is not None:
             if v is None:
@@ -145,12 +153,14 @@ def _flatten(data: dict, source: str, prefix: str = "", model: type[BaseModel] =
 
 
 def read_yaml(path: str | Path) -> tuple[Path, dict]:
-    """Safely read one YAML config file (missing, unreadable and malformed files are ConfigErrors)."""
+    """Safely read one YAML config file; missing, unreadable or malformed ones are ConfigErrors."""
     p = resolve_config_path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {p} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text ({e.reason}); save it as UTF-8"
+        ) from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
@@ -191,6 +201,16 @@ def resolve_config_path(path: str | Path) -> Path:
         f"config file {p} does not exist.{hint} Shipped recipes (usable by name): "
         f"{', '.join(shipped) or 'none found'}."
     )
+
+
+def split_args(*groups: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line words -> (config files, key=value overrides); an existing file wins."""
+    files: list[str] = []
+    overrides: list[str] = []
+    for group in groups:
+        for word in group:
+            (overrides if "=" in word and not Path(word).is_file() else files).append(word)
+    return files, overrides
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -236,7 +256,9 @@ def load_config(
         key, value = parse_override(text)
         lookup(key)  # unknown keys fail here with a suggestion
         if _section_type(lookup(key)[2]) is not None:
-            raise ConfigError(f"'{key}' is a section; override one of its keys, e.g. {key}.<field>=...")
+            raise ConfigError(
+                f"'{key}' is a section; override one of its keys, e.g. {key}.<field>=..."
+            )
         cli[key] = value
     if cli:
         layers.append((CLI, cli))
@@ -312,7 +334,9 @@ def _fix(key: str) -> str:
     if bounds:
         parts.append(f"must be {bounds}")
     parts.append(f"default {info.default!r}" if not info.is_required() else "required")
-    return f" Fix: set {key} to a valid value ({'; '.join(parts)}); see `plinth config explain {key}`."
+    return (
+        f" Fix: set {key} to a valid value ({'; '.join(parts)}); see `plinth config explain {key}`."
+    )
 
 
 def allowed_values(info: FieldInfo) -> list[Any]:
@@ -343,6 +367,7 @@ def bounds_text(info: FieldInfo) -> str:
 
 def type_text(info: FieldInfo) -> str:
     """A short human type: 'int', 'float or null', 'one of: a | b', 'list of str'."""
+
     def name(tp: Any) -> str:
         origin = typing.get_origin(tp)
         if origin is typing.Literal:

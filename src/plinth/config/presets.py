@@ -21,6 +21,8 @@ class Preset:
     nominal_params: int | None = None  # what the name promises, for model-size presets
 
 
+# d_ff=None derives the MLP width from d_model, so a preset stays consistent when a user
+# changes d_model on top of it; explicit widths copy well-known checkpoints' shapes.
 def _decoder(n_layers, d_model, n_heads, d_ff, vocab, seq, n_kv_heads=None, tie=False, **extra):
     values = {
         "model.arch": "decoder",
@@ -46,13 +48,13 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "tiny",
             "~7M-parameter Llama-style decoder: trains on a laptop CPU in minutes",
-            _decoder(4, 256, 4, 704, 8192, 256),
+            _decoder(4, 256, 4, None, 8192, 256),
             nominal_params=7_000_000,
         ),
         Preset(
             "small",
             "~125M decoder (GPT-2 small / SmolLM-135M band), 12 x 768, tied embeddings",
-            _decoder(12, 768, 12, 2048, 50304, 1024, tie=True),
+            _decoder(12, 768, 12, None, 50304, 1024, tie=True),
             nominal_params=125_000_000,
         ),
         Preset(

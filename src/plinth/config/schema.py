@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
-    """Base of every config section: strict keys, docstrings as descriptions, validated assignment."""
+    """Base of every section: strict keys, docstrings as descriptions, validated assignment."""
 
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True
@@ -404,7 +404,9 @@ class FinetuneConfig(Section):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the adapter input. Helps small datasets; 0 for large ones."""
 
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
     """Name patterns (fnmatch) of linear layers that get adapters. Adding the MLP projections
     (gate_proj, up_proj, down_proj) costs memory and usually improves quality."""
 
@@ -641,7 +643,8 @@ class TrackingConfig(Section):
     """Name of the run directory under output_dir; None uses the recipe name and a timestamp."""
 
     output_dir: str = "runs"
-    """Parent directory of run directories."""
+    """Parent directory of run directories; `plinth runs` lists what is under it. Point it at
+    fast local disk with room for checkpoints."""
 
     log_every: int = Field(10, ge=1)
     """Optimizer steps between metric records. Smaller is finer curves at slightly more

@@ -1,0 +1,266 @@
+"""`plinth config ...`: explain, show, validate, schema, presets.
+
+plinth config explain                  # sections
+plinth config explain optim            # the fields of a section
+plinth config explain optim.lr configs/quickstart.yaml optim.lr=3e-4
+plinth config show configs/quickstart.yaml model.n_layers=4
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from plinth.config.load import (
+    DEFAULT,
+    Resolved,
+    allowed_values,
+    bounds_text,
+    get_value,
+    leaf_fields,
+    load_config,
+    lookup,
+    sections,
+    split_args,
+    type_text,
+)
+from plinth.config.presets import PRESETS
+from plinth.config.schema import Config, ModelConfig, Section
+from plinth.errors import ConfigError
+
+
+def _console() -> Console:
+    # piped output (tests, `| less`) would otherwise wrap tables at 80 columns
+    width = max(110, shutil.get_terminal_size((120, 24)).columns)
+    return Console(highlight=False, width=width)
+
+
+def _first_sentence(text: str | None) -> str:
+    """The first sentence (or two, when the first is a bare label like "Optimizer.")."""
+    text = " ".join((text or "").split())
+    ends = [m.end() for m in re.finditer(r"[.:] (?=[A-Z])", text)]
+    for end in ends:
+        if end >= 30:
+            return text[:end].strip()
+    return text
+
+
+def _fmt(value: Any) -> str:
+    value = to_jsonable_python(value)  # sections inside lists, tuples -> plain YAML types
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
+
+
+def explain(key: str | None = None, configs: list[str] = ()) -> int:
+    """Explain config options: what each does, its trade-off, type, default and current value.
+
+    With no KEY, lists the sections; with a section (e.g. `optim`), its fields; with a field
+    (e.g. `optim.lr`), the whole story, including where its current value came from.
+
+    Args:
+        key: a section or dotted field, e.g. optim or optim.lr
+        configs: config files and key=value overrides that set the current values
+    """
+    if key is not None and ("=" in key or key.endswith((".yaml", ".yml"))):
+        configs, key = [key, *configs], None  # no key given, only config files/overrides
+    files, overrides = split_args(configs)
+    resolved = load_config(files, overrides)
+    con = _console()
+    if key is None:
+        _explain_overview(con, resolved)
+    else:
+        _, _, info = lookup(key)
+        sub = (
+            info.annotation
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+            else None
+        )
+        if sub is not None:
+            _explain_section(con, key, sub, resolved)
+        else:
+            _explain_field(con, key, info, resolved)
+    return 0
+
+
+def _explain_overview(con: Console, resolved: Resolved) -> None:
+    con.print(
+        "[bold]plinth config[/] — sections (run `plinth config explain SECTION` for fields)\n"
+    )
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("key")
+    table.add_column("fields", justify="right")
+    table.add_column("what it covers")
+    for name, info in Config.model_fields.items():
+        sub = (
+            info.annotation
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+            else None
+        )
+        if sub is None:
+            table.add_row(name, "", escape(_first_sentence(info.description)))
+    for key, sub in sections():
+        n = sum(1 for _ in leaf_fields(sub))
+        table.add_row(key, str(n), escape(_first_sentence(sub.__doc__)))
+    con.print(table)
+    changed = resolved.non_default()
+    if changed:
+        con.print(
+            f"\n{len(changed)} value(s) differ from the defaults; `plinth config show` lists them."
+        )
+
+
+def _explain_section(con: Console, key: str, sub: type[Section], resolved: Resolved) -> None:
+    con.print(f"[bold]{key}[/] — {escape(_first_sentence(sub.__doc__))}\n")
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("key", "type", "default", "current", "what it does"):
+        table.add_column(col)
+    for name, info in sub.model_fields.items():
+        full = f"{key}.{name}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+            table.add_row(
+                escape(full), "section", "", "", escape(_first_sentence(info.description))
+            )
+            continue
+        current = get_value(resolved.config, full)
+        src = resolved.source(full)
+        cur = escape(_fmt(current)) + (f" [dim]({escape(src)})[/]" if src != DEFAULT else "")
+        default = info.get_default(call_default_factory=True)
+        table.add_row(
+            escape(full),
+            escape(type_text(info)),
+            escape(_fmt(default)),
+            cur,
+            escape(_first_sentence(info.description)),
+        )
+    con.print(table)
+
+
+def _explain_field(con: Console, key: str, info: Any, resolved: Resolved) -> None:
+    default = info.get_default(call_default_factory=True)
+    current = get_value(resolved.config, key)
+    con.print(f"[bold]{key}[/]\n")
+    con.print(escape(" ".join((info.description or "").split())) + "\n")
+    rows = [("type", type_text(info))]
+    allowed = allowed_values(info)
+    if allowed:
+        rows.append(("allowed", ", ".join(map(str, allowed))))
+    bounds = bounds_text(info)
+    if bounds:
+        rows.append(("range", bounds))
+    rows.append(("default", _fmt(default)))
+    rows.append(("current", f"{_fmt(current)}   (from {resolved.source(key)})"))
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        con.print(f"  {label.ljust(width)}  {escape(value)}")
+
+
+def show(config: str | None = None, overrides: list[str] = (), *, all: bool = False) -> int:
+    """Print the resolved config as YAML, each non-default value annotated with its source.
+
+    Sources are: default < preset < file < command line. The output is valid YAML that
+    reproduces the config.
+
+    Args:
+        config: a YAML config file or a shipped recipe name (omit for the defaults)
+        overrides: key=value pairs applied last, e.g. model.n_layers=4
+        all: annotate every value with its source, defaults included
+    """
+    files, overs = split_args([config] if config else [], overrides)
+    resolved = load_config(files, overs)
+    print(render_yaml(resolved, annotate_defaults=all))
+    return 0
+
+
+def render_yaml(resolved: Resolved, annotate_defaults: bool = False) -> str:
+    """The config as YAML with `# source` comments (what `config show` prints)."""
+    lines: list[str] = []
+
+    def emit(model: BaseModel, prefix: str, indent: int) -> None:
+        for name, _info in type(model).model_fields.items():
+            value = getattr(model, name)
+            full = f"{prefix}{name}"
+            pad = "  " * indent
+            if isinstance(value, Section):
+                lines.append(f"{pad}{name}:")
+                emit(value, f"{full}.", indent + 1)
+                continue
+            src = resolved.source(full)
+            note = f"  # {src}" if (src != DEFAULT or annotate_defaults) else ""
+            lines.append(f"{pad}{name}: {_fmt(value)}{note}")
+
+    emit(resolved.config, "", 0)
+    return "\n".join(lines)
+
+
+def validate(configs: list[str], *, quiet: bool = False) -> int:
+    """Check config files without running anything; each file is checked on its own.
+
+    Reports the first problem as one paragraph with the key, the file and the fix (exit code
+    2), or a one-line summary per file plus any warnings about running it on this machine.
+
+    Args:
+        configs: YAML files (or shipped recipe names), then key=value overrides for each
+        quiet: print nothing on success
+    """
+    from plinth.config.checks import environment_warnings
+
+    files, overrides = split_args(configs)
+    if not files:
+        raise ConfigError("give at least one config file to validate, e.g. configs/quickstart.yaml")
+    con = _console()
+    for file in files:
+        resolved = load_config([file], overrides)
+        cfg, m = resolved.config, resolved.config.model
+        if not quiet:
+            con.print(
+                f"[green]ok[/] {escape(str(resolved.files[0]))}: "
+                f"{m.arch} {m.n_layers}x{m.d_model}, "
+                f"{m.param_count() / 1e6:.1f}M parameters, objective {cfg.objective}, "
+                f"optimizer {cfg.optim.name}"
+            )
+        for w in environment_warnings(resolved):
+            con.print(f"[yellow]warning:[/] {escape(w)}")
+    return 0
+
+
+def schema(*, output: str | None = None) -> int:
+    """Write the JSON Schema of the config, for editor completion and validation of YAML files.
+
+    Args:
+        output: file to write (default: print to stdout)
+    """
+    text = json.dumps(Config.model_json_schema(), indent=2)
+    if output:
+        Path(output).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+    return 0
+
+
+def presets() -> int:
+    """List the named presets (`preset=NAME`), with the parameter count each one builds."""
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("preset", "parameters", "what it is"):
+        table.add_column(col)
+    for p in PRESETS.values():
+        model_values = {
+            k.split(".", 1)[1]: v for k, v in p.values.items() if k.startswith("model.")
+        }
+        n = ModelConfig(**model_values).param_count()
+        table.add_row(p.name, f"{n / 1e6:,.1f}M", escape(p.summary))
+    _console().print(table)
+    return 0

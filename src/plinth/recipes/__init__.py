@@ -1,0 +1,1 @@
+"""Recipes: short, readable compositions of plinth's library for each job ."""
