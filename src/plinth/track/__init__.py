@@ -1,0 +1,1 @@
+"""Run tracking: the run directory (config, manifest, metrics, events, samples, checkpoints)."""

@@ -1,0 +1,69 @@
+"""A rough training-memory estimate, to refuse a model that cannot fit before wasting time.
+
+Per parameter in fp32 with AdamW: 4 bytes weights + 4 gradients + 8 optimizer moments = 16
+bytes (SGD: 12). Activations per layer per token are ~ (34 * d_model + 5 * n_heads * seq) bytes
+in fp32 for a standard block (Korthikanti et al. 2022, halved for 16-bit), plus the logits.
+The estimate is deliberately simple; `plinth plan` will give the detailed breakdown.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plinth.config.presets import PRESETS
+from plinth.config.schema import Config, ModelConfig
+from plinth.errors import UsageError
+
+
+def estimate_bytes(cfg: Config) -> dict[str, float]:
+    m, o = cfg.model, cfg.optim
+    n = m.param_count()
+    act_bytes = 2 if cfg.hardware.precision in ("bf16", "fp16") else 4
+    optim_bytes = {"adamw": 8, "adam": 8, "sgd": 4, "muon": 8}[o.name]
+    tokens = o.micro_batch * m.max_seq_len
+    layers = m.n_layers + (m.n_decoder_layers or m.n_layers if m.arch == "encoder_decoder" else 0)
+    per_token_layer = (34 * m.d_model + 5 * m.n_heads * m.max_seq_len) * act_bytes / 2
+    activations = tokens * layers * per_token_layer
+    logits = tokens * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+    return {
+        "weights": 4.0 * n,
+        "gradients": 4.0 * n,
+        "optimizer": float(optim_bytes * n),
+        "activations": activations + logits,
+    }
+
+
+def available_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+def check_fits(cfg: Config, device: torch.device, available: float | None = None) -> None:
+    """Raise a clear error when the estimate exceeds what the device has free."""
+    est = estimate_bytes(cfg)
+    need = sum(est.values())
+    have = available_bytes(device) if available is None else available
+    if need <= 0.9 * have:
+        return
+    gib = 2**30
+    fits = [
+        name
+        for name, p in PRESETS.items()
+        if p.nominal_params
+        and 16
+        * ModelConfig(
+            **{k.split(".", 1)[1]: v for k, v in p.values.items() if k.startswith("model.")}
+        ).param_count()
+        < 0.5 * have
+    ]
+    breakdown = ", ".join(f"{k} {v / gib:.1f} GiB" for k, v in est.items())
+    raise UsageError(
+        f"this model will not fit: {cfg.model.param_count() / 1e6:,.0f}M parameters need about "
+        f"{need / gib:.1f} GiB to train ({breakdown}) but {device.type} has {have / gib:.1f} GiB "
+        f"free. Use a smaller model (presets that fit: {', '.join(fits) or 'none'}), lower "
+        "optim.micro_batch or model.max_seq_len, or a device with more memory."
+    )
