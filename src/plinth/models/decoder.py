@@ -1,0 +1,90 @@
+"""Decoder-only transformer (GPT / Llama style): the causal language model.
+
+    python -c "from plinth.config.schema import ModelConfig as C; from plinth.models import *; \
+m = build_model(C()); print(m.num_params(), m.flops_per_token(256))"
+
+token embedding (+ learned positions) -> n_layers x [causal self-attention, MLP] -> norm -> head.
+With `tie_embeddings` the head reuses the embedding matrix. A `KVCache` (see `new_cache`) makes
+generation incremental: each call processes only the new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from plinth.config.schema import ModelConfig
+from plinth.models.layers import (
+    Block,
+    KVCache,
+    RotaryEmbedding,
+    init_weights,
+    make_norm,
+    matmul_params,
+    position_ids,
+    residual_std,
+)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        learned = cfg.positional == "learned"
+        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if learned else None
+        self.rope = (
+            None if learned else RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, causal=True) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, residual_std(cfg, cfg.n_layers))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T). With a cache, idx holds only the new tokens
+        and their keys/values are appended to it."""
+        T = idx.shape[1]
+        positions = 0 if cache is None else cache.positions(T)  # int offset or (B, T)
+        x = self.embed_tokens(idx)  # (B, T, D)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids(positions, T, self.cfg, idx.device))
+        rope = self.rope(positions, T) if self.rope is not None else None
+        mask = None if cache is None else cache.attn_mask(T)  # None: causal (or one new token)
+        x = self.drop(x)
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens; `pad` (B,) counts
+        the left-padding slots of each row (prompts of different lengths)."""
+        p = self.embed_tokens.weight
+        return KVCache(
+            self.cfg.n_layers,
+            batch_size,
+            max_len,
+            self.cfg.kv_heads,
+            self.cfg.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+            pad=pad,
+        )
+
+    def num_params(self) -> int:
+        """Trainable-or-not parameters, each shared tensor counted once (= cfg.param_count())."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at context `seq_len`:
+        6 * N + 12 * n_layers * d_attn * seq_len, where N counts the weights of every matrix
+        multiply (attention, MLP and the head; not the embedding lookup, norms or biases) and
+        d_attn = n_heads * head_dim. The attention term is the PaLM/nanoGPT convention (QK^T and
+        AV over the full context; causal kernels skip about half of it)."""
+        d_attn = self.cfg.n_heads * self.cfg.head_dim
+        return 6.0 * matmul_params(self) + 12.0 * self.cfg.n_layers * d_attn * seq_len

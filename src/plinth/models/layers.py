@@ -1,0 +1,333 @@
+"""Generic transformer parts shared by every model family: norm, RoPE, attention, MLP, block, cache.
+
+    python -c "from plinth.models.layers import *; print(Block)"
+
+Blocks are pre-norm (`x + f(norm(x))`), the layout every modern LLM trains with. Attention runs
+through `F.scaled_dot_product_attention` (flash/memory-efficient kernels where the device has
+them) and handles grouped-query attention natively (`enable_gqa`), so keys and values are never
+repeated in memory. Parameter names follow Hugging Face Llama (`q_proj`, `gate_proj`, ...) so LoRA
+target patterns and checkpoint import work by name.
+
+Shapes: B batch, T query length, S key length, D d_model, H query heads, K key/value heads,
+E head_dim, F ffn_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plinth.config.schema import ModelConfig
+
+
+def make_norm(cfg: ModelConfig, dim: int, bias: bool | None = None) -> nn.Module:
+    """RMSNorm or LayerNorm over the last `dim` features; LayerNorm has a bias iff cfg.bias."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)  # fused F.rms_norm: ~2x a hand-written one
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias if bias is None else bias)
+
+
+# ----------------------------------------------------------------------------------------- RoPE
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (Su et al.; Hugging Face "rotate half" layout).
+
+    cos/sin are precomputed for max_seq_len positions in fp32 and grown on demand (generation
+    past the training length). They are buffers that are not saved: they follow from the config.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (E/2,)
+        self._build(max_seq_len)
+
+    def _build(self, n: int, device: torch.device | None = None) -> None:
+        t = torch.arange(n, dtype=torch.float32, device=device or self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq.to(t.device))  # (n, E/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (n, E)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor | int, length: int) -> tuple[torch.Tensor, ...]:
+        """cos, sin for `length` positions starting at int `positions`, or for a (B, T) tensor of
+        positions. Returns (T, 1, E) or (B, T, 1, E), broadcastable against (B, T, H, E)."""
+        need = (positions + length) if isinstance(positions, int) else int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]), self.cos.device)
+        if isinstance(positions, int):
+            end = positions + length
+            cos, sin = self.cos[positions:end], self.sin[positions:end]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
+        return cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate feature pairs (i, i + E/2) of x (B, T, H, E) by the position angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Holds (n_layers, B, K, max_len, E) tensors; every forward writes its T new positions at
+    `pos` and attends over [0, pos + T). Prompts of different lengths are left-padded so all rows
+    advance together: `pad[b]` leading slots of row b are padding, masked out of attention, and
+    the row's positions start at 0 after them. `cross` keeps the encoder-decoder's cross-attention
+    keys/values, computed once from the encoder output.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        pad: torch.Tensor | None = None,
+    ):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = 0
+        self.pad = None if pad is None or not bool(pad.any()) else pad.to(device)  # (B,)
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (B, K, T, E) at the current position; return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, E)
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def positions(self, length: int) -> torch.Tensor | int:
+        """Positions of the next `length` tokens: an int offset, or (B, T) when rows are padded."""
+        if self.pad is None:
+            return self.pos
+        idx = torch.arange(self.pos, self.pos + length, device=self.pad.device)
+        return (idx[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T)
+
+    def attn_mask(self, length: int) -> torch.Tensor | None:
+        """Boolean mask (B|1, 1, T, S) for the next `length` queries, or None when plain causal
+        attention (prefill from 0) or no mask (one new token) is exact."""
+        if self.pad is None and (self.pos == 0 or length == 1):
+            return None
+        end = self.pos + length
+        q = torch.arange(self.pos, end, device=self.k.device)[:, None]  # (T, 1)
+        s = torch.arange(end, device=self.k.device)[None, :]  # (1, S)
+        mask = s <= q  # (T, S)
+        if self.pad is not None:
+            # padding slots are never attended; a padding query sees itself so no row is empty
+            mask = (mask & (s >= self.pad[:, None, None])) | (s == q)  # (B, T, S)
+        return mask.unsqueeze(-3)  # (B|1, 1, T, S)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional QK-norm and RoPE.
+
+    Self-attention when `memory` is None (causal or bidirectional), else cross-attention to
+    `memory` (B, S, D), e.g. the encoder output.
+    """
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
+        super().__init__()
+        d, e = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, e
+        self.causal, self.cross = causal, cross
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(d, cfg.n_heads * e, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.kv_heads * e, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.kv_heads * e, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * e, d, bias=cfg.bias)
+        # per-head norms of queries and keys (Qwen3/OLMo2 style): a scale only
+        self.q_norm = make_norm(cfg, e, bias=False) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, e, bias=False) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, D)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.cross and cache is not None and layer in cache.cross:
+            k, v = cache.cross[layer]  # computed from the encoder output on the first step
+        else:
+            src = x if memory is None else memory
+            S = src.shape[1]
+            k = self.k_proj(src).view(B, S, self.n_kv_heads, self.head_dim)  # (B, S, K, E)
+            v = self.v_proj(src).view(B, S, self.n_kv_heads, self.head_dim)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            if rope is not None:
+                k = apply_rope(k, *rope)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, S, E)
+            if cache is not None:
+                if self.cross:
+                    cache.cross[layer] = (k, v)
+                else:
+                    k, v = cache.update(layer, k, v)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        q = q.transpose(1, 2)  # (B, H, T, E)
+        # is_causal is exact only when queries and keys start together (training, prefill)
+        is_causal = self.causal and mask is None and k.shape[2] == T > 1
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, E)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
+        return self.o_proj(y)  # (B, T, D)
+
+
+# ------------------------------------------------------------------------------------------ MLP
+
+
+class MLP(nn.Module):
+    """Feed-forward block: SwiGLU `down(silu(gate(x)) * up(x))`, or `down(act(up(x)))` with
+    GELU (exact erf form, as BERT) or squared ReLU."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.ffn_dim
+        self.activation = cfg.activation
+        self.gate_proj = nn.Linear(d, f, bias=cfg.bias) if cfg.activation == "swiglu" else None
+        self.up_proj = nn.Linear(d, f, bias=cfg.bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
+        if self.gate_proj is not None:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, F)
+        elif self.activation == "gelu":
+            h = F.gelu(self.up_proj(x))
+        else:  # relu2
+            h = F.relu(self.up_proj(x)).square()
+        return self.down_proj(h)  # (B, T, D)
+
+
+# ---------------------------------------------------------------------------------------- block
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg, causal=causal)
+        self.cross_attn_norm = make_norm(cfg, cfg.d_model) if cross else None
+        self.cross_attn = Attention(cfg, causal=False, cross=True) if cross else None
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        memory: torch.Tensor | None = None,  # (B, S, D) encoder output, for cross-attention
+        memory_mask: torch.Tensor | None = None,  # (B, 1, 1, S) True where memory is real
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
+        if self.cross_attn is not None:
+            h = self.cross_attn(self.cross_attn_norm(x), None, memory_mask, cache, layer, memory)
+            x = x + self.drop(h)
+        return x + self.drop(self.mlp(self.mlp_norm(x)))  # (B, T, D)
+
+
+# --------------------------------------------------------------------------------- init, counts
+
+
+def init_weights(module: nn.Module, std: float, out_std: float) -> None:
+    """Explicit init: normal(std) for linear and embedding weights, normal(out_std) for the
+    projections that write into the residual stream (o_proj, down_proj), zero biases, unit norms.
+    Scaling the residual writes by 1/sqrt(2 * n_layers) keeps the stream's variance flat in depth
+    (GPT-2)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            m.reset_parameters()
+    for m in module.modules():
+        if isinstance(m, Attention):
+            nn.init.normal_(m.o_proj.weight, mean=0.0, std=out_std)
+        elif isinstance(m, MLP):
+            nn.init.normal_(m.down_proj.weight, mean=0.0, std=out_std)
+
+
+def residual_std(cfg: ModelConfig, n_layers: int) -> float:
+    return cfg.init_std / math.sqrt(2 * n_layers)
+
+
+def matmul_params(module: nn.Module) -> int:
+    """Weights used in matrix multiplies (every nn.Linear, tied heads included once)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) 1/True = real token -> (B, 1, 1, S) boolean attention mask; all-padding rows attend
+    everywhere so attention never divides by zero."""
+    if mask is None:
+        return None
+    keep = mask.bool()
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep[:, None, None, :]
+
+
+def position_ids(
+    positions: torch.Tensor | int, length: int, cfg: ModelConfig, device: torch.device
+) -> torch.Tensor:
+    """Indices into a learned position table: (T,) from an int offset, or the (B, T) given."""
+    if isinstance(positions, int):
+        if positions + length > cfg.max_seq_len:
+            raise ValueError(
+                f"position {positions + length - 1} is past the learned position table "
+                f"(max_seq_len={cfg.max_seq_len}); shorten the input or use positional=rope"
+            )
+        return torch.arange(positions, positions + length, device=device)  # (T,)
+    return positions  # (B, T)

@@ -1,0 +1,241 @@
+"""Model behaviour: exact parameter counts, init, causality, padding, KV cache, FLOPs.
+
+    python -m pytest tests/unit/test_models.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import pathlib
+
+import pytest
+import torch
+
+from plinth.config.schema import ModelConfig
+from plinth.models import Decoder, EncoderDecoder, build_model
+
+ARCHS = ["decoder", "encoder", "encoder_decoder"]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(n_layers=2, d_model=32, n_heads=4, vocab_size=61, max_seq_len=24)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _combos():
+    """Every arch x positional x norm x bias x qk_norm x tie, cycling the remaining options
+    (activation, qkv_bias, GQA, d_ff, decoder depth) so each value meets every arch."""
+    grid = itertools.product(ARCHS, ["rope", "learned"], ["rmsnorm", "layernorm"], [False, True],
+                             [False, True], [False, True])
+    for i, (arch, pos, norm, bias, qk_norm, tie) in enumerate(grid):
+        yield dict(
+            arch=arch, positional=pos, norm=norm, bias=bias, qk_norm=qk_norm, tie_embeddings=tie,
+            activation=["swiglu", "gelu", "relu2"][i % 3],
+            qkv_bias=bool(i % 2),
+            n_kv_heads=[None, 2, 1][(i // 2) % 3],
+            d_ff=[None, 48][(i // 3) % 2],
+            n_decoder_layers=[None, 1, 3][(i // 5) % 3],
+        )
+
+
+def test_num_params_equals_config_count_for_every_option_combination():
+    checked = 0
+    for kw in _combos():
+        cfg = tiny(**kw)
+        model = build_model(cfg)
+        assert model.num_params() == cfg.param_count(), kw
+        # and num_params really is the number of distinct parameter elements
+        distinct = {id(p): p.numel() for p in model.parameters()}
+        assert model.num_params() == sum(distinct.values())
+        checked += 1
+    assert checked == 96
+
+
+def test_reference_preset_size_and_flops():
+    cfg = ModelConfig(n_layers=6, d_model=384, n_heads=6, d_ff=1536, vocab_size=8192,
+                      max_seq_len=256)
+    model = build_model(cfg)
+    d, ff, V, L, T = 384, 1536, 8192, 6, 256
+    per_layer = 4 * d * d + 3 * d * ff + 2 * d
+    assert model.num_params() == V * d * 2 + L * per_layer + d == cfg.param_count()
+    matmul = L * (4 * d * d + 3 * d * ff) + V * d  # the head is a matmul, the embedding is not
+    assert model.flops_per_token(T) == 6 * matmul + 12 * L * d * T
+
+
+def test_tied_head_shares_the_embedding_and_counts_it_once():
+    for arch in ARCHS:
+        m = build_model(tiny(arch=arch, tie_embeddings=True))
+        assert m.lm_head.weight is m.embed_tokens.weight
+        # tied head is still a matmul for FLOPs
+        untied = build_model(tiny(arch=arch))
+        assert m.flops_per_token(16) == untied.flops_per_token(16)
+
+
+def test_encoder_decoder_flops_counts_both_stacks():
+    cfg = tiny(arch="encoder_decoder", n_decoder_layers=1)
+    m = build_model(cfg)
+    d, L, Ld, V, ff = 32, 2, 1, 61, cfg.ffn_dim
+    S, T = 20, 6
+    block = 4 * d * d + 3 * d * ff
+    expected = (6 * (L * block * S + Ld * 2 * d * d * S + (Ld * (block + 2 * d * d) + V * d) * T)
+                + 12 * d * (L * S * S + Ld * (T * T + T * S))) / S
+    assert m.flops_per_token(S, T) == pytest.approx(expected, rel=1e-12)
+
+
+def test_explicit_init():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=4, d_model=256, n_heads=4, bias=True, norm="layernorm",
+                      vocab_size=4096, init_std=0.02)
+    m = build_model(cfg)
+    out_std = 0.02 / math.sqrt(2 * 4)
+    assert m.layers[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert m.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert m.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    for layer in m.layers:
+        assert layer.attn.o_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+        assert layer.mlp.down_proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+        assert torch.all(layer.attn.q_proj.bias == 0) and torch.all(layer.mlp.up_proj.bias == 0)
+        assert torch.all(layer.attn_norm.weight == 1) and torch.all(layer.attn_norm.bias == 0)
+    # the encoder-decoder scales each stack by its own depth
+    ed = build_model(tiny(arch="encoder_decoder", d_model=256, n_heads=4, n_layers=8,
+                          n_decoder_layers=2))
+    assert ed.encoder.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(
+        0.02 / 4, rel=0.05)
+    assert ed.decoder.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(
+        0.02 / 2, rel=0.05)
+
+
+def test_hf_style_parameter_names():
+    names = set(dict(build_model(tiny()).named_parameters()))
+    for n in ["embed_tokens.weight", "layers.1.attn.q_proj.weight", "layers.1.attn.k_proj.weight",
+              "layers.1.attn.v_proj.weight", "layers.1.attn.o_proj.weight",
+              "layers.1.mlp.gate_proj.weight", "layers.1.mlp.up_proj.weight",
+              "layers.1.mlp.down_proj.weight", "layers.1.attn_norm.weight",
+              "layers.1.mlp_norm.weight", "norm.weight", "lm_head.weight"]:
+        assert n in names
+    gelu = set(dict(build_model(tiny(activation="gelu")).named_parameters()))
+    assert "layers.0.mlp.up_proj.weight" in gelu and "layers.0.mlp.gate_proj.weight" not in gelu
+    ed = set(dict(build_model(tiny(arch="encoder_decoder")).named_parameters()))
+    assert {"encoder.layers.0.attn.q_proj.weight", "decoder.layers.0.cross_attn.k_proj.weight",
+            "decoder.layers.0.cross_attn_norm.weight", "encoder.norm.weight",
+            "decoder.norm.weight"} <= ed
+
+
+@pytest.mark.parametrize("positional", ["rope", "learned"])
+def test_decoder_is_causal_and_encoder_is_not(positional):
+    torch.manual_seed(0)
+    x = torch.randint(0, 61, (2, 12))
+    y = x.clone()
+    y[:, 8:] = (y[:, 8:] + 1) % 61  # change only the future
+    dec = build_model(tiny(positional=positional)).eval()
+    a, b = dec(x), dec(y)
+    torch.testing.assert_close(a[:, :8], b[:, :8], atol=1e-6, rtol=0)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-4
+    enc = build_model(tiny(arch="encoder", positional=positional)).eval()
+    assert (enc(x)[:, :8] - enc(y)[:, :8]).abs().max() > 1e-4
+
+
+def test_encoder_padding_does_not_leak_into_real_tokens():
+    torch.manual_seed(0)
+    enc = build_model(tiny(arch="encoder", n_kv_heads=2)).eval()
+    x = torch.randint(0, 61, (1, 10))
+    padded = torch.cat([x, torch.randint(0, 61, (1, 5))], dim=1)
+    mask = torch.tensor([[1] * 10 + [0] * 5])
+    torch.testing.assert_close(enc(padded, attention_mask=mask)[:, :10], enc(x), atol=1e-5, rtol=0)
+    # `select` gives exactly the selected rows of the full logits
+    sel = torch.zeros(1, 15, dtype=torch.bool)
+    sel[0, [1, 4, 9]] = True
+    full = enc(padded, attention_mask=mask)
+    torch.testing.assert_close(enc(padded, attention_mask=mask, select=sel), full[sel])
+    assert enc.encode(x).shape == (1, 10, 32)
+
+
+def test_encoder_decoder_source_padding_and_target_causality():
+    torch.manual_seed(0)
+    m = build_model(tiny(arch="encoder_decoder", n_decoder_layers=3)).eval()
+    src = torch.randint(0, 61, (1, 9))
+    tgt = torch.randint(0, 61, (1, 7))
+    ref = m(src, tgt)
+    padded = torch.cat([src, torch.randint(0, 61, (1, 4))], dim=1)
+    mask = torch.tensor([[1] * 9 + [0] * 4])
+    torch.testing.assert_close(m(padded, tgt, src_mask=mask), ref, atol=1e-5, rtol=0)
+    tgt2 = tgt.clone()
+    tgt2[:, 5:] = (tgt2[:, 5:] + 1) % 61
+    torch.testing.assert_close(m(src, tgt2)[:, :5], ref[:, :5], atol=1e-6, rtol=0)
+    src2 = src.clone()
+    src2[:, -1] = (src2[:, -1] + 1) % 61  # every target position sees the whole source
+    assert (m(src2, tgt)[:, 0] - ref[:, 0]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=1, qk_norm=True),
+                                dict(positional="learned", norm="layernorm", bias=True)])
+def test_kv_cache_chunks_match_full_forward(kw):
+    torch.manual_seed(0)
+    m: Decoder = build_model(tiny(**kw)).eval()
+    x = torch.randint(0, 61, (3, 14))
+    full = m(x)
+    cache = m.new_cache(3, 20)
+    parts = [m(x[:, :5], cache), m(x[:, 5:6], cache), m(x[:, 6:11], cache), m(x[:, 11:], cache)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.pos == 14
+
+
+def test_kv_cache_with_left_padding_matches_each_row_alone():
+    torch.manual_seed(0)
+    m: Decoder = build_model(tiny(n_kv_heads=2)).eval()
+    rows = [torch.randint(0, 61, (n,)) for n in (7, 3, 5)]
+    T = 7
+    idx = torch.stack([torch.cat([torch.zeros(T - len(r), dtype=torch.long), r]) for r in rows])
+    pad = torch.tensor([T - len(r) for r in rows])
+    cache = m.new_cache(3, T + 2, pad=pad)
+    last = m(idx, cache)[:, -1]  # (B, V)
+    nxt = torch.tensor([[5], [6], [7]])
+    step = m(nxt, cache)[:, -1]
+    for b, r in enumerate(rows):
+        alone = m(torch.cat([r, nxt[b]])[None])
+        torch.testing.assert_close(last[b], alone[0, -2], atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[b], alone[0, -1], atol=1e-5, rtol=0)
+
+
+def test_encoder_decoder_cached_decode_matches_full_decode():
+    torch.manual_seed(0)
+    m: EncoderDecoder = build_model(tiny(arch="encoder_decoder", n_kv_heads=2)).eval()
+    src = torch.randint(0, 61, (2, 9))
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    tgt = torch.randint(0, 61, (2, 6))
+    memory = m.encode(src, mask)
+    full = m.decode(tgt, memory, mask)
+    cache = m.new_cache(2, 6)
+    steps = [m.decode(tgt[:, i : i + 1], memory, mask, cache) for i in range(6)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_learned_positions_refuse_inputs_past_the_table():
+    m = build_model(tiny(positional="learned", max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        m(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_rope_extends_past_max_seq_len():
+    m = build_model(tiny(max_seq_len=8)).eval()
+    x = torch.randint(0, 61, (1, 20))
+    cache = m.new_cache(1, 20)
+    torch.testing.assert_close(m(x, cache), m(x), atol=1e-5, rtol=0)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = build_model(tiny(dropout=0.5))
+    x = torch.randint(0, 61, (2, 10))
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    assert (m(x) - m(x)).abs().max() > 1e-3
+
+
+def test_model_files_never_import_torch_distributed():
+    root = pathlib.Path(__file__).parents[2] / "src" / "plinth" / "models"
+    for f in root.rglob("*.py"):
+        assert "torch.distributed" not in f.read_text(), f
