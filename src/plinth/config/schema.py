@@ -676,6 +676,80 @@ class TrackingConfig(Section):
     others need the `track` extra."""
 
 
+# ----------------------------------------------------------------------------------- stability
+
+
+class StabilityConfig(Section):
+    """Stability guard run every optimizer step: non-finite values, spikes, rollback, stalls."""
+
+    enabled: bool = True
+    """Check every step's loss and gradient norm. Costs microseconds per step (it only looks at
+    floats the loop already has); turn off only to reproduce how unguarded training behaves."""
+
+    on_nonfinite: Literal["skip", "halt"] = "skip"
+    """What a NaN/Inf loss or gradient norm does. `skip` drops that update (weights stay finite)
+    and goes on, so one bad batch costs one step; `halt` stops at once so you can inspect the
+    state. Repeated non-finite steps count toward the rollback rule either way."""
+
+    spike_metrics: list[Literal["loss", "grad_norm"]] = Field(
+        default_factory=lambda: ["loss", "grad_norm"]
+    )
+    """Metrics watched for upward spikes (grad_norm is the pre-clip norm). Gradient-norm spikes
+    often come a few steps before loss spikes; drop grad_norm if its natural swings (e.g. right
+    after warmup) cause false alarms."""
+
+    on_spike: Literal["log", "skip"] = "skip"
+    """What a spike does. `skip` drops the update, so one poisoned batch cannot move the weights;
+    `log` only records the event (use it to measure how often spikes happen before acting)."""
+
+    window: int = Field(128, ge=8, le=100_000)
+    """Recent steps whose mean and standard deviation define "normal" for spike detection.
+    Longer windows are steadier but adapt more slowly to a loss that is still falling fast."""
+
+    min_history: int = Field(64, ge=2)
+    """Finite values a window must hold before spikes are checked (the first steps of a run and
+    of a warmup are naturally wild). Must not exceed window; lower it for very short runs."""
+
+    z_threshold: float = Field(6.0, gt=0)
+    """A value more than this many standard deviations above the window mean is a spike
+    (one-sided). Lower catches more real spikes and more noise; 6 almost never fires on a
+    healthy run."""
+
+    blowup_count: int = Field(4, ge=1)
+    """Anomalies (spikes or non-finite steps) within blowup_steps that count as a persistent
+    blow-up and trigger a rollback to the last good checkpoint. Lower reacts sooner and rolls
+    back more often."""
+
+    blowup_steps: int = Field(32, ge=1)
+    """Length in steps of the sliding span in which blowup_count anomalies mean a blow-up.
+    Widen it to catch slower divergence; it should stay well below tracking.checkpoint_every
+    times the number of checkpoints kept."""
+
+    max_rollbacks: int = Field(3, ge=0)
+    """Rollbacks allowed in one run; the next blow-up halts it. Bounds the compute spent
+    retrying a run that keeps diverging (then lower the learning rate instead). 0 means halt
+    on the first blow-up."""
+
+    stall_fraction: float = Field(0.25, gt=0, lt=1)
+    """Throughput (tokens/s) below this fraction of its recent median is reported as a stall
+    (an event; training goes on). Raise it to catch milder slowdowns (slow disk, throttling)."""
+
+    stall_window: int = Field(32, ge=4)
+    """Logged throughput values whose median is the stall reference. Longer is steadier but
+    takes longer to accept a new normal after a lasting change (e.g. a resume on other
+    hardware)."""
+
+    @model_validator(mode="after")
+    def _check_history(self) -> StabilityConfig:
+        if self.min_history > self.window:
+            raise ValueError(
+                f"stability.min_history ({self.min_history}) exceeds stability.window "
+                f"({self.window}): the window can never hold that many values. Lower "
+                "min_history or raise window."
+            )
+        return self
+
+
 # -------------------------------------------------------------------------------------- config
 
 
@@ -715,6 +789,10 @@ class Config(Section):
 
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """Run directory and logging (see `plinth config explain tracking`)."""
+
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
+    """Non-finite and spike guard, rollback, stall detection (`plinth config explain
+    stability`)."""
 
     @model_validator(mode="after")
     def _cross_section(self) -> Config:
