@@ -177,8 +177,14 @@ class StabilityGuard:
                 bad_since = self.anomaly_steps[0]
                 action = "rollback" if self.rollbacks < self.cfg.max_rollbacks else "halt"
                 blowup = Detection(
-                    step, "blowup", "anomalies", float(len(self.anomaly_steps)),
-                    float(self.cfg.blowup_count), None, None, action,
+                    step,
+                    "blowup",
+                    "anomalies",
+                    float(len(self.anomaly_steps)),
+                    float(self.cfg.blowup_count),
+                    None,
+                    None,
+                    action,
                 )
 
         if action in ("ok", "log"):  # the update is applied: its values describe the run
@@ -186,8 +192,9 @@ class StabilityGuard:
                 if metric in values:
                     window.add(step, values[metric])
 
+        taken = "log" if action == "ok" else action
         detections = [
-            Detection(step, kind, metric, value, thr, mean, std, action if action != "ok" else "log")
+            Detection(step, kind, metric, value, thr, mean, std, taken)
             for kind, metric, value, thr, mean, std in found
         ]
         if blowup is not None:
