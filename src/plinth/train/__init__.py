@@ -1,0 +1,1 @@
+"""Training: objectives (plain loss functions), optimizers and schedules, and the one loop."""
