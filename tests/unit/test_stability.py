@@ -87,7 +87,7 @@ def test_spike_detected_with_window_stats_and_not_before_min_history():
     assert det.threshold == pytest.approx(mean + 6 * std)
     assert det.z == pytest.approx(10, rel=1e-6)
     event = det.event()
-    assert set(event) >= {"kind", "metric", "value", "threshold", "window_mean", "window_std"}
+    assert set(event) >= {"type", "metric", "value", "threshold", "window_mean", "window_std"}
     json.dumps(event)  # plain data, ready for events.jsonl
 
 

@@ -72,9 +72,9 @@ class Detection:
         return (self.value - self.mean) / self.std
 
     def event(self) -> dict[str, Any]:
-        """Details for `run.log_event(step, "anomaly", **details)`."""
+        """Details for `run.log_event(step, "anomaly", **details)` (`type` is the kind)."""
         return {
-            "kind": self.kind,
+            "type": self.kind,
             "metric": self.metric,
             "value": self.value,
             "threshold": self.threshold,
