@@ -44,6 +44,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write the JSON Schema of the config (for editors)",
     ),
     "config presets": ("plinth.config.commands:presets", "list the named presets and their sizes"),
+    "report": ("plinth.report.report:report", "write a self-contained HTML overview of a run"),
+    "compare": (
+        "plinth.report.compare:compare",
+        "compare runs: config/version diff, overlaid curves, final metrics, divergence",
+    ),
+    "runs": ("plinth.report.runs:runs", "list runs under a directory with status and metrics"),
 }
 
 

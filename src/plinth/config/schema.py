@@ -209,6 +209,12 @@ class SourceConfig(Section):
     name: str | None = None
     """Short name used in manifests and metrics; defaults to the kind (plus file name)."""
 
+    pattern: str | None = None
+    """File-name glob used when `path` is a directory (searched recursively), e.g. `*.py`.
+    None picks by kind: `*.txt`, `*.md`, `*.rst` for text, `*.jsonl`, `*.json` for jsonl,
+    `*.parquet` for parquet; `.gz` versions of text and jsonl files are read too. Narrow it
+    when a directory mixes data with other files."""
+
 
 class FilterConfig(Section):
     """Cleaning and quality filters applied to each document before dedup and tokenization."""
@@ -253,6 +259,10 @@ class FilterConfig(Section):
     scrub_pii: bool = True
     """Replace e-mail addresses, phone numbers and IP addresses with placeholders so the model
     cannot memorise them. Turn off only for data without personal information."""
+
+    ngram: int = Field(3, ge=1, le=10)
+    """Word n-gram length used by max_top_ngram_frac. 2-4 are the usual choices (Gopher checks
+    several); longer n-grams only catch verbatim repeated phrases."""
 
 
 class DedupConfig(Section):
@@ -301,6 +311,17 @@ class TokenizerConfig(Section):
     """Special tokens given the first ids. The first is the end-of-document separator; the
     others are used for padding, masked LM and beginning of sequence."""
 
+    sentinels: int = Field(100, ge=0, le=1000)
+    """Extra reserved tokens `<|extra_0|>`, `<|extra_1|>`, ... placed right after the special
+    tokens; span corruption (T5) replaces each masked span with one. 100 is T5's number; it is
+    lowered automatically when the vocab is tiny (at most a quarter of the ids left after the
+    byte alphabet and the special tokens). Set 0 for decoder-only models to save the ids."""
+
+    train_max_bytes: int | None = Field(256_000_000, ge=1)
+    """Train the tokenizer on at most this many bytes of training documents (a seeded random
+    subset). Tokenizer quality saturates long before corpus size and training memory grows
+    with the text seen; None trains on everything."""
+
 
 class DataConfig(Section):
     """Corpus preparation: sources, cleaning, dedup, tokenizer, shards and packing."""
@@ -327,6 +348,14 @@ class DataConfig(Section):
 
     max_docs: int | None = Field(None, ge=1)
     """Cap on documents read per source (quick experiments); None reads everything."""
+
+    max_bytes: int | None = Field(None, ge=1)
+    """Cap on UTF-8 bytes of documents read per source; reading stops after the document that
+    crosses it. Bounds preparation time (quickstart uses a few MB); None reads everything."""
+
+    max_doc_bytes: int = Field(16_000_000, ge=1)
+    """Documents (files or JSONL lines/records) larger than this are skipped unread and counted
+    as `too_large`, so one huge line cannot exhaust memory. Raise it for books or long logs."""
 
     packing: Literal["concat", "bos_aligned"] = "concat"
     """How documents become fixed-length rows. `concat` joins them with separators (no padding,

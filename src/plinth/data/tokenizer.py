@@ -1,0 +1,185 @@
+"""Tokenizers: train byte-level BPE, WordPiece or Unigram with Hugging Face `tokenizers`, or
+load an existing `tokenizer.json`; fix the ids of the special and sentinel tokens.
+
+    plinth data tokenizer train quickstart --output tok.json
+
+Id layout of a trained tokenizer: the configured special tokens first (`<|endoftext|>` = 0,
+`<|pad|>`, `<|mask|>`, `<|bos|>`), then `<|unk|>` for WordPiece/Unigram (BPE is byte-level and
+never meets an unknown character), then the sentinels `<|extra_0|>`... used by span corruption,
+then the learned vocabulary. Special tokens are never matched inside document text, so a
+corpus that contains the string "<|endoftext|>" cannot inject a separator
+(`encode_special_tokens` is switched on while documents are encoded; the saved tokenizer
+leaves it off so prompts and chat templates can still name special tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from plinth.errors import PlinthError, UsageError
+
+# GPT-4's split pattern (as in nanochat): letters, 1-3 digit numbers, punctuation runs and
+# whitespace runs are pre-tokens, so merges never glue words to punctuation or long numbers
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+UNK = "<|unk|>"
+BYTE_ALPHABET = 256
+
+
+def sentinel_token(i: int) -> str:
+    return f"<|extra_{i}|>"
+
+
+def base_ids(kind: str, n_special: int) -> int:
+    """Ids a tokenizer of this kind needs before any learned token: specials (+ unk) + bytes."""
+    return n_special + (BYTE_ALPHABET if kind == "bpe" else 1)
+
+
+def sentinel_count(kind: str, vocab_size: int, n_special: int, requested: int) -> int:
+    """Sentinels actually reserved: the requested number, but never more than a quarter of the
+    ids left after the base ids, so a tiny vocab still has room to learn real tokens."""
+    return max(0, min(requested, (vocab_size - base_ids(kind, n_special)) // 4))
+
+
+def check_vocab(kind: str, vocab_size: int, special_tokens: list[str], key: str) -> None:
+    """UsageError when the vocab cannot hold the special tokens plus a minimal alphabet."""
+    if not special_tokens:
+        raise UsageError(
+            "data.tokenizer.special_tokens is empty; it needs at least the end-of-document "
+            "token (default ['<|endoftext|>', '<|pad|>', '<|mask|>', '<|bos|>'])."
+        )
+    if len(set(special_tokens)) != len(special_tokens):
+        raise UsageError(f"data.tokenizer.special_tokens has duplicates: {special_tokens}")
+    need = base_ids(kind, len(special_tokens)) + (0 if kind == "bpe" else 63)
+    if vocab_size < need:
+        alphabet = (
+            f"the {BYTE_ALPHABET} byte tokens of byte-level BPE"
+            if kind == "bpe" else "an unknown token and a minimal alphabet of 63 characters"
+        )
+        raise UsageError(
+            f"vocab size {vocab_size} ({key}) is too small for a {kind} tokenizer: it needs "
+            f"{len(special_tokens)} special tokens plus {alphabet}, i.e. at least {need} ids. "
+            f"Set {key} to {need} or more (a few thousand is typical)"
+            + (", or use data.tokenizer.kind=unigram for a tiny vocab." if kind == "bpe" else ".")
+        )
+
+
+def reserved_tokens(kind: str, vocab_size: int, special_tokens: list[str], sentinels: int):
+    """(all reserved tokens in id order, number of sentinels) for training a tokenizer."""
+    named = list(special_tokens) + ([] if kind == "bpe" else [UNK])
+    n = sentinel_count(kind, vocab_size, len(named) - (kind != "bpe"), sentinels)
+    return named + [sentinel_token(i) for i in range(n)], n
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    kind: str = "bpe",
+    vocab_size: int = 8192,
+    special_tokens: list[str] | None = None,
+    sentinels: int = 100,
+    min_frequency: int = 2,
+    key: str = "model.vocab_size",
+):
+    """Train a tokenizer on an iterator of texts (streamed; never held in memory at once)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    special_tokens = list(special_tokens or ["<|endoftext|>", "<|pad|>", "<|mask|>", "<|bos|>"])
+    check_vocab(kind, vocab_size, special_tokens, key)
+    reserved, _ = reserved_tokens(kind, vocab_size, special_tokens, sentinels)
+    common = {"vocab_size": vocab_size, "special_tokens": reserved, "show_progress": False}
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            min_frequency=min_frequency,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            **common,
+        )
+    elif kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            min_frequency=min_frequency,
+            limit_alphabet=max(32, min(1000, vocab_size // 4)),
+            continuing_subword_prefix="##",
+            **common,
+        )
+    elif kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        trainer = trainers.UnigramTrainer(unk_token=UNK, max_piece_length=16, **common)
+    else:
+        raise UsageError(f"data.tokenizer.kind={kind!r}: use bpe, wordpiece or unigram")
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise PlinthError(
+            f"the trained {kind} tokenizer has {tok.get_vocab_size()} tokens, more than the "
+            f"requested {vocab_size} ({key}): the corpus has too many distinct characters for "
+            "this vocab. Raise the vocab size or use data.tokenizer.kind=bpe."
+        )
+    return tok
+
+
+def load_tokenizer(path: str | Path, special_tokens: list[str] | None = None):
+    """Load a `tokenizer.json`; configured special tokens it lacks are added (appended ids).
+
+    Returns (tokenizer, added tokens). To add nothing, set data.tokenizer.special_tokens to
+    tokens the file already has (its end-of-text token first)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises bare Exceptions for missing/bad files
+        raise UsageError(
+            f"cannot load the tokenizer {p} (data.tokenizer.path): {e}. Give a tokenizer.json "
+            "written by Hugging Face tokenizers, or unset data.tokenizer.path to train one."
+        ) from None
+    vocab = tok.get_vocab(with_added_tokens=True)
+    missing = [t for t in special_tokens or [] if t not in vocab]
+    if missing:
+        tok.add_special_tokens(missing)
+    return tok, missing
+
+
+def token_roles(tok, special_tokens: list[str]) -> dict:
+    """Ids of the special roles: specials by position (eos, pad, mask, bos; pad and bos fall
+    back to eos, mask to None when the list is shorter) plus the sentinel ids found."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    ids = [vocab[t] for t in special_tokens]
+    eos = ids[0]
+    sentinels = []
+    i = 0
+    while sentinel_token(i) in vocab:
+        sentinels.append(vocab[sentinel_token(i)])
+        i += 1
+    if not sentinels:  # T5 tokenizers call them <extra_id_N>
+        while f"<extra_id_{i}>" in vocab:
+            sentinels.append(vocab[f"<extra_id_{i}>"])
+            i += 1
+    return {
+        "eos_id": eos,
+        "pad_id": ids[1] if len(ids) > 1 else eos,
+        "mask_id": ids[2] if len(ids) > 2 else None,
+        "bos_id": ids[3] if len(ids) > 3 else eos,
+        "unk_id": vocab.get(UNK),
+        "sentinel_ids": sentinels,
+    }
+
+
+def tokenizer_hash(tok) -> str:
+    return hashlib.sha256(tok.to_str().encode()).hexdigest()

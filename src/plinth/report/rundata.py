@@ -1,0 +1,419 @@
+"""Read one run directory into plain Python data: the only input of reports and comparisons.
+
+Everything is read defensively: a run that is still going, was killed mid-write (torn last
+JSONL line), never wrote a config, or carries fields this version does not know still loads.
+
+Status rule (`run_status`):
+
+- `finished`: an `end` event after the last `start` event.
+- `halted`: the stability guard stopped it (an `anomaly` event with action `halt` after the
+  last `start`), with or without an `end` event.
+- `running`: no `end` yet and the newest record (metrics, events or system samples) is recent:
+  younger than max(10 minutes, 5 x the median interval between its metric records).
+- `crashed`: no `end` and the newest record is older than that (killed, lost node, OOM).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plinth.track.run import read_jsonl
+
+STALE_AFTER_S = 600.0
+STATUSES = ("running", "finished", "crashed", "halted")
+RUN_FILES = ("metrics.jsonl", "events.jsonl", "manifest.json", "config.yaml")
+
+
+@dataclass
+class ConfigLine:
+    """One line of config.yaml: `key` is dotted (None for lines that are not key: value)."""
+
+    indent: int
+    text: str  # the line without its source comment
+    key: str | None
+    source: str | None  # "file x.yaml", "command line", ... for non-default values
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict = field(default_factory=dict)
+    config_lines: list[ConfigLine] = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # metrics.jsonl, file order
+    events: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    system: list[dict] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def config_value(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    # ------------------------------------------------------------------ series
+    def series(self, key: str) -> list[dict]:
+        """Records carrying `key`, keeping only the final trajectory: when a resume or rollback
+        logs a step again, the earlier records from that step on are superseded."""
+        out: list[dict] = []
+        for rec in self.records:
+            if key not in rec or not isinstance(rec.get("step"), int | float):
+                continue
+            value = rec[key]
+            if isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, int | float):
+                continue
+            while out and out[-1]["step"] >= rec["step"]:
+                out.pop()
+            out.append(
+                {
+                    "step": rec["step"],
+                    "value": float(value),
+                    "time": rec.get("time"),
+                    "tokens": rec.get("tokens"),
+                }
+            )
+        return out
+
+    def numeric_keys(self) -> list[str]:
+        keys: dict[str, None] = {}
+        for rec in self.records:
+            for k, v in rec.items():
+                if k not in ("step", "time") and isinstance(v, int | float) and v is not None:
+                    keys.setdefault(k)
+        return list(keys)
+
+    def last_event(self, kind: str) -> dict | None:
+        for ev in reversed(self.events):
+            if ev.get("event") == kind:
+                return ev
+        return None
+
+    def events_since_last_start(self) -> list[dict]:
+        idx = 0
+        for i, ev in enumerate(self.events):
+            if ev.get("event") == "start":
+                idx = i
+        return self.events[idx:]
+
+    # ------------------------------------------------------------------ time
+    def last_record_time(self) -> float | None:
+        times = [
+            r["time"]
+            for src in (self.records, self.events, self.system)
+            for r in src[-5:]
+            if isinstance(r.get("time"), int | float)
+        ]
+        return max(times) if times else None
+
+    def segments(self) -> list[tuple[float, float]]:
+        """(begin, end) wall-clock spans in which the run was alive, split at `start` events
+        (a resume starts a new span; the time between spans is not run time)."""
+        times = sorted(
+            r["time"]
+            for src in (self.records, self.events, self.system)
+            for r in src
+            if finite(r.get("time"))
+        )
+        if not times:
+            return []
+        starts = sorted(
+            ev["time"]
+            for ev in self.events
+            if ev.get("event") == "start" and finite(ev.get("time"))
+        )
+        bounds = [min(times[0], starts[0]), *starts[1:]] if starts else [times[0]]
+        spans = []
+        for i, begin in enumerate(bounds):
+            stop = bounds[i + 1] if i + 1 < len(bounds) else math.inf
+            inside = [t for t in times if begin <= t < stop]
+            spans.append((begin, inside[-1] if inside else begin))
+        return spans
+
+    def wall_seconds(self) -> float:
+        return sum(end - begin for begin, end in self.segments())
+
+    # ------------------------------------------------------------------ summaries
+    @property
+    def devices(self) -> int:
+        ws = self.manifest.get("world_size")
+        return int(ws) if isinstance(ws, int) and ws > 0 else 1
+
+    @property
+    def total_steps(self) -> int | None:
+        ev = self.last_event("start")
+        ts = ev.get("total_steps") if ev else None
+        return ts if isinstance(ts, int) else None
+
+    @property
+    def last_step(self) -> int | None:
+        """Step of the newest record (after a rollback this is not the largest step)."""
+        last = [src[-1] for src in (self.records, self.events) if src]
+        last = [r for r in last if isinstance(r.get("step"), int)]
+        if not last:
+            return None
+        return max(last, key=lambda r: r["time"] if finite(r.get("time")) else -math.inf)["step"]
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_config_lines(text: str) -> list[ConfigLine]:
+    """Lines of a config.yaml written by `render_yaml`, with the `# source` comments split off."""
+    lines: list[ConfigLine] = []
+    stack: list[tuple[int, str]] = []
+    for raw in text.splitlines():
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        indent = len(raw) - len(raw.lstrip(" "))
+        body, source = _split_comment(raw)
+        m = re.match(r"^\s*([^\s:#][^:]*?):(?:\s+(.*))?$", body)
+        key = None
+        if m:
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            key = ".".join([k for _, k in stack] + [m.group(1)])
+            if not (m.group(2) or "").strip():  # a section header
+                stack.append((indent, m.group(1)))
+        lines.append(ConfigLine(indent, body.rstrip(), key, source))
+    return lines
+
+
+def _split_comment(line: str) -> tuple[str, str | None]:
+    """("key: value", "source") when the line ends in a YAML comment, else (line, None)."""
+    if "#" not in line:
+        return line, None
+    try:
+        whole = yaml.safe_load(line.strip())
+    except yaml.YAMLError:
+        return line, None
+    for m in re.finditer(r"\s#\s?", line):
+        head = line[: m.start()]
+        try:
+            if yaml.safe_load(head.strip()) == whole:
+                return head, line[m.end() :].strip() or None
+        except yaml.YAMLError:
+            continue
+    return line, None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _checkpoints(path: Path, events: list[dict]) -> list[dict]:
+    found: dict[int, dict] = {}
+    ckdir = path / "checkpoints"
+    if ckdir.is_dir():
+        for d in ckdir.iterdir():
+            m = re.fullmatch(r"step_(\d+)", d.name)
+            if not (m and d.is_dir()):
+                continue
+            meta = _read_json(d / "meta.json")
+            files = {f.name: f.stat().st_size for f in d.iterdir() if f.is_file()}
+            expected = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+            complete = bool(meta) and all(
+                files.get(n) == (info or {}).get("bytes") for n, info in expected.items()
+            )
+            found[int(m.group(1))] = {
+                "step": int(m.group(1)),
+                "name": d.name,
+                "on_disk": True,
+                "bytes": sum(files.values()),
+                "complete": complete,
+                "metrics": {k: v for k, v in meta.items() if k not in ("files", "step")},
+                "time": None,
+            }
+    for ev in events:
+        if ev.get("event") != "checkpoint" or not isinstance(ev.get("step"), int):
+            continue
+        details = {k: v for k, v in ev.items() if k not in ("step", "time", "event", "path")}
+        entry = found.setdefault(
+            ev["step"],
+            {
+                "step": ev["step"],
+                "name": Path(str(ev.get("path", ""))).name or None,
+                "on_disk": False,
+                "bytes": None,
+                "complete": None,
+                "metrics": details,
+            },
+        )
+        entry["time"] = ev.get("time")
+        if not entry["metrics"]:
+            entry["metrics"] = details
+    return [found[k] for k in sorted(found)]
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).is_file() for f in RUN_FILES)
+
+
+def load_run(path: str | Path) -> Run:
+    """Everything `plinth report` needs from one run directory."""
+    p = Path(path)
+    if not p.is_dir():
+        from plinth.errors import UsageError
+
+        raise UsageError(f"{p} is not a directory; give a run directory such as runs/<name>")
+    if not is_run_dir(p):
+        from plinth.errors import UsageError
+
+        raise UsageError(
+            f"{p} holds none of {', '.join(RUN_FILES)}: not a plinth run directory. "
+            "`plinth runs` lists the runs under a directory."
+        )
+    run = Run(p)
+    cfg_path = p / "config.yaml"
+    if cfg_path.is_file():
+        text = cfg_path.read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+            run.config = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            run.config = {}
+        run.config_lines = parse_config_lines(text)
+    run.manifest = _read_json(p / "manifest.json")
+    run.records = [r for r in read_jsonl(p / "metrics.jsonl") if isinstance(r, dict)]
+    run.events = [r for r in read_jsonl(p / "events.jsonl") if isinstance(r, dict)]
+    run.samples = [r for r in read_jsonl(p / "samples.jsonl") if isinstance(r, dict)]
+    run.system = [r for r in read_jsonl(p / "system.jsonl") if isinstance(r, dict)]
+    run.checkpoints = _checkpoints(p, run.events)
+    return run
+
+
+def run_status(run: Run, now: float | None = None) -> str:
+    """running / finished / crashed / halted (see the module docstring for the rule)."""
+    recent = run.events_since_last_start()
+    if any(e.get("event") == "anomaly" and e.get("action") == "halt" for e in recent):
+        return "halted"
+    if any(e.get("event") == "end" for e in recent):
+        return "finished"
+    last = run.last_record_time()
+    if last is None:
+        try:
+            last = max(f.stat().st_mtime for f in run.path.iterdir() if f.is_file())
+        except ValueError:
+            return "crashed"
+    times = [r["time"] for r in run.records[-50:] if finite(r.get("time"))]
+    gaps = [b - a for a, b in itertools.pairwise(times) if b > a]
+    interval = statistics.median(gaps) if gaps else 0.0
+    stale = max(STALE_AFTER_S, 5 * interval)
+    now = time.time() if now is None else now
+    return "running" if now - last <= stale else "crashed"
+
+
+def summarize(run: Run, now: float | None = None) -> dict[str, Any]:
+    """Headline numbers of a run (status card, `plinth runs`, comparison tables)."""
+    from plinth.track.sampler import compute_hours
+
+    loss = [p["value"] for p in run.series("train/loss")]
+    finite_loss = [v for v in loss if math.isfinite(v)]
+    val = [p for p in run.series("val/loss") if math.isfinite(p["value"])]
+    tps = [p["value"] for p in run.series("tokens_per_s") if math.isfinite(p["value"])]
+    mfu = [p["value"] for p in run.series("mfu") if math.isfinite(p["value"])]
+    mem = [p["value"] for p in run.series("mem_mb") if math.isfinite(p["value"])]
+    gpu_mem = [v for r in run.system for k, v in r.items() if k.endswith("/mem_mb") and finite(v)]
+    tokens = [p["value"] for p in run.series("tokens") if math.isfinite(p["value"])]
+    wall = run.wall_seconds()
+    tail = max(1, len(finite_loss) // 20)
+    git = run.manifest.get("git") if isinstance(run.manifest.get("git"), dict) else {}
+    data = run.manifest.get("data") if isinstance(run.manifest.get("data"), dict) else {}
+    start = run.last_event("start") or {}
+    return {
+        "name": run.name,
+        "status": run_status(run, now),
+        "created": run.manifest.get("created") or (run.segments() or [(None, None)])[0][0],
+        "step": run.last_step,
+        "total_steps": run.total_steps,
+        "tokens": tokens[-1] if tokens else None,
+        "wall_s": wall,
+        "compute_h": compute_hours(run.devices, wall),
+        "devices": run.devices,
+        "train_loss": finite_loss[-1] if finite_loss else None,
+        "train_loss_tail": statistics.fmean(finite_loss[-tail:]) if finite_loss else None,
+        "best_train_loss": min(finite_loss) if finite_loss else None,
+        "val_loss": val[-1]["value"] if val else None,
+        "best_val_loss": min(p["value"] for p in val) if val else None,
+        "tokens_per_s": statistics.median(tps[-20:]) if tps else None,
+        "mfu": statistics.median(mfu[-20:]) if mfu else None,
+        "peak_mem_mb": max(mem) if mem else None,
+        "peak_gpu_mem_mb": max(gpu_mem) if gpu_mem else None,
+        "git_sha": git.get("sha"),
+        "git_dirty": git.get("dirty"),
+        "data_fingerprint": data.get("fingerprint"),
+        "params": start.get("params"),
+        "device": start.get("device") or (run.manifest.get("hardware") or {}).get("device"),
+        "last_record_age_s": (time.time() if now is None else now) - (run.last_record_time() or 0),
+    }
+
+
+def health(run: Run) -> dict[str, int]:
+    """Counts for the health summary: non-finite steps, skips, rollbacks, spikes, ..."""
+    nonfinite_steps = set()
+    for key in ("train/loss", "grad_norm"):
+        for p in run.series(key):
+            if not math.isfinite(p["value"]):
+                nonfinite_steps.add(p["step"])
+    counts = {
+        "nonfinite": 0,
+        "skipped": 0,
+        "rollbacks": 0,
+        "spikes": 0,
+        "stalls": 0,
+        "blowups": 0,
+        "resumes": 0,
+        "checkpoints_skipped": 0,
+        "sink_failures": 0,
+    }
+    rollback_events = 0
+    skipped_steps: set = set()
+    for ev in run.events:
+        kind = ev.get("event")
+        if kind == "anomaly":
+            typ, action = ev.get("type") or ev.get("kind"), ev.get("action")
+            if typ == "nonfinite":
+                nonfinite_steps.add(ev.get("step"))
+            elif typ == "spike":
+                counts["spikes"] += 1
+            elif typ == "stall":
+                counts["stalls"] += 1
+            elif typ == "blowup":
+                counts["blowups"] += 1
+            if action == "skip_step":
+                skipped_steps.add(ev.get("step"))
+        elif kind == "rollback":
+            rollback_events += 1
+        elif kind == "resume":
+            counts["resumes"] += 1
+        elif kind == "checkpoint_skipped":
+            counts["checkpoints_skipped"] += 1
+        elif kind == "sink_failed":
+            counts["sink_failures"] += 1
+    counts["nonfinite"] = len(nonfinite_steps)
+    counts["rollbacks"] = rollback_events
+    counts["skipped"] = len(skipped_steps)
+    return counts
