@@ -114,8 +114,8 @@ class PackedLoader:
             if self._layout(a, 0).n_rows == 0:
                 raise PlinthError(
                     f"source {names[s]!r} in split {split!r} has "
-                    f"{self.table.length[self._docs[a]].sum()} tokens, not enough for one row of seq_len + 1 = {self.row_len}; lower "
-                    "seq_len or add data."
+                    f"{self.table.length[self._docs[a]].sum()} tokens, not enough for one row "
+                    f"of seq_len + 1 = {self.row_len}; lower seq_len or add data."
                 )
         self._rows_epoch0 = sum(self._layout(a, 0).n_rows for a in range(len(self.sources)))
         self._global = 0

@@ -459,9 +459,12 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
                         exact_clusters[seen_exact[key]] += 1
                     else:
                         seen_exact[key] = len(seen_exact)
-                if self_dup is None and near is not None:
-                    if near.add_with_keys(res["sigs"][k], keys[k]) is not None:
-                        self_dup = "near"
+                if (
+                    self_dup is None
+                    and near is not None
+                    and near.add_with_keys(res["sigs"][k], keys[k]) is not None
+                ):
+                    self_dup = "near"
                 if self_dup == "exact":
                     st.exact_duplicates += 1
                     st.example("exact_duplicate", ref, "")
