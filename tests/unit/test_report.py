@@ -255,3 +255,58 @@ def test_report_cli_and_runs_listing(runs_dir, capsys):
     assert main(["runs", str(runs_dir), "--status", "weird"]) == 2
     assert main(["report", str(runs_dir)]) == 2  # a directory of runs, not a run
     assert main(["runs", str(runs_dir / "nope")]) == 2
+
+
+KILLED_WRITER = r"""
+import math, sys, time
+from plinth.track.run import RunDir
+run = RunDir(sys.argv[1])
+run.log_event(0, "start", total_steps=10**9, params=1, device="cpu")
+big = "x" * 20000  # long records make a kill mid-write likely
+step = 0
+while True:
+    step += 1
+    run.log_metrics(step, tokens=step * 10, **{"train/loss": 5 / math.sqrt(step), "pad": big})
+    if step % 50 == 0:
+        run.log_event(step, "checkpoint", path=f"step_{step:07d}")
+    if step == 200:
+        print("ready", flush=True)
+"""
+
+
+def test_report_of_a_writer_killed_with_sigkill(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    run = load_run(path)
+    steps = [p["step"] for p in run.series("train/loss")]
+    assert len(steps) >= 200 and steps == list(range(1, len(steps) + 1))
+    assert run_status(run) == "running"  # just killed: not yet stale
+    assert run_status(run, now=time.time() + 3600) == "crashed"
+    html = render_report(run, now=time.time() + 3600)
+    assert '<span class="badge crashed">crashed</span>' in html
+    assert payload(html)["charts"][0]["series"][0]["x"]["step"][-1] == steps[-1]
+
+
+def test_report_commands_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, plinth.report.report, plinth.report.compare, plinth.report.runs; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
