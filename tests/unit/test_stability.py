@@ -220,3 +220,23 @@ def test_state_dict_round_trips_through_json():
     for s in range(300, 304):  # the bound survives the restart: the next blow-up halts
         d = resumed.observe(s, 99.0, 1.0)
     assert d.action == "halt"
+
+
+def test_running_window_statistics_are_exact():
+    import statistics
+
+    from plinth.train.stability import _Window
+
+    rng = random.Random(0)
+    window, values = _Window(128), []
+    for i in range(3000):
+        v = 50 + 20 * math.sin(i / 300) + rng.gauss(0, 5)  # drifting level, large offset
+        window.add(i, v)
+        values.append(v)
+    mean, std = window.stats()
+    assert mean == pytest.approx(statistics.fmean(values[-128:]), rel=1e-12)
+    assert std == pytest.approx(statistics.stdev(values[-128:]), rel=1e-9)
+    window.drop_after(2950)
+    kept = values[2950 - 127 : 2951]
+    assert len(window) == 128 - 49
+    assert window.stats()[0] == pytest.approx(statistics.fmean(kept[-len(window) :]), rel=1e-12)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -102,26 +102,49 @@ class Decision:
 OK = Decision()
 
 
-@dataclass
 class _Window:
-    """The last `size` finite values with their steps."""
+    """The last `size` finite values with their steps, with O(1) running mean and variance.
 
-    size: int
-    items: deque = field(default_factory=deque)
+    Sums are kept relative to a reference value and recomputed exactly every `size` additions,
+    so cancellation and drift stay negligible."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: deque[tuple[int, float]] = deque()
+        self._recompute()
+
+    def _recompute(self) -> None:
+        values = [v for _, v in self.items]
+        self._ref = math.fsum(values) / len(values) if values else 0.0
+        self._sum = math.fsum(v - self._ref for v in values)
+        self._sq = math.fsum((v - self._ref) ** 2 for v in values)
+        self._adds = 0
 
     def add(self, step: int, value: float) -> None:
         self.items.append((step, value))
-        while len(self.items) > self.size:
-            self.items.popleft()
+        x = value - self._ref
+        self._sum += x
+        self._sq += x * x
+        if len(self.items) > self.size:
+            _, old = self.items.popleft()
+            y = old - self._ref
+            self._sum -= y
+            self._sq -= y * y
+        self._adds += 1
+        if self._adds >= self.size:
+            self._recompute()
 
     def stats(self) -> tuple[float, float]:
-        values = [v for _, v in self.items]
-        mean = math.fsum(values) / len(values)
-        std = statistics.stdev(values, mean) if len(values) > 1 else 0.0
-        return mean, max(std, _REL_STD_FLOOR * abs(mean), 1e-12)
+        """Mean and sample standard deviation, floored (see the module doc)."""
+        n = len(self.items)
+        m = self._sum / n
+        var = max(0.0, (self._sq - n * m * m) / (n - 1)) if n > 1 else 0.0
+        mean = self._ref + m
+        return mean, max(math.sqrt(var), _REL_STD_FLOOR * abs(mean), 1e-12)
 
     def drop_after(self, step: int) -> None:
         self.items = deque((s, v) for s, v in self.items if s <= step)
+        self._recompute()
 
     def __len__(self) -> int:
         return len(self.items)
