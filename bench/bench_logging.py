@@ -1,6 +1,6 @@
 """Tracking overhead against the ref-cpu-decoder training step (the issue's budget: < 2%).
 
-    python bench/bench_logging.py [--steps 8] [--log-every 10] [--sinks tensorboard]
+    python bench/bench_logging.py [--steps 3] [--log-every 10] [--sinks tensorboard]
 
 Times real optimizer steps of the `ref-cpu-decoder` workload (6 layers, d_model 384, seq 256,
 micro-batch 8, fp32, AdamW), then the per-step cost of everything tracking adds around such a
@@ -105,7 +105,7 @@ def tracking_seconds_per_step(log_every: int, sinks: list[str], interval: float)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--interval", type=float, default=10.0, help="sampler interval (s)")
     ap.add_argument("--sinks", nargs="*", default=[])
