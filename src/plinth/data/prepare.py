@@ -34,6 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,9 +229,7 @@ def encode_texts(tok, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
     encs = tok.encode_batch_fast(texts, add_special_tokens=False)
     ids = [e.ids for e in encs]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(
-        (i for x in ids for i in x), dtype=dtype, count=int(lengths.sum())
-    ) if len(ids) else np.zeros(0, dtype=dtype)
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     return flat, lengths
 
 
