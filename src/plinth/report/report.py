@@ -148,7 +148,9 @@ def chart_specs(run: Run, axes: Axes, max_points: int = MAX_POINTS) -> tuple[lis
     )
     clipped = [p["value"] for p in run.series("clipped") if math.isfinite(p["value"])]
     if clipped:
-        notes["grad"] = f"clipped on {100 * sum(clipped) / len(clipped):.0f}% of logged steps"
+        pct = 100 * sum(clipped) / len(clipped)
+        shown = f"{pct:.0f}%" if pct == 0 or pct >= 1 else "<1%"
+        notes["grad"] = f"clipped on {shown} of logged steps"
     add(
         "grad",
         "Gradient norm (pre-clip)",

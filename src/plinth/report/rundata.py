@@ -55,6 +55,21 @@ class Run:
     samples: list[dict] = field(default_factory=list)
     system: list[dict] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _cached(self, key: tuple, compute):
+        """Memoise derived data; the key changes whenever the record lists do."""
+        full = (
+            key,
+            id(self.records),
+            len(self.records),
+            id(self.events),
+            len(self.events),
+            len(self.system),
+        )
+        if full not in self._memo:
+            self._memo[full] = compute()
+        return self._memo[full]
 
     @property
     def name(self) -> str:
@@ -72,34 +87,31 @@ class Run:
     def series(self, key: str) -> list[dict]:
         """Records carrying `key`, keeping only the final trajectory: when a resume or rollback
         logs a step again, the earlier records from that step on are superseded."""
-        out: list[dict] = []
-        for rec in self.records:
-            if key not in rec or not isinstance(rec.get("step"), int | float):
+        return self._cached(("series",), self._all_series).get(key, [])
+
+    def _all_series(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for rec in self.records:  # one pass for every key: long runs have many records
+            step = rec.get("step")
+            if not isinstance(step, int | float) or isinstance(step, bool):
                 continue
-            value = rec[key]
-            if isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, int | float):
-                continue
-            while out and out[-1]["step"] >= rec["step"]:
-                out.pop()
-            out.append(
-                {
-                    "step": rec["step"],
-                    "value": float(value),
-                    "time": rec.get("time"),
-                    "tokens": rec.get("tokens"),
-                }
-            )
+            point = None
+            for key, value in rec.items():
+                if key in ("step", "time") or not isinstance(value, int | float):
+                    continue
+                if point is None:
+                    point = (step, rec.get("time"), rec.get("tokens"))
+                pts = out.setdefault(key, [])
+                while pts and pts[-1]["step"] >= step:
+                    pts.pop()
+                pts.append(
+                    {"step": step, "value": float(value), "time": point[1], "tokens": point[2]}
+                )
         return out
 
     def numeric_keys(self) -> list[str]:
-        keys: dict[str, None] = {}
-        for rec in self.records:
-            for k, v in rec.items():
-                if k not in ("step", "time") and isinstance(v, int | float) and v is not None:
-                    keys.setdefault(k)
-        return list(keys)
+        """Keys with numeric values, in order of first appearance."""
+        return list(self._cached(("series",), self._all_series))
 
     def last_event(self, kind: str) -> dict | None:
         for ev in reversed(self.events):
@@ -127,6 +139,9 @@ class Run:
     def segments(self) -> list[tuple[float, float]]:
         """(begin, end) wall-clock spans in which the run was alive, split at `start` events
         (a resume starts a new span; the time between spans is not run time)."""
+        return self._cached(("segments",), self._segments)
+
+    def _segments(self) -> list[tuple[float, float]]:
         times = sorted(
             r["time"]
             for src in (self.records, self.events, self.system)
