@@ -217,7 +217,7 @@ _PHONE = re.compile(
     r"(?![\w-]|\.\d)"
 )
 _IPV4 = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)"
 )
 # Cheap candidate patterns (a literal first character lets `re` skip ahead fast); the precise
 # pattern then only runs in a window around each candidate. ~10x faster on code and prose.
