@@ -116,14 +116,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.
     normaliser near 1 so logits cannot drift)."""
     logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
     labels = labels.reshape(-1)  # (N,)
-    n = int((labels != IGNORE).sum())
-    denom = max(n, 1)  # no counted token: loss 0 (still attached to the graph)
+    counted = labels != IGNORE
+    n = counted.sum()
+    denom = n.clamp(min=1)  # no counted token: loss 0 (still attached to the graph)
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum") / denom
     loss = ce
     if z_loss > 0:
         lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
-        loss = ce + z_loss * (lse.square() * (labels != IGNORE)).sum() / denom
-    return LossOutput(loss=loss, n_tokens=n, ce=ce.detach())
+        loss = ce + z_loss * (lse.square() * counted).sum() / denom
+    # the count leaves the device last, so a compiled caller captures everything above in one graph
+    return LossOutput(loss=loss, n_tokens=int(n), ce=ce.detach())
 
 
 # ---------------------------------------------------------------------------------- masked LM
