@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.quickstart:quickstart",
         "prepare the built-in corpus, train a small model on this machine, show what it learned",
     ),
+    "pretrain": (
+        "plinth.recipes.pretrain:pretrain",
+        "train a decoder, encoder or encoder-decoder from scratch (resumable)",
+    ),
+    "generate": ("plinth.recipes.generate:generate_cmd", "generate text from a trained run"),
     "config explain": (
         "plinth.config.commands:explain",
         "what an option does, its default and source",

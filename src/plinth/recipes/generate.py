@@ -1,0 +1,92 @@
+"""`plinth generate`: text from a trained run or checkpoint, with the KV cache.
+
+plinth generate runs/quickstart --prompt "def " --max-new-tokens 64 --temperature 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from plinth.errors import UsageError
+
+
+def find_run(path: Path) -> tuple[Path, Path | None]:
+    """(run directory, explicit checkpoint or None) for a run dir or a checkpoint dir."""
+    if (path / "config.yaml").is_file():
+        return path, None
+    if (path / "model.safetensors").is_file() and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent, path
+    raise UsageError(
+        f"{path} is neither a plinth run directory (with config.yaml) nor a checkpoint "
+        "directory (with model.safetensors, under RUN/checkpoints/). `plinth runs` lists runs."
+    )
+
+
+def load_trained(path: str | Path, device: str = "cpu"):
+    """(model in eval mode, tokenizer, config) from a run directory or checkpoint directory."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from plinth.config.load import load_config
+    from plinth.models import build_model
+    from plinth.train import state as ckpt
+
+    run, explicit = find_run(Path(path))
+    cfg = load_config([run / "config.yaml"]).config
+    loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(run / "checkpoints")
+    model = build_model(cfg.model)
+    ckpt.load_weights(model, loaded.weights)
+    model.to(torch.device(device)).eval()
+    tok_path = run / "tokenizer.json"
+    if not tok_path.is_file():
+        raise UsageError(f"{run} has no tokenizer.json; was it written by an older plinth?")
+    return model, Tokenizer.from_file(str(tok_path)), cfg
+
+
+def generate_cmd(
+    model: str,
+    *,
+    prompt: list[str] = (),
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> int:
+    """Generate text from a trained decoder (run directory or checkpoint directory).
+
+    Decoding defaults come from the run's `inference` config section; flags override them.
+
+    Args:
+        model: run directory (uses its latest checkpoint) or a checkpoint directory
+        prompt: one or more prompts; each gets its own continuation
+        max_new_tokens: tokens to generate per prompt
+        temperature: 0 is greedy; higher is more random
+        top_k: sample only among the k most likely tokens
+        top_p: nucleus sampling probability mass
+        seed: seed for reproducible sampling
+    """
+    import torch
+
+    from plinth.infer.sampling import generate
+
+    net, tok, cfg = load_trained(model)
+    if cfg.model.arch != "decoder":
+        raise UsageError(f"{model} is an {cfg.model.arch} model; `plinth generate` needs a decoder")
+    inf = cfg.inference
+    prompts = list(prompt) or list(cfg.tracking.sample_prompts)
+    eos = tok.token_to_id(cfg.data.tokenizer.special_tokens[0])
+    ids = [tok.encode(p).ids for p in prompts]
+    outs = generate(
+        net,
+        ids,
+        max_new_tokens=max_new_tokens or inf.max_new_tokens,
+        temperature=inf.temperature if temperature is None else temperature,
+        top_k=inf.top_k if top_k is None else top_k,
+        top_p=inf.top_p if top_p is None else top_p,
+        eos_id=eos,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    for p, o in zip(prompts, outs, strict=True):
+        print(f"--- {p!r}\n{p}{tok.decode(o)}")
+    return 0

@@ -1,0 +1,158 @@
+"""`plinth pretrain`: train a model from scratch on a prepared corpus.
+
+    plinth pretrain configs/quickstart.yaml pretrain.max_steps=100
+    plinth pretrain --resume runs/quickstart          # continue a killed run exactly
+
+The recipe resolves the config, prepares (or reuses) the dataset, creates the run directory
+(config.yaml, manifest.json, tokenizer.json, metrics/events/samples, checkpoints) and hands
+everything to the one training loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from plinth.config.checks import environment_warnings, reject_unsupported
+from plinth.config.commands import render_yaml
+from plinth.config.load import Resolved, get_value, leaf_fields, load_config, split_args
+from plinth.errors import PlinthError, UsageError
+
+# options pretraining does not honour yet; refusing beats silently ignoring them
+UNSUPPORTED = {
+    "hardware.strategy": "multi-process strategies arrive with torchrun support; use auto/none",
+    "compress.quantization": "quantisation is applied to a trained model, not during pretraining",
+    "compress.pruning": "pruning is applied to a trained model, not during pretraining",
+    "compress.distill_teacher": "distillation is its own recipe",
+    "finetune.base": "starting from a pretrained model is `plinth finetune`",
+}
+# keys a resumed run may change; anything else would silently alter the run being continued
+RESUMABLE_CHANGES = (
+    "pretrain.max_steps",
+    "pretrain.max_tokens",
+    "pretrain.max_epochs",
+    "tracking.",
+    "hardware.num_workers",
+    "inference.",
+)
+
+
+def pretrain(
+    config: str | None = None,
+    overrides: list[str] = (),
+    *,
+    resume: str | None = None,
+    quiet: bool = False,
+) -> int:
+    """Pretrain a model from scratch (decoder: clm, encoder: mlm, encoder_decoder: span).
+
+    Writes a run directory under tracking.output_dir with the resolved config, a manifest,
+    metrics, events, samples and checkpoints.
+
+    Args:
+        config: YAML config file or shipped recipe name (optional with --resume)
+        overrides: key=value changes, e.g. pretrain.max_steps=200 optim.lr=1e-3
+        resume: run directory to continue from its latest intact checkpoint
+        quiet: no progress bar or per-step lines
+    """
+    files, overs = split_args([config] if config else [], overrides)
+    if resume is not None:
+        resolved, run_path = resolve_resume(Path(resume), files, overs)
+    else:
+        if not files:
+            raise UsageError("give a config file, e.g. `plinth pretrain configs/quickstart.yaml`")
+        resolved, run_path = load_config(files, overs), None
+    result = run_pretraining(resolved, run_path=run_path, progress=not quiet)
+    print_summary(result)
+    return 0
+
+
+def resolve_resume(run_path: Path, files: list[str], overrides: list[str]) -> tuple[Resolved, Path]:
+    """Config of a run being resumed; refuses changes that would alter the run."""
+    saved = run_path / "config.yaml"
+    if not run_path.is_dir():
+        raise UsageError(f"--resume {run_path}: no such run directory. `plinth runs` lists runs.")
+    if not saved.is_file():
+        raise UsageError(
+            f"--resume {run_path}: it has no config.yaml, so it is not a plinth run directory "
+            "(or it was deleted). Point --resume at a directory under runs/."
+        )
+    original = load_config([saved]).config
+    resolved = load_config([saved, *files], overrides)
+    changed = [
+        key
+        for key, _ in leaf_fields()
+        if get_value(original, key) != get_value(resolved.config, key)
+        and not key.startswith(RESUMABLE_CHANGES)
+    ]
+    if changed:
+        details = ", ".join(
+            f"{k}: {get_value(original, k)!r} -> {get_value(resolved.config, k)!r}"
+            for k in changed[:6]
+        )
+        raise UsageError(
+            f"--resume {run_path}: the given config differs from the run's own ({details}). "
+            "A resumed run must keep its model, data and optimizer settings; drop those "
+            "overrides, or start a new run."
+        )
+    return resolved, run_path
+
+
+def run_pretraining(
+    resolved: Resolved,
+    run_path: Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+):
+    """Prepare data, create (or reopen) the run directory and train. Returns a TrainResult."""
+    from plinth.data import open_dataset, prepare_dataset
+    from plinth.track.run import RunDir, build_manifest, unique_run_path
+    from plinth.train.loop import resolve_device, train
+    from plinth.train.memory import check_fits
+
+    cfg = resolved.config
+    reject_unsupported(resolved, UNSUPPORTED, "pretrain")
+    for warning in environment_warnings(resolved):
+        print(f"warning: {warning}")
+    device = resolve_device(cfg)
+    check_fits(cfg, device)
+    ds = open_dataset(prepare_dataset(cfg, progress=progress))
+    resuming = run_path is not None
+    if run_path is None:
+        name = cfg.tracking.run_name or f"pretrain-{cfg.model.arch}"
+        run_path = unique_run_path(cfg.tracking.output_dir, name)
+    run = RunDir(run_path)
+    try:
+        if not resuming:
+            run.write_config(render_yaml(resolved))
+            shutil.copyfile(Path(ds.path) / "tokenizer.json", run.path / "tokenizer.json")
+            run.write_manifest(
+                build_manifest(
+                    seed=cfg.seed,
+                    world_size=1,
+                    device=str(device),
+                    data={"dir": str(ds.path), "fingerprint": ds.fingerprint},
+                )
+            )
+        print(f"run directory: {run.path}")
+        return train(cfg, ds, run, resume=resuming, progress=progress, stop_after=stop_after)
+    except PlinthError:
+        raise
+    finally:
+        run.close()
+
+
+def print_summary(result) -> None:
+    val = result.val
+    parts = [
+        f"trained {result.step} steps, {result.tokens:,} tokens",
+        f"final train loss {result.train_loss:.4f}",
+    ]
+    if val:
+        parts.append(f"val loss {val['val/loss']:.4f}")
+        if "val/bpb" in val:
+            parts.append(f"{val['val/bpb']:.3f} bits/byte")
+    if result.stopped_early:
+        parts.append("stopped early")
+    print("; ".join(parts))
+    print(f"run: {result.run_dir}")
