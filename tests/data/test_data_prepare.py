@@ -114,7 +114,33 @@ def test_failed_rebuild_keeps_the_old_dataset(tmp_path):
     with pytest.raises(UsageError, match=r"no document survived.*too_short: 30"):
         prepare_dataset(bad, progress=False)
     assert open_dataset(tmp_path / "ds", verify=True).fingerprint == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "ds"]  # no temp dirs left
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
+    assert left == ["c", "ds"]  # no temp dirs left
+
+
+def _prepare_in_child(cfg_json: str) -> None:
+    from plinth.config.schema import Config
+
+    prepare_dataset(Config.model_validate_json(cfg_json), progress=False)
+
+
+def test_concurrent_prepares_of_one_dir(tmp_path):
+    """Like torchrun ranks that all call prepare_dataset: one builds, the others reuse it."""
+    import multiprocessing as mp
+
+    write_text_corpus(tmp_path / "c", 30, seed=9)
+    cfg = make_config(tmp_path / "ds", [{"kind": "text", "path": str(tmp_path / "c")}])
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_prepare_in_child, args=(cfg.model_dump_json(),))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    ds = open_dataset(tmp_path / "ds", verify=True)
+    assert ds.num_docs("train") + ds.num_docs("val") == 30
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
 def test_refuses_to_replace_a_foreign_directory(tmp_path):

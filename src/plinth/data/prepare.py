@@ -33,6 +33,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -349,26 +350,29 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
         if progress:
             _Progress(True).log(f"dataset in {out} is up to date (config {fingerprint}); reused")
         return out
-    foreign = out.exists() and (
-        not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
-    )
-    if foreign:
-        raise UsageError(
-            f"data.dir={out} exists and is not a plinth dataset (no {MANIFEST}); refusing to "
-            "replace it. Point data.dir at a new or empty directory, or remove it."
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    runner = _Runner(data.workers)
-    try:
-        with _Progress(progress) as prog:
-            manifest = _build(cfg, tmp, names, settings, fingerprint, runner, prog)
-        _publish(tmp, out)
-    finally:
-        runner.close()
+    with _lock(out):  # several processes (e.g. torchrun ranks) may prepare the same dir
+        if not force and is_current(out, fingerprint):  # another one just built it
+            return out
+        foreign = out.exists() and (
+            not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
+        )
+        if foreign:
+            raise UsageError(
+                f"data.dir={out} exists and is not a plinth dataset (no {MANIFEST}); refusing "
+                "to replace it. Point data.dir at a new or empty directory, or remove it."
+            )
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        runner = _Runner(data.workers)
+        try:
+            with _Progress(progress) as prog:
+                manifest = _build(cfg, tmp, names, settings, fingerprint, runner, prog)
+            _publish(tmp, out)
+        finally:
+            runner.close()
+            shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         _Progress(True).log(
             f"prepared {out}: {manifest['splits']['train']['tokens']:,} train / "
@@ -376,6 +380,23 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
             f"{manifest['fingerprint']}"
         )
     return out
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """An exclusive advisory lock next to `out` (POSIX flock; a no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _publish(tmp: Path, out: Path) -> None:
