@@ -109,12 +109,19 @@ def _stream(ds, source, eos):
 def test_concat_rows_are_the_document_stream(tiny_ds):
     R = 33
     lo = PackedLoader(tiny_ds, seq_len=R - 1, batch_size=5, seed=0, shuffle=False, loop=False)
-    rows = torch.cat(list(lo)).numpy()
-    n0 = len(_stream(tiny_ds, 0, tiny_ds.eos_id)) // R
-    n1 = len(_stream(tiny_ds, 1, tiny_ds.eos_id)) // R
-    assert len(rows) == n0 + n1
-    assert np.array_equal(rows[:n0].ravel(), _stream(tiny_ds, 0, tiny_ds.eos_id)[: n0 * R])
-    assert np.array_equal(rows[n0:].ravel(), _stream(tiny_ds, 1, tiny_ds.eos_id)[: n1 * R])
+    rows, srcs = [], []
+    for b in lo:
+        rows.append(b.numpy())
+        srcs.append(lo.batch_sources)
+    rows, srcs = np.concatenate(rows), np.concatenate(srcs)
+    for s in (0, 1):
+        stream = _stream(tiny_ds, s, tiny_ds.eos_id)
+        n = len(stream) // R
+        assert (srcs == s).sum() == n
+        assert np.array_equal(rows[srcs == s].ravel(), stream[: n * R])
+    # the sources are interleaved evenly: the first quarter of the pass has both in proportion
+    q = len(srcs) // 4
+    assert abs((srcs[:q] == 1).mean() - (srcs == 1).mean()) < 0.05
     # a second pass gives the same batches; len() is the number of batches
     assert len(list(lo)) == len(lo) == -(-len(rows) // 5)
 

@@ -17,7 +17,8 @@ Packing (per source, per epoch):
 
 Order: with `shuffle`, documents are permuted and rows are permuted again per epoch, both from
 generators seeded by (seed, source, epoch). The `short_first` curriculum (from the dataset's
-config unless given) orders the first epoch's documents by length and keeps its rows in order.
+config for the train split, unless given) orders the first epoch's documents by length and
+keeps its rows in order. `loop=False` is one pass with the sources interleaved evenly.
 
 Mixtures: each global row is drawn from a source with probability proportional to its weight
 (seeded, in blocks of 4096 rows), so the mix is exact in expectation and resumable. A source
@@ -87,7 +88,9 @@ class PackedLoader:
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.packing, self.shuffle, self.loop = packing, shuffle, loop
-        self.curriculum = curriculum or ds.manifest["config"].get("curriculum", "none")
+        # the dataset's curriculum orders training only; evaluation sees the plain order
+        default = ds.manifest["config"].get("curriculum", "none") if split == "train" else "none"
+        self.curriculum = curriculum or default
         if self.curriculum not in ("none", "short_first"):
             raise UsageError(f"curriculum={self.curriculum!r}: use none or short_first")
         self.table = ds.doc_table(split)
@@ -122,6 +125,7 @@ class PackedLoader:
         self._pos = [[0, 0] for _ in self.sources]  # per source: [epoch, row within epoch]
         self._resumed = False
         self._mix_cache: tuple[int, np.ndarray] | None = None
+        self._pass_order: tuple[np.ndarray, np.ndarray] | None = None
         self.batch_sources = np.zeros(0, dtype=np.int64)  # source index of each row last yielded
 
     # ---- configuration helpers ---------------------------------------------------------
@@ -303,13 +307,16 @@ class PackedLoader:
         return self._rows_epoch0 // self.world_size * self.world_size
 
     def _pass_row(self, g: int) -> tuple[int, int]:
-        """loop=False: (source, row) of global row g: the sources' epoch-0 rows back to back."""
-        for a in range(len(self.sources)):
-            n = self._layout(a, 0).n_rows
-            if g < n:
-                return a, g
-            g -= n
-        raise IndexError(g)
+        """loop=False: (source, row) of global row g. Sources are interleaved evenly by their
+        size, so any prefix of the pass (e.g. the first eval_batches) covers every source."""
+        if self._pass_order is None:
+            sizes = [self._layout(a, 0).n_rows for a in range(len(self.sources))]
+            src = np.concatenate([np.full(n, a, dtype=np.int64) for a, n in enumerate(sizes)])
+            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes])
+            key = (row + 0.5) / np.asarray(sizes, dtype=np.float64)[src]
+            order = np.argsort(key, kind="stable")
+            self._pass_order = (src[order], row[order])
+        return int(self._pass_order[0][g]), int(self._pass_order[1][g])
 
     def __iter__(self):
         import torch
