@@ -64,6 +64,12 @@ def pretrain(
         resolved, run_path = load_config(files, overs), None
     result = run_pretraining(resolved, run_path=run_path, progress=not quiet)
     print_summary(result)
+    if result.halted:
+        raise PlinthError(
+            f"training halted after step {result.step}: the stability guard saw a problem it could "
+            f"not roll back from (anomaly events in {result.run_dir / 'events.jsonl'}). Lower "
+            "optim.lr, raise optim.warmup_steps or check the data, then resume or restart."
+        )
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class TrainResult:
     val: dict = field(default_factory=dict)
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    halted: bool = False
     run_dir: Path | None = None
 
 
@@ -156,6 +158,24 @@ def sample_texts(model, ds, cfg: Config, device, step: int) -> list[tuple[str, s
     return [(p, ds.tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
 
 
+@dataclass
+class _Window:
+    """Accumulates steps between two metric records."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    time: float = 0.0
+    data: float = 0.0
+    clipped: int = 0
+
+
+FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
+"""fault_hook(micro_batch_index, loss) -> loss: chaos testing of the stability guard. The index
+counts micro-batches drawn from the loader, so a poisoned batch stays poisoned data: after a
+rollback the loader has moved past it, exactly as with a real bad batch."""
+
+
 def train(
     cfg: Config,
     ds,
@@ -164,13 +184,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    fault_hook: FaultHook | None = None,
 ) -> TrainResult:
     """Train `cfg.model` on the prepared dataset `ds`, writing everything into `run`.
 
-    `stop_after` ends the loop after that many optimizer steps of *this* invocation without
-    the end-of-run evaluation (used by tests to simulate an interruption).
+    `stop_after` ends this call after that many optimizer steps (tests use it to simulate an
+    interruption); the run is then resumable like a killed one.
     """
     from plinth.track.progress import TrainProgress
+    from plinth.track.sampler import ResourceSampler
+    from plinth.track.sinks import MetricLogger, open_sinks
+    from plinth.train.stability import StabilityGuard
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg)
@@ -208,49 +232,35 @@ def train(
         packing=cfg.data.packing,
     )
     mask_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    step, tokens, best_val, bad_evals = 0, 0, math.inf, 0
-    best_path: Path | None = None
+    guard = StabilityGuard(cfg.stability)
+    log = MetricLogger(
+        run,
+        open_sinks(cfg.tracking.sinks, run.path, config=cfg.model_dump(), run_name=run.path.name),
+    )
+    c = {
+        "step": 0,
+        "tokens": 0,
+        "best_val": math.inf,
+        "bad_evals": 0,
+        "best_path": None,
+        "micro": 0,
+    }  # counters that checkpoints carry
 
-    if resume:
-        loaded = ckpt.load_latest(run.checkpoints)
-        for path, why in loaded.skipped:
-            run.log_event(step, "checkpoint_skipped", path=path.name, reason=why)
-            print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
+    def restore(loaded, with_data: bool) -> None:
+        """Weights, optimizer, schedule, counters (and, on resume, data position and RNG)."""
         ckpt.load_weights(model, loaded.weights)
         st = loaded.train_state
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
-        loader.load_state_dict(st["loader"])
-        mask_gen.set_state(st["mask_generator"])
-        ckpt.set_rng_state(st["rng"])
-        step, tokens = st["step"], st["tokens"]
-        best_val, bad_evals = st["best_val"], st["bad_evals"]
-        best_path = Path(st["best_path"]) if st.get("best_path") else None
-        run.log_event(step, "resume", checkpoint=loaded.path.name, tokens=tokens)
-
-    flops_per_token = model.flops_per_token(seq_len)
-    peak = peak_flops(device)
-    bpt = ds.bytes_per_token("val")
-    amp = autocast_context(cfg, device)
-    scaler = (
-        torch.amp.GradScaler(device.type)
-        if (cfg.hardware.precision == "fp16" and device.type == "cuda")
-        else None
-    )
-    model.train()
-    data_iter = iter(loader)
-    result = TrainResult(
-        step=step, tokens=tokens, train_loss=math.nan, best_val_loss=best_val, run_dir=run.path
-    )
-    run.log_event(
-        step,
-        "start",
-        total_steps=steps,
-        accum=accum,
-        tokens_per_step=tokens_per_step,
-        params=model.num_params(),
-        device=str(device),
-    )
+        guard.load_state_dict(st["guard"])
+        micro = c["micro"]
+        c.update(st["counters"])
+        if not with_data:
+            c["micro"] = micro  # a rollback leaves the data where it is: bad batches stay skipped
+        if with_data:
+            loader.load_state_dict(st["loader"])
+            mask_gen.set_state(st["mask_generator"])
+            ckpt.set_rng_state(st["rng"])
 
     def save(step_now: int, val: dict) -> Path:
         train_state = {
@@ -259,128 +269,230 @@ def train(
             "loader": loader.state_dict(),
             "mask_generator": mask_gen.get_state(),
             "rng": ckpt.rng_state(),
-            "step": step_now,
-            "tokens": tokens,
-            "best_val": best_val,
-            "bad_evals": bad_evals,
-            "best_path": str(best_path) if best_path else None,
+            "guard": guard.state_dict(),
+            "counters": dict(c),
         }
-        path = ckpt.save_checkpoint(
-            run.checkpoints, step_now, model, train_state, {"tokens": tokens, **val}
+        meta = {"tokens": c["tokens"], **val}
+        path = ckpt.save_checkpoint(run.checkpoints, step_now, model, train_state, meta)
+        log.log_event(step_now, "checkpoint", path=path.name, **val)
+        ckpt.prune(
+            run.checkpoints,
+            cfg.tracking.keep_last,
+            Path(c["best_path"]) if c["best_path"] else None,
         )
-        run.log_event(step_now, "checkpoint", path=path.name, **val)
-        ckpt.prune(run.checkpoints, cfg.tracking.keep_last, best_path)
         return path
 
-    window_loss, window_steps, window_tokens, window_time, window_data = 0.0, 0, 0, 0.0, 0.0
-    last_val: dict = {}
-    steps_this_call = 0
-    with TrainProgress(total=steps, start=step, enabled=progress) as bar:
-        while step < steps:
-            t0 = time.perf_counter()
-            data_time = 0.0
-            step_loss = 0.0
-            for _ in range(accum):
-                td = time.perf_counter()
-                batch = next(data_iter).to(device, non_blocking=True)
-                data_time += time.perf_counter() - td
-                with amp:
-                    out = compute_loss(
-                        cfg.objective,
-                        net,
-                        batch,
-                        special,
-                        mask_ratio=cfg.pretrain.mask_ratio,
-                        mean_span_length=cfg.pretrain.mean_span_length,
-                        z_loss=cfg.optim.z_loss,
-                        generator=mask_gen,
+    if resume:
+        loaded = ckpt.load_latest(run.checkpoints)
+        for path, why in loaded.skipped:
+            log.log_event(c["step"], "checkpoint_skipped", path=path.name, reason=why)
+            print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
+        restore(loaded, with_data=True)
+        log.log_event(c["step"], "resume", checkpoint=loaded.path.name, tokens=c["tokens"])
+
+    flops_per_token = model.flops_per_token(seq_len)
+    peak = peak_flops(device)
+    bpt = ds.bytes_per_token("val")
+    amp = autocast_context(cfg, device)
+    fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    model.train()
+    data_iter = iter(loader)
+    result = TrainResult(
+        step=c["step"],
+        tokens=c["tokens"],
+        train_loss=math.nan,
+        best_val_loss=c["best_val"],
+        run_dir=run.path,
+    )
+    log.log_event(
+        c["step"],
+        "start",
+        total_steps=steps,
+        accum=accum,
+        tokens_per_step=tokens_per_step,
+        params=model.num_params(),
+        device=str(device),
+    )
+    sampler = ResourceSampler(run.path / "system.jsonl", interval=10.0).start()
+    status = "failed"
+    win, last_val, steps_this_call = _Window(), {}, 0
+    try:
+        with TrainProgress(total=steps, start=c["step"], enabled=progress) as bar:
+            while c["step"] < steps:
+                t0 = time.perf_counter()
+                data_time, step_loss = 0.0, 0.0
+                for _ in range(accum):
+                    td = time.perf_counter()
+                    batch = next(data_iter).to(device, non_blocking=True)
+                    data_time += time.perf_counter() - td
+                    with amp:
+                        out = compute_loss(
+                            cfg.objective,
+                            net,
+                            batch,
+                            special,
+                            mask_ratio=cfg.pretrain.mask_ratio,
+                            mean_span_length=cfg.pretrain.mean_span_length,
+                            z_loss=cfg.optim.z_loss,
+                            generator=mask_gen,
+                        )
+                    loss_value = (
+                        out.loss if fault_hook is None else fault_hook(c["micro"], out.loss)
                     )
-                loss = out.loss / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += out.ce.item() / accum
-            if scaler:
-                scaler.unscale_(optimizer)
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_call += 1
-            tokens += tokens_per_step
-            dt = time.perf_counter() - t0
-            window_loss += step_loss
-            window_steps += 1
-            window_tokens += tokens_per_step
-            window_time += dt
-            window_data += data_time
-            result.train_loss = step_loss
-
-            if step % cfg.tracking.log_every == 0 or step == steps:
-                tps = window_tokens / window_time
-                run.log_metrics(
-                    step,
-                    tokens=tokens,
-                    **{"train/loss": window_loss / window_steps},
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    clipped=grad_norm > clip,
-                    tokens_per_s=tps,
-                    step_time=window_time / window_steps,
-                    data_share=window_data / window_time,
-                    mfu=flops_per_token * tps / peak if peak else None,
-                    mem_mb=memory_mb(device),
-                )
-                bar.update(step, loss=window_loss / window_steps, tokens_per_s=tps)
-                window_loss, window_steps, window_tokens, window_time, window_data = (
-                    0.0,
-                    0,
-                    0,
-                    0.0,
-                    0.0,
-                )
-            else:
-                bar.update(step, loss=step_loss)
-
-            is_last = step == steps
-            improved = False
-            if step % cfg.tracking.eval_every == 0 or is_last:
-                last_val = evaluate(net, ds, cfg, device, special, bpt)
-                if last_val:
-                    run.log_metrics(step, tokens=tokens, **last_val)
-                    run.log_event(step, "eval", **last_val)
-                    bpb = last_val.get("val/bpb")
+                    c["micro"] += 1
+                    loss = loss_value / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += (
+                        out.ce.item() if fault_hook is None else loss_value.item()
+                    ) / accum
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                # fp16 overflow is the loss scaler's business (it skips the step itself)
+                observed_norm = None if (fp16 and not math.isfinite(grad_norm)) else grad_norm
+                decision = guard.observe(c["step"] + 1, step_loss, observed_norm)
+                for det in decision.detections:
+                    log.log_event(det.step, "anomaly", **det.event())
+                if decision.action == "halt":
+                    status = "halted"
                     bar.note(
-                        f"step {step}: val loss {last_val['val/loss']:.3f}"
-                        + (f", {bpb:.3f} bits/byte" if bpb is not None else "")
+                        f"step {c['step'] + 1}: halted by the stability guard "
+                        f"({', '.join(d.kind for d in decision.detections)})"
                     )
-                    improved = last_val["val/loss"] < best_val - cfg.optim.early_stop.min_delta
-                    best_val, bad_evals = (
-                        (last_val["val/loss"], 0) if improved else (best_val, bad_evals + 1)
+                    result.halted = True
+                    break
+                if decision.action == "rollback":
+                    target = _rollback_target(run, decision.bad_since)
+                    if target is None:
+                        log.log_event(
+                            c["step"] + 1,
+                            "anomaly",
+                            type="blowup",
+                            action="halt",
+                            reason="no checkpoint older than the blow-up",
+                        )
+                        result.halted, status = True, "halted"
+                        break
+                    from_step = c["step"] + 1
+                    restore(ckpt.load_checkpoint(target), with_data=False)
+                    guard.rolled_back(c["step"])
+                    log.log_event(
+                        from_step,
+                        "rollback",
+                        to_step=c["step"],
+                        checkpoint=target.name,
+                        skipped_batches=(from_step - c["step"]) * accum,
                     )
-                    result.val, result.best_val_loss = last_val, best_val
-                    patience = cfg.optim.early_stop.patience
-                    if patience is not None and bad_evals >= patience:
-                        run.log_event(step, "early_stop", patience=patience, best_val_loss=best_val)
-                        result.stopped_early = is_last = True
-            if cfg.model.arch == "decoder" and (step % cfg.tracking.sample_every == 0 or is_last):
-                for prompt, text in sample_texts(model, ds, cfg, device, step):
-                    run.log_sample(step, prompt, text)
-            if step % cfg.tracking.checkpoint_every == 0 or is_last:
-                if last_val and last_val["val/loss"] == best_val:  # keep-best: this one
-                    best_path = ckpt.step_dir(run.checkpoints, step)
-                save(step, last_val)
-            if is_last or (stop_after is not None and steps_this_call >= stop_after):
-                break
+                    bar.note(
+                        f"step {from_step}: loss blew up; rolled back to {target.name}, "
+                        "skipping the batches since"
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    win = _Window()
+                    continue
+                if decision.action == "skip_step":
+                    optimizer.zero_grad(set_to_none=True)  # drop this update, keep the weights
+                elif scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                c["step"] += 1
+                c["tokens"] += tokens_per_step
+                step, steps_this_call = c["step"], steps_this_call + 1
+                win.loss += step_loss
+                win.steps += 1
+                win.tokens += tokens_per_step
+                win.time += time.perf_counter() - t0
+                win.data += data_time
+                win.clipped += grad_norm > clip
+                result.train_loss = step_loss
 
-    result.step, result.tokens = step, tokens
-    if step >= steps or result.stopped_early:
-        run.log_event(
-            step, "end", tokens=tokens, train_loss=result.train_loss, best_val_loss=best_val
-        )
+                if step % cfg.tracking.log_every == 0 or step == steps:
+                    tps = win.tokens / win.time
+                    log.log_metrics(
+                        step,
+                        tokens=c["tokens"],
+                        **{"train/loss": win.loss / win.steps},
+                        lr=lr,
+                        grad_norm=grad_norm,
+                        clipped=win.clipped / win.steps,
+                        tokens_per_s=tps,
+                        step_time=win.time / win.steps,
+                        data_share=win.data / win.time,
+                        mfu=flops_per_token * tps / peak if peak else None,
+                        mem_mb=memory_mb(device),
+                    )
+                    for det in guard.observe_throughput(step, tps).detections:
+                        log.log_event(det.step, "anomaly", **det.event())
+                    bar.update(step, loss=win.loss / win.steps, tokens_per_s=tps)
+                    win = _Window()
+                else:
+                    bar.update(step, loss=step_loss)
+
+                is_last = step == steps
+                if step % cfg.tracking.eval_every == 0 or is_last:
+                    last_val = evaluate(net, ds, cfg, device, special, bpt)
+                    if last_val:
+                        log.log_metrics(step, tokens=c["tokens"], **last_val)
+                        log.log_event(step, "eval", **last_val)
+                        bpb = last_val.get("val/bpb")
+                        bar.note(
+                            f"step {step}: val loss {last_val['val/loss']:.3f}"
+                            + (f", {bpb:.3f} bits/byte" if bpb is not None else "")
+                        )
+                        es = cfg.optim.early_stop
+                        if last_val["val/loss"] < c["best_val"] - es.min_delta:
+                            c["best_val"], c["bad_evals"] = last_val["val/loss"], 0
+                        else:
+                            c["bad_evals"] += 1
+                        result.val, result.best_val_loss = last_val, c["best_val"]
+                        if es.patience is not None and c["bad_evals"] >= es.patience:
+                            log.log_event(
+                                step,
+                                "early_stop",
+                                patience=es.patience,
+                                best_val_loss=c["best_val"],
+                            )
+                            result.stopped_early = is_last = True
+                if cfg.model.arch == "decoder" and (
+                    step % cfg.tracking.sample_every == 0 or is_last
+                ):
+                    for prompt, text in sample_texts(model, ds, cfg, device, step):
+                        log.log_sample(step, prompt, text)
+                if step % cfg.tracking.checkpoint_every == 0 or is_last:
+                    if last_val and last_val["val/loss"] == c["best_val"]:  # keep-best: this one
+                        c["best_path"] = str(ckpt.step_dir(run.checkpoints, step))
+                    save(step, last_val)
+                if is_last or (stop_after is not None and steps_this_call >= stop_after):
+                    break
+        result.step, result.tokens = c["step"], c["tokens"]
+        if c["step"] >= steps or result.stopped_early:
+            status = "finished"
+            log.log_event(
+                c["step"],
+                "end",
+                tokens=c["tokens"],
+                train_loss=result.train_loss,
+                best_val_loss=c["best_val"],
+            )
+        elif not result.halted:
+            status = "killed"  # interrupted on purpose (stop_after); resumable
+    finally:
+        sampler.stop()
+        log.close("finished" if status in ("finished", "killed") else "failed")
     return result
+
+
+def _rollback_target(run: RunDir, bad_since: int | None) -> Path | None:
+    """Newest intact checkpoint written before the blow-up began."""
+    for path in reversed(ckpt.list_checkpoints(run.checkpoints)):
+        step = int(path.name.split("_")[1])
+        if (bad_since is None or step < bad_since) and ckpt.verify(path) is None:
+            return path
+    return None
