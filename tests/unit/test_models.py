@@ -239,3 +239,28 @@ def test_model_files_never_import_torch_distributed():
     root = pathlib.Path(__file__).parents[2] / "src" / "plinth" / "models"
     for f in root.rglob("*.py"):
         assert "torch.distributed" not in f.read_text(), f
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for a LoRA/quantised wrapper swapped in place of a projection."""
+
+    def __init__(self, base: torch.nn.Linear, shift: float):
+        super().__init__()
+        self.base, self.shift = base, shift
+
+    def forward(self, x):
+        return self.base(x) + self.shift
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swapped_projections_are_called_not_bypassed(bias):
+    """Plain projections run as one fused GEMM; a swapped-in module must still be used."""
+    torch.manual_seed(0)
+    m = build_model(tiny(bias=bias, n_kv_heads=2)).eval()
+    x = torch.randint(0, 61, (2, 10))
+    ref = m(x)
+    attn, mlp = m.layers[0].attn, m.layers[1].mlp
+    attn.k_proj, mlp.up_proj = _Wrapped(attn.k_proj, 0.0), _Wrapped(mlp.up_proj, 0.0)
+    torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)  # same maths unfused
+    attn.k_proj.shift = mlp.up_proj.shift = 0.5
+    assert (m(x) - ref).abs().max() > 1e-3  # and the wrapper really runs
