@@ -138,3 +138,9 @@ def test_repetition_penalty_ignores_left_padding():
     assert alone[1][0] == 0  # 0 is not in the prompt, so not penalised...
     assert generate(model, PROMPTS, **kw) == alone  # ...even when the padding slots hold 0
     assert alone != [generate(model, [p], 10)[0] for p in PROMPTS]  # the penalty acts
+
+
+def test_wrapped_models_generate_with_the_plain_module():
+    model = tiny()
+    compiled = torch.compile(model)  # never traced: generate unwraps it
+    assert generate(compiled, PROMPTS, 6) == generate(model, PROMPTS, 6)

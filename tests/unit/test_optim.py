@@ -183,3 +183,11 @@ def test_state_dict_round_trip_continues_identically(name):
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb), n
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
+
+
+def test_muon_finds_the_head_through_a_compile_wrapper():
+    model = tiny()
+    opt = build_optimizer(torch.compile(model), OptimConfig(name="muon"))
+    where = _groups_by_id(opt)
+    assert not where[id(model.lm_head.weight)]["use_muon"]
+    assert where[id(model.layers[0].attn.o_proj.weight)]["use_muon"]

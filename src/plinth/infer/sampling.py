@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from plinth.models import unwrap
+
 
 @torch.no_grad()
 def generate(
@@ -40,6 +42,8 @@ def generate(
     prompts = [[int(t) for t in p] for p in prompt_ids]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    # generation changes shapes every step: run the plain module, not a compiled/DDP wrapper
+    model = unwrap(model)
     arch = model.cfg.arch
     if arch == "encoder":
         raise ValueError("an encoder-only model cannot generate; use a decoder or encoder_decoder")

@@ -30,4 +30,13 @@ def build_model(cfg: ModelConfig) -> Decoder | Encoder | EncoderDecoder:
     return MODELS[cfg.arch](cfg)
 
 
-__all__ = ["MODELS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "build_model"]
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+__all__ = ["MODELS", "Decoder", "Encoder", "EncoderDecoder", "KVCache", "build_model", "unwrap"]

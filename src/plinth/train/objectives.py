@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plinth.models import unwrap
+
 IGNORE = -100  # label value cross_entropy skips
 
 
@@ -94,7 +96,7 @@ def compute_loss(
         logits = model(inputs)  # (B, T, V)
         return cross_entropy(logits, _ignore_pad(labels, special), z_loss)
     if objective == "mlm":
-        vocab_size = _unwrap(model).cfg.vocab_size
+        vocab_size = unwrap(model).cfg.vocab_size
         inputs, labels, chosen = mask_tokens(
             batch[:, :-1], special, vocab_size, mask_ratio, generator
         )
@@ -254,10 +256,3 @@ def _real_tokens(tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor |
         return None
     real = tokens != special.pad_id
     return None if bool(real.all()) else real
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model

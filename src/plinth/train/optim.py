@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from plinth.config.schema import OptimConfig
+from plinth.models import unwrap
 
 
 def param_groups(model: nn.Module, muon: bool = False) -> list[dict]:
     """Trainable parameters split into groups: `decay` (matrices) and `no_decay` (norms, biases,
     embeddings); with muon=True the hidden matrices form a third group flagged use_muon."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    head = getattr(_unwrap(model), "lm_head", None)
+    head = getattr(unwrap(model), "lm_head", None)
     head_ids = {id(head.weight)} if isinstance(head, nn.Linear) else set()
     hidden, decay, no_decay = [], [], []
     for p in _unique_trainable(model):
@@ -215,9 +216,3 @@ def _fast_kernel(params: list[torch.Tensor]) -> dict:
     (foreach on accelerators)."""
     ok = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return {"fused": True} if ok else {}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
