@@ -13,7 +13,7 @@
    Both see the same corpus with planted near-duplicates; agreement is reported. Goal: >= 5x.
 
 Prints `name: value` lines and ratios. Absolute numbers on shared machines are noise; compare
-the ratios, which are measured back to back (best of --repeats).
+the ratios: contenders alternate within a run (best of --repeats each).
 """
 
 from __future__ import annotations
@@ -50,13 +50,18 @@ def corpus(mb: float) -> list[str]:
     return docs
 
 
-def best(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def race(fns: dict, repeats: int) -> dict:
+    """name -> (best time, output of that run); contenders alternate, so load drift on a
+    shared machine hits them alike."""
+    results: dict = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return min(times), out
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            out = fn()
+            dt = time.perf_counter() - t
+            if name not in results or dt < results[name][0]:
+                results[name] = (dt, out)
+    return results
 
 
 def bench_tokenize(docs: list[str], repeats: int, work: Path) -> dict:
@@ -103,9 +108,8 @@ def bench_tokenize(docs: list[str], repeats: int, work: Path) -> dict:
             return ds.num_tokens("train"), rows, ds.manifest["timings"]
         return run
 
-    t_hf, n_hf = best(hf_loop, repeats)
-    t_p1, (n_p1, rows, tim1) = best(plinth(1), repeats)
-    t_p2, (n_p2, _, tim2) = best(plinth(2), repeats)
+    r = race({"hf": hf_loop, "w1": plinth(1), "w2": plinth(2)}, repeats)
+    (t_hf, n_hf), (t_p1, (n_p1, rows, tim1)), (t_p2, (n_p2, _, tim2)) = r["hf"], r["w1"], r["w2"]
     assert n_hf == n_p1 == n_p2, (n_hf, n_p1, n_p2)  # same tokens, every one of them
     return {
         "corpus_mb": mb,
@@ -162,8 +166,8 @@ def bench_dedup(docs: list[str], repeats: int, n_docs: int) -> dict:
                 lsh.insert(i, m)
         return dups
 
-    t_ours, found_ours = best(ours, repeats)
-    t_theirs, found_theirs = best(theirs, repeats)
+    r = race({"ours": ours, "theirs": theirs}, repeats)
+    (t_ours, found_ours), (t_theirs, found_theirs) = r["ours"], r["theirs"]
     n = len(pieces)
     return {
         "dedup_docs": n,
