@@ -27,6 +27,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.quickstart:quickstart",
         "prepare the built-in corpus, train a small model on this machine, show what it learned",
     ),
+    "data prepare": (
+        "plinth.data.commands:prepare",
+        "clean, deduplicate and tokenize a corpus into packed shards",
+    ),
+    "data inspect": (
+        "plinth.data.commands:inspect",
+        "statistics and samples of a prepared dataset",
+    ),
+    "data tokenizer train": (
+        "plinth.data.commands:tokenizer_train",
+        "train a BPE, WordPiece or Unigram tokenizer",
+    ),
     "pretrain": (
         "plinth.recipes.pretrain:pretrain",
         "train a decoder, encoder or encoder-decoder from scratch (resumable)",

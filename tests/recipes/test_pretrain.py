@@ -111,13 +111,13 @@ def test_resume_errors_are_explained(tiny_overrides, tmp_path, capsys):
     assert "no usable checkpoint" in capsys.readouterr().err
 
 
-def test_dataset_shorter_than_one_batch(tiny_overrides, tiny_data_dir):
-    from plinth.data import open_dataset
+def test_dataset_shorter_than_one_batch(tiny_overrides, tmp_path):
+    from plinth.data import PackedLoader, open_dataset, prepare_dataset
 
-    rows = open_dataset(tiny_data_dir).num_tokens("train") // 33 + 1  # one more than it holds
-    r = load_config(
-        [], [*tiny_overrides, f"optim.micro_batch={rows}", f"optim.global_batch={rows}"]
-    )
+    overrides = [*tiny_overrides, "data.max_docs=2", f"data.dir={tmp_path / 'two-docs'}"]
+    ds = open_dataset(prepare_dataset(load_config([], overrides).config, progress=False))
+    rows = len(PackedLoader(ds, "train", seq_len=32, batch_size=1, seed=0)) + 1  # one too many
+    r = load_config([], [*overrides, f"optim.micro_batch={rows}", f"optim.global_batch={rows}"])
     with pytest.raises(PlinthError, match="fewer than one micro-batch needs"):
         run_pretraining(r, progress=False)
 
@@ -142,7 +142,8 @@ def test_model_that_cannot_fit_says_what_would():
     with pytest.raises(UsageError) as e:
         check_fits(cfg, torch.device("cpu"), available=24 * 2**30)
     msg = str(e.value)
-    assert "6,738M parameters need about" in msg and "presets that fit: tiny, small, medium" in msg
+    assert "6,738.4M parameters need about" in msg
+    assert "presets that fit: tiny, small, medium" in msg
 
 
 def test_generate_from_a_trained_run(tiny_overrides, capsys):

@@ -94,7 +94,10 @@ def special_tokens(ds) -> SpecialTokens:
 def evaluate(
     model, ds, cfg: Config, device, special: SpecialTokens, bytes_per_token: float
 ) -> dict:
-    """Validation loss, perplexity and (for causal LMs) bits per byte on a fixed set of batches."""
+    """Validation loss, perplexity and (for causal LMs) bits per byte on a fixed set of batches
+    ({} when there is no validation split, e.g. data.val_fraction=0)."""
+    if ds.num_docs("val") == 0:
+        return {}
     was_training = model.training
     model.eval()
     loader = PackedLoader(
@@ -214,15 +217,6 @@ def train(
         raise PlinthError(f"{e}") from None
     tokens_per_step = accum * micro * seq_len
     train_tokens = ds.num_tokens("train")
-    if train_tokens < (seq_len + 1) * micro:
-        raise PlinthError(
-            f"the training split of {ds.path} has {train_tokens} tokens, fewer than one "
-            f"micro-batch needs ({micro} x {seq_len + 1}). Add data (raise data.max_docs or add "
-            "sources) or lower optim.micro_batch / model.max_seq_len."
-        )
-    steps = total_steps(cfg, tokens_per_step, train_tokens)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps)
     loader = PackedLoader(
         ds,
         split="train",
@@ -231,6 +225,15 @@ def train(
         seed=cfg.seed,
         packing=cfg.data.packing,
     )
+    if len(loader) == 0:  # rows counted as the loader packs them (separators included)
+        raise PlinthError(
+            f"the training split of {ds.path} has {train_tokens} tokens, fewer than one "
+            f"micro-batch needs ({micro} x {seq_len + 1}). Add data (raise data.max_docs or add "
+            "sources) or lower optim.micro_batch / model.max_seq_len."
+        )
+    steps = total_steps(cfg, tokens_per_step, train_tokens)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 2)
     guard = StabilityGuard(cfg.stability)
     log = MetricLogger(

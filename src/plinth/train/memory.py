@@ -62,7 +62,7 @@ def check_fits(cfg: Config, device: torch.device, available: float | None = None
     ]
     breakdown = ", ".join(f"{k} {v / gib:.1f} GiB" for k, v in est.items())
     raise UsageError(
-        f"this model will not fit: {cfg.model.param_count() / 1e6:,.0f}M parameters need about "
+        f"this model will not fit: {cfg.model.param_count() / 1e6:,.1f}M parameters need about "
         f"{need / gib:.1f} GiB to train ({breakdown}) but {device.type} has {have / gib:.1f} GiB "
         f"free. Use a smaller model (presets that fit: {', '.join(fits) or 'none'}), lower "
         "optim.micro_batch or model.max_seq_len, or a device with more memory."
