@@ -37,8 +37,10 @@ DEFAULT_PATTERNS = {
 }
 # stdlib directories that hold test suites and test data (deliberately broken files), not
 # library code; third-party packages are not the standard library
+# tests are not library code; encodings/ is ~120 generated charmap tables (hex rows), which
+# teach a small model to print hex instead of Python
 STDLIB_SKIP_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings"}
 )
 # counted in the manifest like every reason, but normal enough not to warn about one by one
 QUIET_REASONS = frozenset({"no_docstrings", "blank_line"})
