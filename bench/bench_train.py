@@ -60,7 +60,7 @@ def plinth_step(cfg, batches, compile_model: bool) -> tuple[Callable[[int], None
     return step, model.num_params(), model
 
 
-def hf_step(cfg, batches) -> tuple[Callable[[int], None], int]:
+def hf_step(cfg, batches, compile_model: bool = False) -> tuple[Callable[[int], None], int]:
     import transformers
 
     m = cfg.model
@@ -73,6 +73,7 @@ def hf_step(cfg, batches) -> tuple[Callable[[int], None], int]:
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(hf_cfg).train()
+    net = torch.compile(model) if compile_model else model
     # the Trainer's groups: no decay on biases and norm weights
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -83,7 +84,7 @@ def hf_step(cfg, batches) -> tuple[Callable[[int], None], int]:
 
     def step(i: int) -> None:
         x = batches[i % len(batches)][:, :-1]
-        loss = model(input_ids=x, labels=x).loss  # HF shifts the labels inside
+        loss = net(input_ids=x, labels=x).loss  # HF shifts the labels inside
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -100,12 +101,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-eager", action="store_true", help="skip eager plinth (with --compile)")
+    ap.add_argument("--compile-peer", action="store_true",
+                    help="also time torch.compile'd HF (a like-for-like view of compile's share)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="let inductor reuse compiled kernels from earlier runs (default: cold)")
     args = ap.parse_args()
 
     from plinth.config.load import load_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if (args.compile or args.compile_peer) and not args.warm_cache:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.force_disable_caches = True  # report a first-time compile
     cfg = load_config(overrides=["preset=ref-cpu-decoder"]).config
     B, T, V = cfg.optim.micro_batch, cfg.model.max_seq_len, cfg.model.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -116,13 +125,19 @@ def main() -> None:
     contenders["hf"] = hf
     if not args.no_eager:
         contenders["plinth"], n_params, model = plinth_step(cfg, batches, compile_model=False)
-    compile_s = None
+    compile_s: dict[str, float] = {}
     if args.compile:
         step, n_params, model = plinth_step(cfg, batches, compile_model=True)
         t0 = time.perf_counter()
-        step(0)  # compiles forward and backward
-        compile_s = time.perf_counter() - t0
+        step(0)  # compiles forward and backward (includes one step)
+        compile_s["plinth"] = time.perf_counter() - t0
         contenders["plinth_compiled"] = step
+    if args.compile_peer:
+        step, _ = hf_step(cfg, batches, compile_model=True)
+        t0 = time.perf_counter()
+        step(0)
+        compile_s["hf"] = time.perf_counter() - t0
+        contenders["hf_compiled"] = step
     assert n_params == hf_params, (n_params, hf_params)
 
     for step in contenders.values():
@@ -152,12 +167,17 @@ def main() -> None:
         print(f"{name}_tokens_per_s: {v:.1f}")
         print(f"{name}_step_s: {statistics.median(times[name]):.3f}  "
               f"(min {min(times[name]):.3f}, max {max(times[name]):.3f})")
+    mfu = {k: flops_per_token * v / (peak * 1e9) for k, v in tps.items()}
+    for name in tps:
+        print(f"{name}_mfu: {mfu[name]:.3f}")
     for name in [n for n in tps if n != "hf"]:
         print(f"{name}_over_hf: {tps[name] / tps['hf']:.3f}")
-        print(f"{name}_mfu: {flops_per_token * tps[name] / (peak * 1e9):.3f}")
-    print(f"hf_mfu: {flops_per_token * tps['hf'] / (peak * 1e9):.3f}")
-    if compile_s is not None:
-        print(f"compile_s: {compile_s:.1f}")
+    cache = "warm" if args.warm_cache else "cold"
+    for name, s in compile_s.items():
+        print(f"{name}_compile_s: {s:.1f}  (first compiled step, {cache} cache)")
+    best = max((n for n in tps if n.startswith("plinth")), key=tps.get)
+    print(f"goal_ratio_1.3x: {'met' if tps[best] / tps['hf'] >= 1.3 else 'not met'} ({best})")
+    print(f"goal_mfu_75pct: {'met' if mfu[best] >= 0.75 else 'not met'} ({best})")
 
 
 if __name__ == "__main__":
