@@ -264,3 +264,63 @@ def test_swapped_projections_are_called_not_bypassed(bias):
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=0)  # same maths unfused
     attn.k_proj.shift = mlp.up_proj.shift = 0.5
     assert (m(x) - ref).abs().max() > 1e-3  # and the wrapper really runs
+
+
+@pytest.mark.parametrize("z_loss,chunk", [(0.0, 64), (1e-2, 100), (0.0, None)])
+def test_linear_cross_entropy_matches_materialised_logits(z_loss, chunk):
+    from plinth.models.layers import IGNORE_INDEX, cross_entropy_sums, linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(333, 24, requires_grad=True)
+    w = (0.5 * torch.randn(61, 24)).requires_grad_()
+    labels = torch.randint(0, 61, (333,))
+    labels[::5] = IGNORE_INDEX
+    ref_loss, ref_ce = cross_entropy_sums(h @ w.t(), labels, z_loss)
+    (2.5 * ref_loss).backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, ce = linear_cross_entropy(h, w, labels, z_loss, chunk)
+    (2.5 * loss).backward()  # gradients computed in forward, scaled in backward
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(ce, ref_ce)
+    assert not ce.requires_grad and (z_loss == 0) == bool(torch.equal(loss, ce))
+    torch.testing.assert_close(h.grad, ref_grads[0])
+    torch.testing.assert_close(w.grad, ref_grads[1])
+    with torch.no_grad():  # evaluation path: same sums, no gradient work
+        torch.testing.assert_close(linear_cross_entropy(h, w, labels, z_loss, chunk)[0], ref_loss)
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    from plinth.models.layers import cross_entropy_sums, linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (0.3 * torch.randn(50, 32)).requires_grad_()
+    labels = torch.randint(0, 50, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, _ = cross_entropy_sums(h @ w.t(), labels)
+        loss, _ = linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+
+
+def test_decoder_loss_mode_equals_logits_mode_and_survives_a_swapped_head():
+    from plinth.models.layers import cross_entropy_sums
+
+    torch.manual_seed(0)
+    m = build_model(tiny())
+    x = torch.randint(0, 61, (2, 12))
+    y = torch.randint(0, 61, (2, 12))
+    ref, _ = cross_entropy_sums(m(x), y, 1e-3)
+    ref.backward()
+    ref_grad = m.layers[0].attn.q_proj.weight.grad.clone()
+    m.zero_grad()
+    loss, _ = m(x, labels=y, z_loss=1e-3)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(m.layers[0].attn.q_proj.weight.grad, ref_grad)
+    m.lm_head = torch.nn.Sequential(m.lm_head, torch.nn.Hardtanh(-0.01, 0.01))  # a swapped head
+    swapped = m(x, labels=y)[0]
+    torch.testing.assert_close(swapped, cross_entropy_sums(m(x), y)[0])
+    assert abs(swapped.item() - loss.item()) > 0.1  # the swapped head really ran

@@ -18,7 +18,9 @@ from plinth.models.layers import (
     Block,
     KVCache,
     RotaryEmbedding,
+    cross_entropy_sums,
     init_weights,
+    linear_cross_entropy,
     make_norm,
     matmul_params,
     position_ids,
@@ -44,9 +46,21 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) for token ids idx (B, T). With a cache, idx holds only the new tokens
-        and their keys/values are appended to it."""
+        and their keys/values are appended to it.
+
+        With `labels` (B, T) (IGNORE_INDEX where nothing counts) it returns the training loss
+        instead, as sums over counted tokens: (cross-entropy + z_loss * logsumexp^2, cross-entropy
+        without gradient). The head and the loss are then fused (`linear_cross_entropy`) and the
+        (B, T, V) logits are never stored; doing it inside forward keeps DDP/FSDP/compile
+        wrappers, which only see forward, in charge."""
         T = idx.shape[1]
         positions = 0 if cache is None else cache.positions(T)  # int offset or (B, T)
         x = self.embed_tokens(idx)  # (B, T, D)
@@ -59,7 +73,12 @@ class Decoder(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        h = self.norm(x)  # (B, T, D)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits
+            return cross_entropy_sums(self.lm_head(h), labels, z_loss)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), z_loss)
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens; `pad` (B,) counts

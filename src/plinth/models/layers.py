@@ -356,3 +356,106 @@ def position_ids(
             )
         return torch.arange(positions, positions + length, device=device)  # (T,)
     return positions  # (B, T)
+
+
+# --------------------------------------------------------------------- fused head + cross-entropy
+
+IGNORE_INDEX = -100  # label value that does not count (padding), as in F.cross_entropy
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,  # (N, D) final hidden states
+    weight: torch.Tensor,  # (V, D) output projection
+    labels: torch.Tensor,  # (N,) target ids, IGNORE_INDEX where nothing counts
+    z_loss: float = 0.0,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over counted rows of `cross-entropy + z_loss * logsumexp^2` and of cross-entropy
+    alone (no gradient, for logging) for the logits h @ weight.T, without materialising them.
+
+    Rows go through in chunks of `chunk`: logits -> softmax -> the logits' gradient, which is
+    multiplied into the gradients of h and weight at once while the chunk is still in cache. The
+    (N, V) logits, their log-softmax and their gradient (3 x 64 MB for the ref-cpu-decoder batch)
+    never exist, which makes the head + loss ~20% faster on CPU and saves that memory on GPUs.
+    The gradients are computed in the forward pass and scaled in backward (the loss is linear in
+    its upstream gradient), so this costs nothing extra when backward() follows, as in training.
+    `chunk` defaults to ~4M logits (16 MB in fp32) per chunk: 512 rows for an 8192 vocab.
+    """
+    chunk = chunk or max(64, 2**22 // weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, labels, z_loss, chunk)
+    with torch.no_grad():
+        return _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads=None)
+
+
+@torch.compiler.disable  # already fused by hand; runs eagerly inside a compiled model
+def _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads):
+    dtype = _compute_dtype(h)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(dtype)
+        for s in range(0, h.shape[0], chunk):
+            hc, yc = h[s : s + chunk].to(dtype), labels[s : s + chunk]
+            valid = yc != IGNORE_INDEX  # (C,)
+            target = yc.clamp(min=0)[:, None]  # (C, 1)
+            logits = (hc @ w.t()).float()  # (C, V)
+            picked = logits.gather(1, target).squeeze(1)  # logit of the target
+            peak = logits.amax(dim=-1, keepdim=True)
+            e = logits.sub_(peak).exp_()  # unnormalised softmax, in place over the logits
+            total = e.sum(dim=-1, keepdim=True)
+            lse = (peak + total.log()).squeeze(1)  # (C,) logsumexp
+            ce = torch.where(valid, lse - picked, 0.0)
+            ce_sum += ce.sum()
+            loss_sum += ce.sum() + z_loss * torch.where(valid, lse.square(), 0.0).sum()
+            if grads is None:
+                continue
+            # d/dlogits of (lse - logit[y] + z * lse^2) = softmax * (1 + 2 z lse) - onehot(y)
+            scale = (1.0 + 2.0 * z_loss * lse[:, None]) if z_loss else 1.0
+            g = e.mul_(torch.where(valid[:, None], scale / total, 0.0))  # rows not counted -> 0
+            g.scatter_add_(1, target, torch.where(valid, -1.0, 0.0)[:, None])
+            g = g.to(dtype)
+            grad_h, grad_w = grads
+            grad_h[s : s + chunk] = g @ w  # (C, D)
+            if grad_w.dtype == dtype:
+                grad_w.addmm_(g.t(), hc)  # (V, D), accumulated in place
+            else:
+                grad_w += (g.t() @ hc).to(grad_w.dtype)
+    return loss_sum, ce_sum
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, z_loss, chunk):
+        grads = (torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32))
+        loss_sum, ce_sum = _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads)
+        ctx.save_for_backward(grads[0], grads[1].to(weight.dtype))
+        ctx.mark_non_differentiable(ce_sum)
+        return loss_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss.to(grad_h.dtype)
+        return grad_h * scale, grad_w * scale.to(grad_w.dtype), None, None, None
+
+
+def cross_entropy_sums(
+    logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sums as `linear_cross_entropy`, from materialised logits (..., V)."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
+    labels = labels.reshape(-1)
+    ce_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = ce_sum
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss_sum = ce_sum + z_loss * torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
+    return loss_sum, ce_sum.detach()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in here: autocast's when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype

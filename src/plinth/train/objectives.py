@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from plinth.models import unwrap
+from plinth.models.layers import IGNORE_INDEX, cross_entropy_sums
 
-IGNORE = -100  # label value cross_entropy skips
+IGNORE = IGNORE_INDEX  # label value that never counts (-100, as in F.cross_entropy)
 
 
 @dataclass
@@ -92,9 +93,10 @@ def compute_loss(
 ) -> LossOutput:
     """Loss of `model` on `batch` (B, T+1) under `objective` (clm | mlm | span)."""
     if objective == "clm":
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        logits = model(inputs)  # (B, T, V)
-        return cross_entropy(logits, _ignore_pad(labels, special), z_loss)
+        labels = _ignore_pad(batch[:, 1:], special)
+        # the decoder fuses its head with the loss when given labels (no (B, T, V) logits)
+        loss_sum, ce_sum = model(batch[:, :-1], labels=labels, z_loss=z_loss)
+        return _mean(loss_sum, ce_sum, labels)
     if objective == "mlm":
         vocab_size = unwrap(model).cfg.vocab_size
         inputs, labels, chosen = mask_tokens(
@@ -116,18 +118,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.
     """Mean cross-entropy of logits (..., V) against labels (...) over labels != IGNORE, plus
     z_loss * mean(logsumexp(logits)^2) over the same tokens (PaLM's z-loss keeps the softmax
     normaliser near 1 so logits cannot drift)."""
-    logits = logits.reshape(-1, logits.shape[-1])  # (N, V)
-    labels = labels.reshape(-1)  # (N,)
-    counted = labels != IGNORE
-    n = counted.sum()
+    return _mean(*cross_entropy_sums(logits, labels, z_loss), labels)
+
+
+def _mean(loss_sum: torch.Tensor, ce_sum: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    n = (labels != IGNORE).sum()
     denom = n.clamp(min=1)  # no counted token: loss 0 (still attached to the graph)
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="sum") / denom
-    loss = ce
-    if z_loss > 0:
-        lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
-        loss = ce + z_loss * (lse.square() * counted).sum() / denom
     # the count leaves the device last, so a compiled caller captures everything above in one graph
-    return LossOutput(loss=loss, n_tokens=int(n), ce=ce.detach())
+    return LossOutput(loss=loss_sum / denom, n_tokens=int(n), ce=(ce_sum / denom).detach())
 
 
 # ---------------------------------------------------------------------------------- masked LM
