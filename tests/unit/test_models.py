@@ -288,6 +288,11 @@ def test_linear_cross_entropy_matches_materialised_logits(z_loss, chunk):
     torch.testing.assert_close(w.grad, ref_grads[1])
     with torch.no_grad():  # evaluation path: same sums, no gradient work
         torch.testing.assert_close(linear_cross_entropy(h, w, labels, z_loss, chunk)[0], ref_loss)
+    h.grad = None
+    frozen = w.detach()  # a frozen head (LoRA fine-tuning) gets no gradient work
+    linear_cross_entropy(h, frozen, labels, z_loss, chunk)[0].mul(2.5).backward()
+    torch.testing.assert_close(h.grad, ref_grads[0])
+    assert frozen.grad is None
 
 
 def test_linear_cross_entropy_under_bf16_autocast():

@@ -415,11 +415,12 @@ def _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads):
             g = e.mul_(torch.where(valid[:, None], scale / total, 0.0))  # rows not counted -> 0
             g.scatter_add_(1, target, torch.where(valid, -1.0, 0.0)[:, None])
             g = g.to(dtype)
-            grad_h, grad_w = grads
-            grad_h[s : s + chunk] = g @ w  # (C, D)
-            if grad_w.dtype == dtype:
+            grad_h, grad_w = grads  # None where that input needs no gradient (a frozen head)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = g @ w  # (C, D)
+            if grad_w is not None and grad_w.dtype == dtype:
                 grad_w.addmm_(g.t(), hc)  # (V, D), accumulated in place
-            else:
+            elif grad_w is not None:
                 grad_w += (g.t() @ hc).to(grad_w.dtype)
     return loss_sum, ce_sum
 
@@ -427,17 +428,22 @@ def _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, z_loss, chunk):
-        grads = (torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32))
-        loss_sum, ce_sum = _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads)
-        ctx.save_for_backward(grads[0], grads[1].to(weight.dtype))
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        loss_sum, ce_sum = _linear_ce_chunks(h, weight, labels, z_loss, chunk, (grad_h, grad_w))
+        ctx.grad_h, ctx.grad_w = grad_h, None if grad_w is None else grad_w.to(weight.dtype)
         ctx.mark_non_differentiable(ce_sum)
         return loss_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss.to(grad_h.dtype)
-        return grad_h * scale, grad_w * scale.to(grad_w.dtype), None, None, None
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None
 
 
 def cross_entropy_sums(
