@@ -1,4 +1,5 @@
-"""Generic transformer parts shared by every model family: norm, RoPE, attention, MLP, block, cache.
+"""Generic transformer parts shared by every model family: norm, RoPE, attention, MLP, block,
+KV cache, init, and the fused head + cross-entropy.
 
     python -c "from plinth.models.layers import *; print(Block)"
 
@@ -6,7 +7,8 @@ Blocks are pre-norm (`x + f(norm(x))`), the layout every modern LLM trains with.
 through `F.scaled_dot_product_attention` (flash/memory-efficient kernels where the device has
 them) and handles grouped-query attention natively (`enable_gqa`), so keys and values are never
 repeated in memory. Parameter names follow Hugging Face Llama (`q_proj`, `gate_proj`, ...) so LoRA
-target patterns and checkpoint import work by name.
+target patterns and checkpoint import work by name; plain q/k/v (and gate/up) projections still
+run as one matrix multiply. Training losses skip the (B, T, V) logits (`linear_cross_entropy`).
 
 Shapes: B batch, T query length, S key length, D d_model, H query heads, K key/value heads,
 E head_dim, F ffn_dim.
