@@ -51,6 +51,11 @@ def test_each_architecture_trains_with_falling_loss(tiny_overrides, arch, extra)
         assert "val/bpb" in result.val
         samples = read_jsonl(result.run_dir / "samples.jsonl")
         assert {s["step"] for s in samples} == {10, 20, 30, 40}
+    logged = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "train/loss" in r]
+    for r in logged:
+        assert 1e-6 < r["update_ratio"] < 0.5  # Adam at lr 3e-3 moves weights ~1e-3..1e-2/step
+        assert r["step_time_p50"] <= r["step_time_p90"] <= r["step_time_max"]
+        assert 0 < r["data_share"] < 1 and r["tokens_per_s"] > 0 and r["mfu"] > 0
     events = [e["event"] for e in read_jsonl(result.run_dir / "events.jsonl")]
     assert events[0] == "start" and events[-1] == "end" and events.count("checkpoint") == 4
 

@@ -171,6 +171,19 @@ class _Window:
     time: float = 0.0
     data: float = 0.0
     clipped: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.step_times)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def update_ratio(before: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+    """||update|| / ||weights|| over all trainable weights: ~1e-3 is healthy for Adam; much
+    larger means the learning rate is too high, much smaller that layers barely move."""
+    delta = torch.stack([(p.detach() - b).norm() for p, b in zip(params, before, strict=True)])
+    weight = torch.stack([b.norm() for b in before])
+    return (delta.norm() / weight.norm().clamp_min(1e-12)).item()
 
 
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -300,6 +313,7 @@ def train(
     fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     data_iter = iter(loader)
     result = TrainResult(
@@ -395,6 +409,9 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                     win = _Window()
                     continue
+                # one weight snapshot per logged step measures the update-to-weight ratio
+                log_now = (c["step"] + 1) % cfg.tracking.log_every == 0 or c["step"] + 1 == steps
+                before = [p.detach().clone() for p in trainable] if log_now else None
                 if decision.action == "skip_step":
                     optimizer.zero_grad(set_to_none=True)  # drop this update, keep the weights
                 elif scaler:
@@ -412,11 +429,12 @@ def train(
                 win.steps += 1
                 win.tokens += tokens_per_step
                 win.time += time.perf_counter() - t0
+                win.step_times.append(time.perf_counter() - t0)
                 win.data += data_time
                 win.clipped += grad_norm > clip
                 result.train_loss = step_loss
 
-                if step % cfg.tracking.log_every == 0 or step == steps:
+                if log_now:
                     tps = win.tokens / win.time
                     log.log_metrics(
                         step,
@@ -427,6 +445,10 @@ def train(
                         clipped=win.clipped / win.steps,
                         tokens_per_s=tps,
                         step_time=win.time / win.steps,
+                        step_time_p50=win.percentile(0.5),
+                        step_time_p90=win.percentile(0.9),
+                        step_time_max=max(win.step_times),
+                        update_ratio=update_ratio(before, trainable),
                         data_share=win.data / win.time,
                         mfu=flops_per_token * tps / peak if peak else None,
                         mem_mb=memory_mb(device),
