@@ -184,3 +184,24 @@ def test_generate_from_a_trained_run(tiny_overrides, capsys):
         == 0
     )
     assert main(["generate", str(run / "metrics.jsonl")]) == 2
+
+
+def test_tensorboard_sink_receives_the_loops_metrics(tiny_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = load_config(
+        [],
+        [
+            *tiny_overrides,
+            "pretrain.max_steps=10",
+            "tracking.run_name=tb",
+            "tracking.sinks=[jsonl, tensorboard]",
+        ],
+    )
+    run = run_pretraining(r, progress=False).run_dir
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    jsonl = [m["train/loss"] for m in read_jsonl(run / "metrics.jsonl") if "train/loss" in m]
+    assert len(losses) == 10 and losses == pytest.approx(jsonl, rel=1e-6)
+    assert {"val/loss", "update_ratio", "tokens_per_s"} <= set(acc.Tags()["scalars"])
