@@ -142,8 +142,6 @@ def run_pretraining(
             )
         print(f"run directory: {run.path}")
         return train(cfg, ds, run, resume=resuming, progress=progress, stop_after=stop_after)
-    except PlinthError:
-        raise
     finally:
         run.close()
 
