@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.pretrain:pretrain",
         "train a decoder, encoder or encoder-decoder from scratch (resumable)",
     ),
+    "plan": (
+        "plinth.recipes.plan:plan_cmd",
+        "memory per device, largest micro-batch, tokens/s and wall time before a run",
+    ),
     "generate": ("plinth.recipes.generate:generate_cmd", "generate text from a trained run"),
     "config explain": (
         "plinth.config.commands:explain",
@@ -208,9 +212,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = _selected(argv)
-    parser = build_parser(selected)
-    args = parser.parse_args(argv)
-    command = getattr(args, "_command", None)
+    if selected and argv[: len(selected)] == selected:
+        # the command's own parser, so options and key=value overrides may come in any order
+        # (argparse's intermixed parsing does not work through subparsers)
+        command = " ".join(selected)
+        fn = _target(COMMANDS[command][0])
+        leaf = argparse.ArgumentParser(
+            prog=f"plinth {command}",
+            description=_doc_parts(fn)[0],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_arguments(leaf, fn)
+        args = leaf.parse_intermixed_args(argv[len(selected) :])
+    else:
+        parser = build_parser(selected)
+        args = parser.parse_args(argv)
+        command = getattr(args, "_command", None)
     if command is None:  # `plinth` or `plinth config` alone: show what exists
         group = [a for a in argv if not a.startswith("-")][:1]
         if group and group[0] in {c.split()[0] for c in COMMANDS}:

@@ -2,8 +2,8 @@
 
 Per parameter in fp32 with AdamW: 4 bytes weights + 4 gradients + 8 optimizer moments = 16
 bytes (SGD: 12). Activations per layer per token are ~ (34 * d_model + 5 * n_heads * seq) bytes
-in fp32 for a standard block (Korthikanti et al. 2022, halved for 16-bit), plus the logits.
-The estimate is deliberately simple; `plinth plan` will give the detailed breakdown.
+at 16-bit for a standard block (Korthikanti et al. 2022; doubled for fp32), plus the logits.
+`plinth plan` prints this breakdown per device for a given number of devices and strategy.
 """
 
 from __future__ import annotations
@@ -15,21 +15,31 @@ from plinth.config.schema import Config, ModelConfig
 from plinth.errors import UsageError
 
 
-def estimate_bytes(cfg: Config) -> dict[str, float]:
-    m, o = cfg.model, cfg.optim
+def memory_per_device(
+    cfg: Config, micro_batch: int | None = None, devices: int = 1, strategy: str = "none"
+) -> dict[str, float]:
+    """Bytes per device: weights, gradients, optimizer state, activations, logits.
+
+    FSDP shards weights, gradients and optimizer state across `devices`; activation
+    checkpointing keeps only each block's input plus one block's activations."""
+    m = cfg.model
     n = m.param_count()
+    shard = devices if strategy == "fsdp" else 1
     act_bytes = 2 if cfg.hardware.precision in ("bf16", "fp16") else 4
-    optim_bytes = {"adamw": 8, "adam": 8, "sgd": 4, "muon": 8}[o.name]
-    tokens = o.micro_batch * m.max_seq_len
-    layers = m.n_layers + (m.n_decoder_layers or m.n_layers if m.arch == "encoder_decoder" else 0)
-    per_token_layer = (34 * m.d_model + 5 * m.n_heads * m.max_seq_len) * act_bytes / 2
-    activations = tokens * layers * per_token_layer
-    logits = tokens * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+    tokens = (micro_batch or cfg.optim.micro_batch) * m.max_seq_len
+    layers = m.n_layers + ((m.n_decoder_layers or m.n_layers) if m.arch == "encoder_decoder" else 0)
+    full_layer = tokens * (34 * m.d_model + 5 * m.n_heads * m.max_seq_len) * act_bytes / 2
+    if cfg.hardware.activation_checkpointing:
+        activations = layers * tokens * m.d_model * act_bytes + full_layer
+    else:
+        activations = layers * full_layer
+    optim_bytes = {"adamw": 8, "adam": 8, "sgd": 4, "muon": 8}[cfg.optim.name]
     return {
-        "weights": 4.0 * n,
-        "gradients": 4.0 * n,
-        "optimizer": float(optim_bytes * n),
-        "activations": activations + logits,
+        "weights": 4.0 * n / shard,
+        "gradients": 4.0 * n / shard,
+        "optimizer": optim_bytes * n / shard,
+        "activations": activations,
+        "logits": tokens * m.vocab_size * 4 * 2,  # fp32 logits and their gradient
     }
 
 
@@ -44,7 +54,7 @@ def available_bytes(device: torch.device) -> float:
 
 def check_fits(cfg: Config, device: torch.device, available: float | None = None) -> None:
     """Raise a clear error when the estimate exceeds what the device has free."""
-    est = estimate_bytes(cfg)
+    est = memory_per_device(cfg)
     need = sum(est.values())
     have = available_bytes(device) if available is None else available
     if need <= 0.9 * have:

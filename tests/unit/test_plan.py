@@ -1,0 +1,103 @@
+"""The planner: memory breakdown by strategy, the largest micro-batch, throughput, warnings."""
+
+from __future__ import annotations
+
+import pytest
+
+from plinth.cli import main
+from plinth.config.load import load_config
+from plinth.errors import UsageError
+from plinth.models import build_model
+from plinth.recipes.plan import GIB, make_plan, parse_bytes
+from plinth.train.memory import memory_per_device
+
+
+def cfg(*overrides):
+    return load_config([], list(overrides)).config
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80e9 and parse_bytes("24GiB") == 24 * GIB
+    assert parse_bytes("512m") == 512e6
+    with pytest.raises(UsageError, match="80GB or 24GiB"):
+        parse_bytes("lots")
+
+
+def test_memory_breakdown_is_16_bytes_per_parameter_plus_activations():
+    c = cfg("preset=large")
+    mem = memory_per_device(c, micro_batch=1)
+    n = c.model.param_count()
+    assert (mem["weights"], mem["gradients"], mem["optimizer"]) == (4 * n, 4 * n, 8 * n)
+    fsdp = memory_per_device(c, micro_batch=1, devices=8, strategy="fsdp")
+    assert fsdp["optimizer"] == 8 * n / 8 and fsdp["activations"] == mem["activations"]
+    ckpt = memory_per_device(cfg("preset=large", "hardware.activation_checkpointing=true"), 1)
+    assert ckpt["activations"] < mem["activations"] / 5
+    bf16 = memory_per_device(cfg("preset=large", "hardware.precision=bf16"), 1)
+    assert bf16["activations"] == mem["activations"] / 2
+
+
+def test_7b_needs_sharding_on_h100s():
+    c = cfg(
+        "preset=large",
+        "optim.micro_batch=1",
+        "hardware.precision=bf16",
+        "hardware.activation_checkpointing=true",
+        "optim.lr=3e-4",
+    )
+    single = make_plan(c, devices=8, gpu="h100", strategy="ddp")
+    assert not single.fits and "will not fit" in single.warnings[0]
+    assert "--strategy fsdp" in single.warnings[0]
+    sharded = make_plan(c, devices=8, gpu="h100", strategy="fsdp")
+    assert sharded.fits and sharded.largest_micro_batch >= 1
+    assert sharded.params == c.model.param_count() == 6_738_415_616
+    # throughput = devices * peak * MFU / flops per token, from the model's own formula
+    matmul_weights = sharded.params - 32000 * 4096 - (2 * 32 + 1) * 4096  # minus embedding, norms
+    flops = 6 * matmul_weights + 12 * 32 * 4096 * 4096
+    assert sharded.flops_per_token == pytest.approx(flops, rel=1e-9)
+    assert sharded.tokens_per_s == pytest.approx(8 * 989e12 * 0.40 / flops)
+    assert sharded.optimal_tokens == 20 * sharded.params
+
+
+def test_flops_match_a_real_model():
+    c = cfg("model.arch=encoder_decoder", "model.n_layers=2", "model.d_model=64", "model.n_heads=4")
+    plan = make_plan(c, cpu_peak=1e11)
+    model = build_model(c.model)
+    assert plan.flops_per_token == model.flops_per_token(c.model.max_seq_len)
+    assert plan.params == model.num_params()
+    assert plan.tokens_per_s == pytest.approx(1e11 * 0.70 / plan.flops_per_token)
+
+
+def test_largest_micro_batch_is_the_largest_power_of_two_that_fits():
+    c = cfg("preset=small")
+    plan = make_plan(c, gpu="l4")
+    b = plan.largest_micro_batch
+    fits = lambda m: sum(memory_per_device(c, m).values()) <= 0.9 * 24e9  # noqa: E731
+    assert b >= 1 and fits(b) and not fits(2 * b)
+
+
+def test_warnings_batch_too_small_unusual_lr_and_undertrained():
+    c = cfg("optim.global_batch=8", "optim.micro_batch=8", "optim.lr=0.5", "pretrain.max_steps=10")
+    w = " | ".join(make_plan(c, devices=4, cpu_peak=1e11).warnings)
+    assert "smaller than micro_batch x devices = 32" in w
+    assert "optim.lr=0.5 is unusual" in w and "undertrained" in w
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "quickstart"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per device" in out and "largest micro-batch" in out and "tokens/s" in out
+    code = main(
+        [
+            "plan",
+            "quickstart",
+            "preset=large",
+            "model.max_seq_len=4096",
+            "--gpu",
+            "l4",
+            "--devices",
+            "2",
+        ]
+    )
+    assert code == 1 and "will not fit" in capsys.readouterr().out
+    assert main(["plan", "quickstart", "--gpu", "tpu9"]) == 2
+    assert "unknown --gpu 'tpu9'" in capsys.readouterr().err
