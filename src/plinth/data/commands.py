@@ -111,15 +111,7 @@ def tokenizer_train(
                 "data.tokenizer.path is set, so there is nothing to train; unset it "
                 "(data.tokenizer.path=null) to train a new tokenizer"
             )
-        tok = tkz.train_tokenizer(
-            texts(),
-            kind=tc.kind,
-            vocab_size=cfg.tokenizer_vocab_size,
-            special_tokens=tc.special_tokens,
-            sentinels=tc.sentinels,
-            min_frequency=tc.min_frequency,
-            key="data.tokenizer.vocab_size" if tc.vocab_size else "model.vocab_size",
-        )
+        tok = tkz.train_for_config(texts(), cfg)
     if used["docs"] == 0:
         raise UsageError(
             f"no document to train on after reading and filtering ({dict(skipped)}); check "
@@ -171,8 +163,13 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
     for split, d in m["splits"].items():
         bpt = f"{d['bytes_per_token']:.3f}" if d["bytes_per_token"] else "-"
         t.add_row(
-            split, f"{d['docs']:,}", f"{d['tokens']:,}", f"{d['bytes'] / 1e6:.2f}", bpt,
-            str(len(d["shards"])), f"uint{8 * d['itemsize']}",
+            split,
+            f"{d['docs']:,}",
+            f"{d['tokens']:,}",
+            f"{d['bytes'] / 1e6:.2f}",
+            bpt,
+            str(len(d["shards"])),
+            f"uint{8 * d['itemsize']}",
         )
     c.print(t)
 
@@ -182,10 +179,14 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
         t.add_column(col, justify="left" if col == "source" else "right")
     for s in m["sources"]:
         t.add_row(
-            s["name"] + ("*" if s["capped_by"] else ""), f"{s['docs_read']:,}",
-            f"{sum(s['bad_input'].values()):,}", f"{sum(s['filtered'].values()):,}",
-            f"{s['exact_duplicates'] + s['near_duplicates']:,}", f"{s['kept']:,}",
-            f"{m['splits']['train']['sources'][s['name']]['tokens']:,}", f"{s['weight']:g}",
+            s["name"] + ("*" if s["capped_by"] else ""),
+            f"{s['docs_read']:,}",
+            f"{sum(s['bad_input'].values()):,}",
+            f"{sum(s['filtered'].values()):,}",
+            f"{s['exact_duplicates'] + s['near_duplicates']:,}",
+            f"{s['kept']:,}",
+            f"{m['splits']['train']['sources'][s['name']]['tokens']:,}",
+            f"{s['weight']:g}",
         )
     c.print(t)
     for s in m["sources"]:
@@ -201,7 +202,8 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
                 reasons[r] += n
                 stage[r] = group
         for r, key in (
-            ("exact_duplicate", "exact_duplicates"), ("near_duplicate", "near_duplicates")
+            ("exact_duplicate", "exact_duplicates"),
+            ("near_duplicate", "near_duplicates"),
         ):
             if s[key]:
                 reasons[r] += s[key]
@@ -221,8 +223,11 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
         f"dedup: exact removed {dd['exact']['removed']:,} ({dd['exact']['clusters']:,} clusters); "
         f"near (threshold {near['threshold']}, {near['num_perm']} perms, {near['shingle']}-word "
         f"shingles) removed {near['removed']:,}"
-        + (f" ({near['clusters_with_duplicates']:,} clusters, largest {near['largest_cluster']})"
-           if near["enabled"] else " (off)")
+        + (
+            f" ({near['clusters_with_duplicates']:,} clusters, largest {near['largest_cluster']})"
+            if near["enabled"]
+            else " (off)"
+        )
     )
     c.print(
         f"tokenizer: {tk['kind']}, vocab {tk['vocab_size']:,}, sha256 {tk['sha256'][:16]}, "
@@ -258,7 +263,12 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
         for i in sorted(rng.choice(len(lengths), size=min(samples, len(lengths)), replace=False)):
             text = ds.decode(ds.doc_tokens("train", int(i))[:400])
             src = ds.source_names[int(ds.doc_table("train").source[i])]
-            c.print(Panel(Text(text[:1200]), title=f"train doc {i} ({src}, {lengths[i]:,} "
-                          "tokens)", title_align="left"))
+            c.print(
+                Panel(
+                    Text(text[:1200]),
+                    title=f"train doc {i} ({src}, {lengths[i]:,} tokens)",
+                    title_align="left",
+                )
+            )
     for w in m.get("warnings", []):
         c.print(f"[yellow]warning:[/] {w}", highlight=False)

@@ -1,9 +1,9 @@
 """A prepared dataset on disk: manifest, tokenizer and memory-mapped shards.
 
-    from plinth.data import open_dataset
-    ds = open_dataset("data/default")
-    ds.num_tokens("train"), ds.bytes_per_token("val"), ds.eos_id
-    ds.decode(ds.doc_tokens("train", 0)[:50])
+from plinth.data import open_dataset
+ds = open_dataset("data/default")
+ds.num_tokens("train"), ds.bytes_per_token("val"), ds.eos_id
+ds.decode(ds.doc_tokens("train", 0)[:50])
 """
 
 from __future__ import annotations
@@ -149,10 +149,14 @@ class Dataset:
                 start.append(offs[:-1])
                 length.append(np.diff(offs))
                 source.append(np.asarray(s.sources, dtype=np.int64))
+
             def cat(xs, dt):
-                return (np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+                return np.concatenate(xs) if xs else np.zeros(0, dtype=dt)
+
             self._tables[split] = DocTable(
-                cat(shard, np.int32), cat(start, np.int64), cat(length, np.int64),
+                cat(shard, np.int32),
+                cat(start, np.int64),
+                cat(length, np.int64),
                 cat(source, np.int64),
             )
         return self._tables[split]

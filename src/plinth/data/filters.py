@@ -130,7 +130,7 @@ def top_ngram_frac(text: str, n: int = 3) -> float:
     if len(words) < 2 * n:
         return 0.0
     grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
-    (_, count), = grams.most_common(1)
+    ((_, count),) = grams.most_common(1)
     if count < 2:
         return 0.0
     return min(1.0, count * n / len(words))

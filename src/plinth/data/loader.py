@@ -241,8 +241,10 @@ class PackedLoader:
                 seg_a.append(a)
                 seg_n.append(n)
             row_ptr.append(len(seg_doc))
+
         def as64(x):
-            return (np.asarray(x, dtype=np.int64))
+            return np.asarray(x, dtype=np.int64)
+
         return as64(row_ptr), as64(seg_doc), as64(seg_a), as64(seg_n)
 
     # ---- rows ------------------------------------------------------------------------------

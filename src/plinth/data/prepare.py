@@ -501,7 +501,8 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
             if stop[si]:
                 break
         prog.update(
-            task, completed=sum(s.read for s in stats),
+            task,
+            completed=sum(s.read for s in stats),
             info=f"{sum(s.bytes_read for s in stats) / 1e6:.1f} MB, kept "
             f"{sum(s.kept for s in stats):,}",
         )
@@ -547,18 +548,8 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
             sizes = (ends - starts)[sample]
             sample = sample[: int(np.searchsorted(np.cumsum(sizes), tc.train_max_bytes)) + 1]
         sample = np.sort(sample)  # read the store front to back
-        tok = tkz.train_tokenizer(
-            _store_texts(store.path, starts, ends, sample),
-            kind=tc.kind,
-            vocab_size=cfg.tokenizer_vocab_size,
-            special_tokens=tc.special_tokens,
-            sentinels=tc.sentinels,
-            min_frequency=tc.min_frequency,
-            key="data.tokenizer.vocab_size" if tc.vocab_size else "model.vocab_size",
-        )
-        tok_info["trained_on"] = {
-            "docs": len(sample), "bytes": int((ends - starts)[sample].sum())
-        }
+        tok = tkz.train_for_config(_store_texts(store.path, starts, ends, sample), cfg)
+        tok_info["trained_on"] = {"docs": len(sample), "bytes": int((ends - starts)[sample].sum())}
         prog.update(ttask, total=1, completed=1, info=f"vocab {tok.get_vocab_size()}")
         n_sent = tkz.sentinel_count(
             tc.kind, cfg.tokenizer_vocab_size, len(tc.special_tokens), tc.sentinels
@@ -585,16 +576,36 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
     # ---- stage 4: tokenize + shards ------------------------------------------------------
     t2 = time.perf_counter()
     splits = _tokenize_to_shards(
-        tok, tok_path, store.path, starts, ends, doc_source, is_val, names, vocab, tmp,
-        runner, prog,
+        tok,
+        tok_path,
+        store.path,
+        starts,
+        ends,
+        doc_source,
+        is_val,
+        names,
+        vocab,
+        tmp,
+        runner,
+        prog,
     )
     timings["tokenize_s"] = time.perf_counter() - t2
     (tmp / "clean.txt").unlink()
     timings["total_s"] = time.perf_counter() - t0
 
     manifest = _manifest(
-        cfg, names, stats, settings, seen_exact, exact_clusters, near, tok_info, splits,
-        fingerprint, warnings, timings,
+        cfg,
+        names,
+        stats,
+        settings,
+        seen_exact,
+        exact_clusters,
+        near,
+        tok_info,
+        splits,
+        fingerprint,
+        warnings,
+        timings,
     )
     _write_json(tmp / MANIFEST, manifest)
     return manifest
@@ -658,8 +669,13 @@ def _tokenize_to_shards(
             lo, acc = i + 1, 0
     writers: dict[str, ShardWriter | None] = dict.fromkeys(SPLITS)
     info = {
-        s: {"docs": 0, "tokens": 0, "bytes": 0, "shards": [],
-            "sources": {n: {"docs": 0, "tokens": 0, "bytes": 0} for n in names}}
+        s: {
+            "docs": 0,
+            "tokens": 0,
+            "bytes": 0,
+            "shards": [],
+            "sources": {n: {"docs": 0, "tokens": 0, "bytes": 0} for n in names},
+        }
         for s in SPLITS
     }
     task = prog.task("tokenize", total=n_docs)
@@ -682,21 +698,25 @@ def _tokenize_to_shards(
                 encode_texts(tok, list(_store_texts(store_path, starts, ends, range(a, b))), dtype)
                 for a, b in chunks
             )
-            _consume(results, chunks, starts, ends, doc_source, is_val, names, info, write,
-                     prog, task)
+            _consume(
+                results, chunks, starts, ends, doc_source, is_val, names, info, write, prog, task
+            )
         finally:
             tok.encode_special_tokens = False
     else:
         results = runner.map(
             _tokenize_batch,
             (
-                (str(tok_path), str(store_path),
-                 list(zip(starts[a:b].tolist(), ends[a:b].tolist(), strict=False)), dtype)
+                (
+                    str(tok_path),
+                    str(store_path),
+                    list(zip(starts[a:b].tolist(), ends[a:b].tolist(), strict=False)),
+                    dtype,
+                )
                 for a, b in chunks
             ),
         )
-        _consume(results, chunks, starts, ends, doc_source, is_val, names, info, write,
-                 prog, task)
+        _consume(results, chunks, starts, ends, doc_source, is_val, names, info, write, prog, task)
     for split, w in writers.items():
         if w is not None:
             info[split]["shards"].append(w.close())
@@ -737,8 +757,18 @@ def _consume(results, chunks, starts, ends, doc_source, is_val, names, info, wri
 
 
 def _manifest(
-    cfg, names, stats, settings, seen_exact, exact_clusters, near, tok_info, splits,
-    fingerprint, warnings, timings,
+    cfg,
+    names,
+    stats,
+    settings,
+    seen_exact,
+    exact_clusters,
+    near,
+    tok_info,
+    splits,
+    fingerprint,
+    warnings,
+    timings,
 ) -> dict:
     from plinth import __version__
 
@@ -822,4 +852,3 @@ def _write_json(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-

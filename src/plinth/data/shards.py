@@ -96,7 +96,12 @@ class ShardWriter:
         f.seek(0)
         f.write(
             _HEADER.pack(
-                MAGIC, VERSION, self.itemsize, self.n_tokens, self.n_docs, index_at,
+                MAGIC,
+                VERSION,
+                self.itemsize,
+                self.n_tokens,
+                self.n_docs,
+                index_at,
                 self.vocab_size,
             )
         )
@@ -157,23 +162,31 @@ class Shard:
                 f"{expected}); re-run `plinth data prepare`."
             )
         self.itemsize, self.n_tokens, self.n_docs, self.vocab_size = (
-            itemsize, n_tokens, n_docs, vocab
+            itemsize,
+            n_tokens,
+            n_docs,
+            vocab,
         )
         self.version = version
         dtype = _dtype(itemsize)
         self.tokens = (
             np.memmap(self.path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(n_tokens,))
-            if n_tokens else np.zeros(0, dtype=dtype)
+            if n_tokens
+            else np.zeros(0, dtype=dtype)
         )
         self.offsets = np.memmap(
             self.path, dtype="<u8", mode="r", offset=index_at, shape=(n_docs + 1,)
         )
         self.sources = (
             np.memmap(
-                self.path, dtype="<u2", mode="r", offset=index_at + 8 * (n_docs + 1),
+                self.path,
+                dtype="<u2",
+                mode="r",
+                offset=index_at + 8 * (n_docs + 1),
                 shape=(n_docs,),
             )
-            if n_docs else np.zeros(0, dtype="<u2")
+            if n_docs
+            else np.zeros(0, dtype="<u2")
         )
 
     def doc(self, i: int) -> np.ndarray:

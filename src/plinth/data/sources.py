@@ -184,8 +184,11 @@ def decode_bytes(data: bytes, ref: str) -> RawDoc:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         return RawDoc(
-            ref, None, "not_utf8",
-            f"not UTF-8 (invalid byte at offset {e.start}); re-encode it as UTF-8", len(data),
+            ref,
+            None,
+            "not_utf8",
+            f"not UTF-8 (invalid byte at offset {e.start}); re-encode it as UTF-8",
+            len(data),
         )
     return RawDoc(ref, text.removeprefix("\ufeff"), nbytes=len(data))
 
@@ -225,7 +228,9 @@ def _files_source(src, limit: int) -> Iterator[RawDoc]:
         if p.is_dir():
             pats = src.pattern or ", ".join(DEFAULT_PATTERNS[src.kind])
             yield RawDoc(
-                src.path, None, "no_files",
+                src.path,
+                None,
+                "no_files",
                 f"directory has no files matching {pats}; set the source's `pattern` "
                 "(e.g. pattern='*.py') or point `path` at the files",
             )
@@ -271,8 +276,11 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
                     if chunk.endswith(b"\n"):
                         break
                 yield RawDoc(
-                    ref, None, "too_large",
-                    f"line of {size:,} bytes is over data.max_doc_bytes={limit:,}; skipped", size,
+                    ref,
+                    None,
+                    "too_large",
+                    f"line of {size:,} bytes is over data.max_doc_bytes={limit:,}; skipped",
+                    size,
                 )
                 continue
             if not line.strip():
@@ -295,13 +303,19 @@ def _record_text(record, field: str, ref: str, nbytes: int) -> RawDoc:
     if not isinstance(record, dict) or field not in record or record[field] is None:
         keys = list(record)[:8] if isinstance(record, dict) else type(record).__name__
         return RawDoc(
-            ref, None, "missing_field",
-            f"record has no '{field}' field (has {keys}); set the source's text_field", nbytes,
+            ref,
+            None,
+            "missing_field",
+            f"record has no '{field}' field (has {keys}); set the source's text_field",
+            nbytes,
         )
     text = record[field]
     if not isinstance(text, str):
         return RawDoc(
-            ref, None, "field_not_text", f"'{field}' is a {type(text).__name__}, not a string",
+            ref,
+            None,
+            "field_not_text",
+            f"'{field}' is a {type(text).__name__}, not a string",
             nbytes,
         )
     if not text.strip():
@@ -320,7 +334,9 @@ def _parquet_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
     names = pf.schema_arrow.names
     if field not in names:
         yield RawDoc(
-            str(path), None, "missing_field",
+            str(path),
+            None,
+            "missing_field",
             f"no column '{field}' (columns: {names[:8]}); set the source's text_field",
         )
         return
@@ -359,7 +375,9 @@ def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
         loaded = datasets.load_from_disk(path)
     except Exception as e:  # FileNotFoundError, or datasets' own errors for non-dataset dirs
         yield RawDoc(
-            path, None, "unreadable",
+            path,
+            None,
+            "unreadable",
             f"not a dataset saved with datasets.save_to_disk ({type(e).__name__}: {e})",
         )
         return
@@ -372,7 +390,9 @@ def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
         prefix = f"{path}/{split}" if split else path
         if field not in ds.column_names:
             yield RawDoc(
-                prefix, None, "missing_field",
+                prefix,
+                None,
+                "missing_field",
                 f"no column '{field}' (columns: {ds.column_names[:8]}); set the source's "
                 "text_field",
             )

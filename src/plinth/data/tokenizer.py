@@ -58,7 +58,8 @@ def check_vocab(kind: str, vocab_size: int, special_tokens: list[str], key: str)
     if vocab_size < need:
         alphabet = (
             f"the {BYTE_ALPHABET} byte tokens of byte-level BPE"
-            if kind == "bpe" else "an unknown token and a minimal alphabet of 63 characters"
+            if kind == "bpe"
+            else "an unknown token and a minimal alphabet of 63 characters"
         )
         raise UsageError(
             f"vocab size {vocab_size} ({key}) is too small for a {kind} tokenizer: it needs "
@@ -73,6 +74,20 @@ def reserved_tokens(kind: str, vocab_size: int, special_tokens: list[str], senti
     named = list(special_tokens) + ([] if kind == "bpe" else [UNK])
     n = sentinel_count(kind, vocab_size, len(named) - (kind != "bpe"), sentinels)
     return named + [sentinel_token(i) for i in range(n)], n
+
+
+def train_for_config(texts: Iterable[str], cfg):
+    """`train_tokenizer` with the settings of `cfg.data.tokenizer` (a plinth Config)."""
+    tc = cfg.data.tokenizer
+    return train_tokenizer(
+        texts,
+        kind=tc.kind,
+        vocab_size=cfg.tokenizer_vocab_size,
+        special_tokens=tc.special_tokens,
+        sentinels=tc.sentinels,
+        min_frequency=tc.min_frequency,
+        key="data.tokenizer.vocab_size" if tc.vocab_size else "model.vocab_size",
+    )
 
 
 def train_tokenizer(
