@@ -20,22 +20,10 @@ from dataclasses import dataclass, field
 
 from plinth.config.schema import Config
 from plinth.errors import UsageError
+from plinth.track.hardware import GPUS
 from plinth.train.memory import memory_per_device
 
 GIB = 2**30
-# name -> (dense bf16 peak FLOP/s, memory bytes); the FLOP/s agree with track.hardware
-GPUS = {
-    "h200": (989e12, 141e9),
-    "h100": (989e12, 80e9),
-    "a100": (312e12, 80e9),
-    "a100-40gb": (312e12, 40e9),
-    "l40s": (362e12, 48e9),
-    "l4": (121e12, 24e9),
-    "a10g": (125e12, 24e9),
-    "rtx4090": (165e12, 24e9),
-    "v100": (125e12, 32e9),
-    "t4": (65e12, 16e9),
-}
 GPU_MFU = 0.40  # what well-tuned dense LLM training reaches on current GPUs
 CPU_MFU = 0.70  # measured for ref-cpu-decoder on this project's CPUs (bench/bench_train.py)
 TOKENS_PER_PARAM = 20  # compute-optimal training tokens per parameter (Hoffmann et al. 2022)
@@ -102,7 +90,7 @@ def make_plan(
                 f"unknown --gpu {gpu!r}; known: {', '.join(GPUS)} (or give "
                 "--device-memory and treat it as a CPU)"
             )
-        peak, mem = GPUS[key]
+        _, peak, mem = GPUS[key]
         mfu = GPU_MFU
     else:
         import psutil

@@ -12,18 +12,20 @@ import time
 
 import torch
 
-# dense bf16/fp16 tensor-core peak FLOP/s by device-name fragment
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10G": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
+# key -> (fragment of torch.cuda.get_device_name(), dense bf16 peak FLOP/s, memory bytes).
+# Checked in order, so a longer name (L40S) comes before its prefix (L4).
+GPUS: dict[str, tuple[str, float, float]] = {
+    "h200": ("H200", 989e12, 141e9),
+    "h100": ("H100", 989e12, 80e9),
+    "a100": ("A100", 312e12, 80e9),
+    "a100-40gb": ("A100-SXM4-40GB", 312e12, 40e9),
+    "l40s": ("L40S", 362e12, 48e9),
+    "l4": ("L4", 121e12, 24e9),
+    "a10g": ("A10G", 125e12, 24e9),
+    "rtx4090": ("RTX 4090", 165e12, 24e9),
+    "rtx3090": ("RTX 3090", 71e12, 24e9),
+    "v100": ("V100", 125e12, 32e9),
+    "t4": ("T4", 65e12, 16e9),
 }
 
 
@@ -52,9 +54,9 @@ def peak_flops(device: torch.device) -> float | None:
     """Peak FLOP/s used as the MFU denominator (datasheet on known GPUs, measured on CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value
+        for fragment, peak, _ in GPUS.values():
+            if fragment in name:
+                return peak
         return measure_matmul_peak(str(device), 4096, torch.bfloat16)
     if device.type == "cpu":
         return measure_matmul_peak("cpu")
