@@ -567,7 +567,7 @@ class OptimConfig(Section):
 
 
 class HardwareConfig(Section):
-    """Where and how fast the model runs: device, precision, memory savers, parallelism."""
+    """Where and how fast the model runs: device, precision, memory savers."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device. auto picks cuda when a GPU is visible, else cpu."""
@@ -585,14 +585,54 @@ class HardwareConfig(Section):
     """Compile the model with torch.compile: faster steps after a one-off compile delay
     (tens of seconds). Worth it for runs longer than a few minutes."""
 
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    """Multi-process strategy under torchrun. ddp replicates the model (fits when one device
-    holds weights + optimizer); fsdp shards parameters, gradients and optimizer state (larger
-    models); auto picks ddp for world size > 1, none otherwise."""
-
     num_workers: int = Field(0, ge=0, le=64)
     """Data-loader worker processes. Reading memory-mapped shards is cheap, so 0 (in-process)
     is usually fastest; raise it if data loading shows up in the step time."""
+
+
+# --------------------------------------------------------------------------------- distributed
+
+
+class DistributedConfig(Section):
+    """Multi-process training under torchrun: how the model is replicated or sharded.
+
+    Launch with `torchrun --nproc_per_node=N -m plinth pretrain CONFIG`; rank and world size
+    come from torchrun's environment. A single process ignores this section."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp", "hsdp"] = "auto"
+    """ddp replicates the model on every rank and all-reduces gradients (fits when one device
+    holds weights + gradients + optimizer state); fsdp (FSDP2) shards parameters, gradients and
+    optimizer state across all ranks (ZeRO-3: for models that do not fit one device); hsdp
+    shards within groups of `shard_size` ranks (usually one node) and replicates across groups,
+    keeping the heavy traffic on the fast intra-node links. auto: ddp when world size > 1."""
+
+    shard_size: int | None = Field(None, ge=1)
+    """hsdp only: ranks that share one copy of the model; must divide the world size. None
+    means the ranks of one node (torchrun's LOCAL_WORLD_SIZE)."""
+
+    param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """fsdp/hsdp mixed precision: dtype the gathered parameters compute in. auto follows
+    hardware.precision. The sharded master weights and the optimizer stay fp32."""
+
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """fsdp/hsdp mixed precision: dtype of the gradient reduce-scatter. fp32 is exact; bf16
+    halves the traffic at a small accuracy cost."""
+
+    reshard_after_forward: bool = True
+    """fsdp/hsdp: free gathered parameters after each block's forward and gather them again in
+    backward (ZeRO-3, least memory). false keeps them until backward (ZeRO-2-like, less
+    communication, more memory)."""
+
+    bucket_mb: int = Field(25, ge=1)
+    """ddp: gradient bucket size in MB; each full bucket is all-reduced while backward goes on."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend. auto: nccl on GPUs, gloo on CPU."""
+
+    timeout_s: int = Field(600, ge=10)
+    """Seconds a collective waits for the other ranks before failing. When a rank dies the
+    others stop with a clear error after at most this long instead of hanging (torchrun usually
+    stops them sooner)."""
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -808,7 +848,10 @@ class Config(Section):
     """Optimizer, schedule and batch (see `plinth config explain optim`)."""
 
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
-    """Device, precision and parallelism (see `plinth config explain hardware`)."""
+    """Device, precision and memory savers (see `plinth config explain hardware`)."""
+
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    """Multi-process strategy under torchrun (see `plinth config explain distributed`)."""
 
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     """Generation defaults (see `plinth config explain inference`)."""

@@ -79,8 +79,8 @@ def make_plan(
     seq = cfg.model.max_seq_len
     flops = model.flops_per_token(seq)
     strategy = strategy or (
-        cfg.hardware.strategy
-        if cfg.hardware.strategy not in ("auto", "none")
+        cfg.distributed.strategy
+        if cfg.distributed.strategy not in ("auto", "none")
         else ("ddp" if devices > 1 else "none")
     )
     if gpu is not None:
@@ -188,7 +188,8 @@ def plan_cmd(
         devices: number of devices (GPUs, or CPU processes) the run will use
         gpu: GPU model for peak FLOP/s and memory, e.g. h100, a100, l4 (default: this CPU)
         device_memory: memory per device, e.g. 80GB or 24GiB (overrides the GPU's)
-        strategy: none, ddp or fsdp (default: hardware.strategy, ddp for several devices)
+        strategy: none, ddp, fsdp or hsdp (default: distributed.strategy; ddp for several
+            devices)
     """
     from rich.console import Console
     from rich.table import Table
@@ -197,8 +198,8 @@ def plan_cmd(
 
     files, overs = split_args([config], overrides)
     cfg = load_config(files, overs).config
-    if strategy not in (None, "none", "ddp", "fsdp"):
-        raise UsageError(f"--strategy {strategy!r}: choose none, ddp or fsdp")
+    if strategy not in (None, "none", "ddp", "fsdp", "hsdp"):
+        raise UsageError(f"--strategy {strategy!r}: choose none, ddp, fsdp or hsdp")
     plan = make_plan(
         cfg,
         devices=devices,

@@ -20,7 +20,6 @@ from plinth.errors import PlinthError, UsageError
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
 UNSUPPORTED = {
-    "hardware.strategy": "multi-process strategies arrive with torchrun support; use auto/none",
     "compress.quantization": "quantisation is applied to a trained model, not during pretraining",
     "compress.pruning": "pruning is applied to a trained model, not during pretraining",
     "compress.distill_teacher": "distillation is its own recipe",

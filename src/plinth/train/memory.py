@@ -24,7 +24,7 @@ def memory_per_device(
     checkpointing keeps only each block's input plus one block's activations."""
     m = cfg.model
     n = m.param_count()
-    shard = devices if strategy == "fsdp" else 1
+    shard = devices if strategy in ("fsdp", "hsdp") else 1
     act_bytes = 2 if cfg.hardware.precision in ("bf16", "fp16") else 4
     tokens = (micro_batch or cfg.optim.micro_batch) * m.max_seq_len
     layers = m.n_layers + ((m.n_decoder_layers or m.n_layers) if m.arch == "encoder_decoder" else 0)
