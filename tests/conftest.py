@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from plinth.config.load import load_config
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -24,3 +26,44 @@ def write_yaml(tmp_path):
         return p
 
     return _write
+
+
+# A tiny prepared corpus shared by the end-to-end recipe and torchrun tests (prepared once).
+TINY = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.vocab_size=512",
+    "model.max_seq_len=32",
+    "data.max_docs=120",
+    "optim.micro_batch=4",
+    "optim.global_batch=8",
+    "optim.warmup_steps=5",
+    "optim.lr=3e-3",
+    "tracking.log_every=1",
+    "tracking.eval_every=10",
+    "tracking.eval_batches=4",
+    "tracking.checkpoint_every=10",
+    "tracking.sample_every=10",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    from plinth.data import prepare_dataset
+
+    d = tmp_path_factory.mktemp("data") / "tiny"
+    cfg = load_config([], [*TINY, f"data.dir={d}"]).config
+    prepare_dataset(cfg, progress=False)
+    return d
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data_dir, tmp_path):
+    return [*TINY, f"data.dir={tiny_data_dir}", f"tracking.output_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_data_dir) -> list[str]:
+    """TINY plus the prepared data (no output directory): for session/module fixtures."""
+    return [*TINY, f"data.dir={tiny_data_dir}"]

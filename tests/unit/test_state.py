@@ -74,8 +74,10 @@ def test_untrusted_pickles_are_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"evil": Evil()}, path)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        ckpt.load_checkpoint(tmp_path / "step_0000001")
+    with pytest.raises(PlinthError, match=r"train_state.pt is (truncated|corrupted)"):
+        ckpt.load_checkpoint(tmp_path / "step_0000001")  # the checksum catches it first
+    with pytest.raises(Exception, match="Weights only load failed"):  # and a forged meta.json
+        ckpt.load_checkpoint(tmp_path / "step_0000001", check=False)
 
 
 def test_rng_state_round_trip():

@@ -1,8 +1,20 @@
 """Apply efficiency and parallelism to a single-device model from outside, in a fixed order:
-activation checkpointing -> torch.compile -> (DDP | FSDP2, with torchrun support).
+activation checkpointing -> torch.compile -> (DDP | FSDP2 | HSDP).
 
 Model files stay plain PyTorch and never import torch.distributed. Checkpointing wraps each
 transformer block's forward in place, so parameter names (and checkpoints) do not change.
+
+- none: one process; compile wraps the whole model.
+- ddp: every rank holds the model; gradients are all-reduced in buckets during backward
+  (the loop skips the all-reduce on all but the last micro-batch of an accumulation).
+- fsdp (FSDP2 `fully_shard`): each transformer block is sharded over all ranks, then the root
+  (embeddings, final norm, head): parameters, gradients and optimizer state are split
+  ZeRO-3-style; a block's parameters are gathered just before it runs. Mixed precision is a
+  policy: gathered parameters in `distributed.param_dtype`, gradient reduction in
+  `distributed.reduce_dtype`, fp32 master weights and optimizer state.
+- hsdp: the same on a 2-D mesh (replicas x shard_size): shard within a group (a node),
+  replicate across groups.
+With fsdp/hsdp, compile is applied per block (in place) so FSDP's hooks sit at block boundaries.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from plinth.config.schema import Config
+from plinth.distributed.env import DistEnv, hsdp_shape
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -38,10 +51,69 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
-def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
-    """The module to call for training steps. Save and load through the original `model`."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parallelize(
+    model: nn.Module,
+    cfg: Config,
+    env: DistEnv | None = None,
+    device: torch.device | None = None,
+    strategy: str = "none",
+) -> nn.Module:
+    """The module to call for training steps. Save and load through the original `model`
+    (under fsdp/hsdp `model` itself becomes the sharded root; its names do not change)."""
+    env = env or DistEnv()
     if cfg.hardware.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.hardware.compile:
-        return torch.compile(model)
+    if strategy in ("fsdp", "hsdp"):
+        if cfg.hardware.compile:
+            for block in transformer_blocks(model):
+                block.compile()
+        return shard_model(model, cfg, env, device or torch.device("cpu"), strategy)
+    net = torch.compile(model) if cfg.hardware.compile else model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            net,
+            device_ids=[device.index] if device is not None and device.type == "cuda" else None,
+            bucket_cap_mb=cfg.distributed.bucket_mb,
+            gradient_as_bucket_view=True,
+            # our buffers (RoPE tables) are derived, not learned, and may grow on one rank only
+            # (rank 0 samples longer sequences): broadcasting them would mismatch
+            broadcast_buffers=False,
+        )
+    return net
+
+
+def mixed_precision(cfg: Config):
+    """FSDP2's policy: parameter dtype follows hardware.precision unless set explicitly."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    d = cfg.distributed
+    param = d.param_dtype if d.param_dtype != "auto" else cfg.hardware.precision
+    return MixedPrecisionPolicy(param_dtype=DTYPES[param], reduce_dtype=DTYPES[d.reduce_dtype])
+
+
+def shard_model(
+    model: nn.Module, cfg: Config, env: DistEnv, device: torch.device, strategy: str
+) -> nn.Module:
+    """fully_shard each transformer block, then the root, on a 1-D (fsdp) or 2-D (hsdp) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if strategy == "hsdp":
+        mesh = init_device_mesh(
+            device.type, hsdp_shape(cfg, env), mesh_dim_names=("replicate", "shard")
+        )
+    else:
+        mesh = init_device_mesh(device.type, (env.world_size,), mesh_dim_names=("shard",))
+    kwargs = {"mesh": mesh, "mp_policy": mixed_precision(cfg)}
+    reshard = cfg.distributed.reshard_after_forward
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        # the last block is gathered again right away for backward: keeping it saves a gather
+        fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **kwargs)
     return model

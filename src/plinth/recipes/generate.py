@@ -35,7 +35,7 @@ def load_trained(path: str | Path, device: str = "cpu"):
     cfg = load_config([run / "config.yaml"]).config
     loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(run / "checkpoints")
     model = build_model(cfg.model)
-    ckpt.load_weights(model, loaded.weights)
+    loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
     model.to(torch.device(device)).eval()
     tok_path = run / "tokenizer.json"
     if not tok_path.is_file():

@@ -16,6 +16,7 @@ from pathlib import Path
 from plinth.config.checks import environment_warnings, reject_unsupported
 from plinth.config.commands import render_yaml
 from plinth.config.load import Resolved, get_value, leaf_fields, load_config, split_args
+from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
@@ -62,7 +63,8 @@ def pretrain(
             raise UsageError("give a config file, e.g. `plinth pretrain configs/quickstart.yaml`")
         resolved, run_path = load_config(files, overs), None
     result = run_pretraining(resolved, run_path=run_path, progress=not quiet)
-    print_summary(result)
+    if DistEnv.from_environ().is_main:
+        print_summary(result)
     if result.halted:
         raise PlinthError(
             f"training halted after step {result.step}: the stability guard saw a problem it could "
@@ -108,41 +110,92 @@ def run_pretraining(
     run_path: Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    fault_hook=None,
 ):
-    """Prepare data, create (or reopen) the run directory and train. Returns a TrainResult."""
+    """Prepare data, create (or reopen) the run directory and train. Returns a TrainResult.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this: rank 0 prepares the data and picks
+    the run directory, the others wait for it, and all train together."""
     from plinth.data import open_dataset, prepare_dataset
-    from plinth.track.run import RunDir, build_manifest, unique_run_path
+    from plinth.distributed.env import (
+        barrier,
+        broadcast_object,
+        check_strategy,
+        destroy_process_group,
+        device_for,
+        init_process_group,
+    )
+    from plinth.track.run import RunDir, RunPaths, build_manifest, unique_run_path
     from plinth.train.loop import resolve_device, train
     from plinth.train.memory import check_fits
 
     cfg = resolved.config
+    env = DistEnv.from_environ()
     reject_unsupported(resolved, UNSUPPORTED, "pretrain")
-    for warning in environment_warnings(resolved):
-        print(f"warning: {warning}")
-    device = resolve_device(cfg)
-    check_fits(cfg, device)
-    ds = open_dataset(prepare_dataset(cfg, progress=progress))
-    resuming = run_path is not None
-    if run_path is None:
-        name = cfg.tracking.run_name or f"pretrain-{cfg.model.arch}"
-        run_path = unique_run_path(cfg.tracking.output_dir, name)
-    run = RunDir(run_path)
+    if env.is_main:
+        for warning in environment_warnings(resolved):
+            print(f"warning: {warning}")
+    device = device_for(cfg, env, resolve_device(cfg))
+    strategy = check_strategy(cfg, env, device)
     try:
-        if not resuming:
-            run.write_config(render_yaml(resolved))
-            shutil.copyfile(Path(ds.path) / "tokenizer.json", run.path / "tokenizer.json")
-            run.write_manifest(
-                build_manifest(
-                    seed=cfg.seed,
-                    world_size=1,
-                    device=str(device),
-                    data={"dir": str(ds.path), "fingerprint": ds.fingerprint},
+        accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
+    except ValueError as e:
+        raise UsageError(f"{e} (torchrun started {env.world_size} processes)") from None
+    check_fits(cfg, device)
+    init_process_group(cfg, env, device)
+    try:
+        # rank 0 prepares (or reuses) the dataset; the others then open the finished one
+        data_dir: str | PlinthError | None = None
+        if env.is_main:
+            try:
+                data_dir = str(prepare_dataset(cfg, progress=progress))
+            except PlinthError as e:  # tell the other ranks instead of leaving them waiting
+                data_dir = e
+        data_dir = broadcast_object(data_dir, env)
+        if isinstance(data_dir, PlinthError):
+            raise data_dir
+        ds = open_dataset(data_dir)
+        resuming = run_path is not None
+        if run_path is None and env.is_main:
+            name = cfg.tracking.run_name or f"pretrain-{cfg.model.arch}"
+            run_path = unique_run_path(cfg.tracking.output_dir, name)
+        run_path = Path(broadcast_object(str(run_path), env))
+        run = RunDir(run_path) if env.is_main else RunPaths(run_path)
+        try:
+            if env.is_main and not resuming:
+                run.write_config(render_yaml(resolved))
+                shutil.copyfile(Path(ds.path) / "tokenizer.json", run.path / "tokenizer.json")
+                run.write_manifest(
+                    build_manifest(
+                        seed=cfg.seed,
+                        world_size=env.world_size,
+                        device=str(device),
+                        data={"dir": str(ds.path), "fingerprint": ds.fingerprint},
+                        distributed={
+                            "strategy": strategy,
+                            "accum_steps": accum,
+                            "nodes": env.world_size // env.local_world_size,
+                        },
+                    )
                 )
+                print(f"run directory: {run.path}")
+                if env.distributed:
+                    print(f"torchrun: {env.world_size} processes, strategy {strategy}")
+            barrier(env)
+            return train(
+                cfg,
+                ds,
+                run,
+                resume=resuming,
+                progress=progress,
+                stop_after=stop_after,
+                fault_hook=fault_hook,
+                env=env,
             )
-        print(f"run directory: {run.path}")
-        return train(cfg, ds, run, resume=resuming, progress=progress, stop_after=stop_after)
+        finally:
+            run.close()
     finally:
-        run.close()
+        destroy_process_group()
 
 
 def print_summary(result) -> None:

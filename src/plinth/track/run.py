@@ -83,8 +83,19 @@ class JsonlWriter:
         self._f.close()
 
 
+class RunPaths:
+    """Where a run lives, without writing anything: what ranks other than 0 get."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+
+    def close(self) -> None:
+        pass
+
+
 class RunDir:
-    """Writes one run directory; only rank 0 should create one (others get `None`)."""
+    """Writes one run directory; only rank 0 creates one (the others get `RunPaths`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -149,7 +160,14 @@ def git_info(cwd: str | Path | None = None) -> dict:
     return {"sha": sha, "dirty": bool(diff.strip()), "diff": diff[:200_000]}
 
 
-def build_manifest(*, seed: int, world_size: int, device: str, data: dict | None = None) -> dict:
+def build_manifest(
+    *,
+    seed: int,
+    world_size: int,
+    device: str,
+    data: dict | None = None,
+    distributed: dict | None = None,
+) -> dict:
     """What a run was made of: code version, command line, packages, hardware, data."""
     import torch
 
@@ -176,6 +194,7 @@ def build_manifest(*, seed: int, world_size: int, device: str, data: dict | None
         "packages": packages,
         "hardware": hardware,
         "world_size": world_size,
+        "distributed": distributed or {"strategy": "none"},
         "seed": seed,
         "data": data or {},
     }

@@ -8,6 +8,10 @@ gradient norm (the pre-clip norm is logged), step optimizer and schedule. Every
 perplexity, bits per byte); every `sample_every` text from fixed prompts (decoders); every
 `checkpoint_every` an atomic checkpoint. Resume restores weights, optimizer, schedule,
 data position and every RNG, so N + N steps equal 2N steps bit for bit on CPU.
+
+Under torchrun every rank runs this same loop on its own slice of each global batch
+(`distributed.strategy` ddp/fsdp/hsdp, see plinth.distributed); the step loss, validation
+loss and norms are reduced over ranks, and only rank 0 writes files and prints.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ import torch
 
 from plinth.config.schema import Config
 from plinth.data import PackedLoader
+from plinth.distributed.env import (
+    DistEnv,
+    all_reduce_sum,
+    broadcast_object,
+    check_strategy,
+    device_for,
+    init_process_group,
+)
 from plinth.distributed.parallelize import parallelize
 from plinth.errors import PlinthError
 from plinth.models import build_model
@@ -92,10 +104,18 @@ def special_tokens(ds) -> SpecialTokens:
 
 @torch.no_grad()
 def evaluate(
-    model, ds, cfg: Config, device, special: SpecialTokens, bytes_per_token: float
+    model,
+    ds,
+    cfg: Config,
+    device,
+    special: SpecialTokens,
+    bytes_per_token: float,
+    env: DistEnv | None = None,
 ) -> dict:
     """Validation loss, perplexity and (for causal LMs) bits per byte on a fixed set of batches
-    ({} when there is no validation split, e.g. data.val_fraction=0)."""
+    ({} when there is no validation split, e.g. data.val_fraction=0). Under torchrun the
+    batches are split over the ranks and the sums reduced, so every rank gets the same result."""
+    env = env or DistEnv()
     if ds.num_docs("val") == 0:
         return {}
     was_training = model.training
@@ -106,13 +126,16 @@ def evaluate(
         seq_len=cfg.model.max_seq_len,
         batch_size=cfg.optim.micro_batch,
         seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
         shuffle=False,
         loop=False,
     )
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # same masks at every evaluation
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + env.rank)  # same masks every evaluation
     total, count = 0.0, 0
+    batches = math.ceil(cfg.tracking.eval_batches / env.world_size)
     for i, batch in enumerate(loader):
-        if i >= cfg.tracking.eval_batches:
+        if i >= batches:
             break
         with autocast_context(cfg, device):
             out = compute_loss(
@@ -127,10 +150,11 @@ def evaluate(
         total += out.ce.item() * out.n_tokens
         count += out.n_tokens
     model.train(was_training)
+    total, count = all_reduce_sum([total, count], env, device)
     if count == 0:
         return {}
     loss = total / count
-    metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": count}
+    metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": int(count)}
     if cfg.objective == "clm" and bytes_per_token > 0:
         metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
     return metrics
@@ -178,12 +202,81 @@ class _Window:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def update_ratio(before: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP parameter (the tensor itself when not sharded)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def update_ratio(
+    before: list[torch.Tensor],
+    params: list[torch.Tensor],
+    env: DistEnv | None = None,
+    device: torch.device | None = None,
+) -> float:
     """||update|| / ||weights|| over all trainable weights: ~1e-3 is healthy for Adam; much
-    larger means the learning rate is too high, much smaller that layers barely move."""
-    delta = torch.stack([(p.detach() - b).norm() for p, b in zip(params, before, strict=True)])
-    weight = torch.stack([b.norm() for b in before])
-    return (delta.norm() / weight.norm().clamp_min(1e-12)).item()
+    larger means the learning rate is too high, much smaller that layers barely move.
+    `before` holds local tensors; sharded sums are reduced over ranks (replicas count every
+    element equally often, which leaves the ratio unchanged)."""
+    delta = sum(
+        (_local(p.detach()).float() - b.float()).square().sum()
+        for p, b in zip(params, before, strict=True)
+    )
+    weight = sum(b.float().square().sum() for b in before)
+    sums = [float(delta), float(weight)]
+    if env is not None and any(hasattr(p, "to_local") for p in params):
+        sums = all_reduce_sum(sums, env, device)
+    return math.sqrt(sums[0]) / max(math.sqrt(sums[1]), 1e-12)
+
+
+class _NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log_metrics(self, step: int, /, **values) -> None:
+        pass
+
+    def log_event(self, step: int, kind: str, /, **details) -> None:
+        pass
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        pass
+
+    def close(self, status: str = "finished") -> None:
+        pass
+
+
+RANK_SEED = 1_000_003  # rank r > 0 draws dropout/masks from seed + r * RANK_SEED
+
+
+def grad_sync(net, strategy: str, sync: bool):
+    """Skip needless gradient all-reduces on all but the last micro-batch of a step: DDP's
+    no_sync, and HSDP's all-reduce across replicas (FSDP still reduce-scatters every
+    micro-batch, otherwise each rank would hold unsharded gradients)."""
+    if strategy == "ddp" and not sync:
+        return net.no_sync()
+    if strategy == "hsdp":
+        net.set_requires_all_reduce(sync)
+    return contextlib.nullcontext()
+
+
+def _collective_failure(e: BaseException, env: DistEnv, step: int, timeout: int) -> PlinthError:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return PlinthError(
+        f"rank {env.rank} of {env.world_size} lost contact with the other ranks at step "
+        f"{step + 1} ({first}). Another rank most likely failed: its own output (torchrun "
+        "prints each rank's error) says why. Collectives give up after distributed.timeout_s="
+        f"{timeout} s rather than hang; resume the run with --resume once the cause is fixed."
+    )
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection closed", "timed out", "connection reset")
+    )
 
 
 FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -201,19 +294,24 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     fault_hook: FaultHook | None = None,
+    env: DistEnv | None = None,
 ) -> TrainResult:
     """Train `cfg.model` on the prepared dataset `ds`, writing everything into `run`.
 
     `stop_after` ends this call after that many optimizer steps (tests use it to simulate an
-    interruption); the run is then resumable like a killed one.
+    interruption); the run is then resumable like a killed one. Under torchrun every rank
+    calls it with its `env`; `run` is the same directory on all (only rank 0 writes to it).
     """
     from plinth.track.progress import TrainProgress
     from plinth.track.sampler import ResourceSampler
     from plinth.track.sinks import MetricLogger, open_sinks
     from plinth.train.stability import StabilityGuard
 
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg)
+    env = env or DistEnv()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    device = device_for(cfg, env, resolve_device(cfg))
+    strategy = check_strategy(cfg, env, device)
+    init_process_group(cfg, env, device)
     if ds.vocab_size > cfg.model.vocab_size:
         raise PlinthError(
             f"the tokenizer in {ds.path} has {ds.vocab_size} tokens but model.vocab_size is "
@@ -221,14 +319,17 @@ def train(
             f"model.vocab_size={ds.vocab_size} (or larger), or prepare data with a smaller vocab."
         )
     model = build_model(cfg.model).to(device)
-    net = parallelize(model, cfg)  # what forward/backward run through; `model` is what we save
+    if env.rank:
+        torch.manual_seed(cfg.seed + RANK_SEED * env.rank)  # own dropout; rank 0 = 1 process
+    # what forward/backward run through; `model` is what we save (the FSDP root when sharded)
+    net = parallelize(model, cfg, env, device, strategy)
     special = special_tokens(ds)
     seq_len, micro = cfg.model.max_seq_len, cfg.optim.micro_batch
     try:
-        accum = cfg.optim.accum_steps(seq_len)
+        accum = cfg.optim.accum_steps(seq_len, env.world_size)
     except ValueError as e:
         raise PlinthError(f"{e}") from None
-    tokens_per_step = accum * micro * seq_len
+    tokens_per_step = accum * micro * seq_len * env.world_size
     train_tokens = ds.num_tokens("train")
     loader = PackedLoader(
         ds,
@@ -236,6 +337,8 @@ def train(
         seq_len=seq_len,
         batch_size=micro,
         seed=cfg.seed,
+        rank=env.rank,
+        world_size=env.world_size,
         packing=cfg.data.packing,
     )
     if len(loader) == 0:  # rows counted as the loader packs them (separators included)
@@ -247,12 +350,16 @@ def train(
     steps = total_steps(cfg, tokens_per_step, train_tokens)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    mask_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 2 + RANK_SEED * env.rank)
     guard = StabilityGuard(cfg.stability)
-    log = MetricLogger(
-        run,
-        open_sinks(cfg.tracking.sinks, run.path, config=cfg.model_dump(), run_name=run.path.name),
-    )
+    sharded = strategy in ("fsdp", "hsdp")
+    if env.is_main:
+        sinks = open_sinks(
+            cfg.tracking.sinks, run.path, config=cfg.model_dump(), run_name=run.path.name
+        )
+        log = MetricLogger(run, sinks)
+    else:
+        log = _NullLogger()
     c = {
         "step": 0,
         "tokens": 0,
@@ -264,9 +371,8 @@ def train(
 
     def restore(loaded, with_data: bool) -> None:
         """Weights, optimizer, schedule, counters (and, on resume, data position and RNG)."""
-        ckpt.load_weights(model, loaded.weights)
+        loaded.load_into(model, optimizer)
         st = loaded.train_state
-        optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         guard.load_state_dict(st["guard"])
         micro = c["micro"]
@@ -274,40 +380,77 @@ def train(
         if not with_data:
             c["micro"] = micro  # a rollback leaves the data where it is: bad batches stay skipped
         if with_data:
-            loader.load_state_dict(st["loader"])
-            mask_gen.set_state(st["mask_generator"])
-            ckpt.set_rng_state(st["rng"])
+            loader.load_state_dict(st["loader"])  # global position: any world size
+            mine = loaded.rank_state(env)
+            if mine is not None:
+                mask_gen.set_state(mine["mask_generator"])
+                ckpt.set_rng_state(mine["rng"])
+            else:  # another world size: fresh, deterministic random streams for this rank
+                torch.manual_seed(cfg.seed + RANK_SEED * env.rank + c["step"])
+                mask_gen.manual_seed(cfg.seed + 2 + RANK_SEED * env.rank + c["step"])
+                if env.is_main:
+                    print(
+                        f"note: {loaded.path.name} was written by "
+                        f"{st.get('world_size', 1)} process(es), this job has "
+                        f"{env.world_size}: data continues exactly, dropout/masking "
+                        "randomness restarts from the seed"
+                    )
 
-    def save(step_now: int, val: dict) -> Path:
+    def save(step_now: int, val: dict, final: bool = False) -> Path:
         train_state = {
-            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "loader": loader.state_dict(),
-            "mask_generator": mask_gen.get_state(),
-            "rng": ckpt.rng_state(),
             "guard": guard.state_dict(),
             "counters": dict(c),
         }
-        meta = {"tokens": c["tokens"], **val}
-        path = ckpt.save_checkpoint(run.checkpoints, step_now, model, train_state, meta)
-        log.log_event(step_now, "checkpoint", path=path.name, **val)
-        ckpt.prune(
+        rank_state = {"mask_generator": mask_gen.get_state(), "rng": ckpt.rng_state()}
+        meta = {"tokens": c["tokens"], "world_size": env.world_size, "strategy": strategy, **val}
+        path = ckpt.save_checkpoint(
             run.checkpoints,
-            cfg.tracking.keep_last,
-            Path(c["best_path"]) if c["best_path"] else None,
+            step_now,
+            model,
+            train_state,
+            meta,
+            optimizer=optimizer,
+            rank_state=rank_state,
+            env=env,
+            consolidate=final and sharded,
         )
+        log.log_event(step_now, "checkpoint", path=path.name, **val)
+        if env.is_main:
+            ckpt.prune(
+                run.checkpoints,
+                cfg.tracking.keep_last,
+                Path(c["best_path"]) if c["best_path"] else None,
+            )
         return path
 
     if resume:
-        loaded = ckpt.load_latest(run.checkpoints)
+        # rank 0 checks the checksums and picks; the others load what it picked
+        picked = None
+        if env.is_main:
+            try:
+                latest = ckpt.load_latest(run.checkpoints)
+                picked = (str(latest.path), [(str(p), w) for p, w in latest.skipped])
+            except PlinthError as e:
+                picked = e
+        picked = broadcast_object(picked, env)
+        if isinstance(picked, PlinthError):
+            raise picked
+        loaded = ckpt.load_checkpoint(
+            Path(picked[0]), [(Path(p), w) for p, w in picked[1]], check=False
+        )
         for path, why in loaded.skipped:
             log.log_event(c["step"], "checkpoint_skipped", path=path.name, reason=why)
-            print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
+            if env.is_main:
+                print(
+                    f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}"
+                )
         restore(loaded, with_data=True)
         log.log_event(c["step"], "resume", checkpoint=loaded.path.name, tokens=c["tokens"])
 
     flops_per_token = model.flops_per_token(seq_len)
-    peak = peak_flops(device)
+    peak = peak_flops(device) * env.world_size
     bpt = ds.bytes_per_token("val")
     amp = autocast_context(cfg, device)
     fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
@@ -331,42 +474,50 @@ def train(
         tokens_per_step=tokens_per_step,
         params=model.num_params(),
         device=str(device),
+        world_size=env.world_size,
+        strategy=strategy,
     )
-    sampler = ResourceSampler(run.path / "system.jsonl", interval=10.0).start()
+    sampler = ResourceSampler(run.path / "system.jsonl", interval=10.0) if env.is_main else None
+    if sampler:
+        sampler.start()
     status = "failed"
     win, last_val, steps_this_call = _Window(), {}, 0
     try:
-        with TrainProgress(total=steps, start=c["step"], enabled=progress) as bar:
+        with TrainProgress(total=steps, start=c["step"], enabled=progress and env.is_main) as bar:
             while c["step"] < steps:
                 t0 = time.perf_counter()
                 data_time, step_loss = 0.0, 0.0
-                for _ in range(accum):
+                for i in range(accum):
                     td = time.perf_counter()
                     batch = next(data_iter).to(device, non_blocking=True)
                     data_time += time.perf_counter() - td
-                    with amp:
-                        out = compute_loss(
-                            cfg.objective,
-                            net,
-                            batch,
-                            special,
-                            mask_ratio=cfg.pretrain.mask_ratio,
-                            mean_span_length=cfg.pretrain.mean_span_length,
-                            z_loss=cfg.optim.z_loss,
-                            generator=mask_gen,
+                    with grad_sync(net, strategy, sync=i == accum - 1):
+                        with amp:
+                            out = compute_loss(
+                                cfg.objective,
+                                net,
+                                batch,
+                                special,
+                                mask_ratio=cfg.pretrain.mask_ratio,
+                                mean_span_length=cfg.pretrain.mean_span_length,
+                                z_loss=cfg.optim.z_loss,
+                                generator=mask_gen,
+                            )
+                        loss_value = (
+                            out.loss if fault_hook is None else fault_hook(c["micro"], out.loss)
                         )
-                    loss_value = (
-                        out.loss if fault_hook is None else fault_hook(c["micro"], out.loss)
-                    )
-                    c["micro"] += 1
-                    loss = loss_value / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
+                        c["micro"] += 1
+                        loss = loss_value / accum
+                        (scaler.scale(loss) if scaler else loss).backward()
                     step_loss += (
                         out.ce.item() if fault_hook is None else loss_value.item()
                     ) / accum
+                if env.distributed:  # the global batch's loss: same guard decision everywhere
+                    step_loss = all_reduce_sum([step_loss], env, device)[0] / env.world_size
                 if scaler:
                     scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
                 # fp16 overflow is the loss scaler's business (it skips the step itself)
                 observed_norm = None if (fp16 and not math.isfinite(grad_norm)) else grad_norm
                 decision = guard.observe(c["step"] + 1, step_loss, observed_norm)
@@ -381,7 +532,10 @@ def train(
                     result.halted = True
                     break
                 if decision.action == "rollback":
-                    target = _rollback_target(run, decision.bad_since)
+                    # rank 0 checks checksums; everyone rolls back to the same checkpoint
+                    target = broadcast_object(
+                        _rollback_target(run, decision.bad_since) if env.is_main else None, env
+                    )
                     if target is None:
                         log.log_event(
                             c["step"] + 1,
@@ -393,7 +547,7 @@ def train(
                         result.halted, status = True, "halted"
                         break
                     from_step = c["step"] + 1
-                    restore(ckpt.load_checkpoint(target), with_data=False)
+                    restore(ckpt.load_checkpoint(target, check=False), with_data=False)
                     guard.rolled_back(c["step"])
                     log.log_event(
                         from_step,
@@ -411,7 +565,7 @@ def train(
                     continue
                 # one weight snapshot per logged step measures the update-to-weight ratio
                 log_now = (c["step"] + 1) % cfg.tracking.log_every == 0 or c["step"] + 1 == steps
-                before = [p.detach().clone() for p in trainable] if log_now else None
+                before = [_local(p.detach()).clone() for p in trainable] if log_now else None
                 if decision.action == "skip_step":
                     optimizer.zero_grad(set_to_none=True)  # drop this update, keep the weights
                 elif scaler:
@@ -448,7 +602,7 @@ def train(
                         step_time_p50=win.percentile(0.5),
                         step_time_p90=win.percentile(0.9),
                         step_time_max=max(win.step_times),
-                        update_ratio=update_ratio(before, trainable),
+                        update_ratio=update_ratio(before, trainable, env, device),
                         data_share=win.data / win.time,
                         mfu=flops_per_token * tps / peak if peak else None,
                         mem_mb=memory_mb(device),
@@ -462,7 +616,9 @@ def train(
 
                 is_last = step == steps
                 if step % cfg.tracking.eval_every == 0 or is_last:
-                    last_val = evaluate(net, ds, cfg, device, special, bpt)
+                    # replicas evaluate the bare model: DDP's forward would sync buffers
+                    evaluator = model if strategy == "ddp" else net
+                    last_val = evaluate(evaluator, ds, cfg, device, special, bpt, env)
                     if last_val:
                         log.log_metrics(step, tokens=c["tokens"], **last_val)
                         log.log_event(step, "eval", **last_val)
@@ -485,15 +641,18 @@ def train(
                                 best_val_loss=c["best_val"],
                             )
                             result.stopped_early = is_last = True
-                if cfg.model.arch == "decoder" and (
-                    step % cfg.tracking.sample_every == 0 or is_last
+                # sharded weights need every rank in each forward; replicas let rank 0 alone
+                if (
+                    cfg.model.arch == "decoder"
+                    and (step % cfg.tracking.sample_every == 0 or is_last)
+                    and (env.is_main or sharded)
                 ):
                     for prompt, text in sample_texts(model, ds, cfg, device, step):
                         log.log_sample(step, prompt, text)
                 if step % cfg.tracking.checkpoint_every == 0 or is_last:
                     if last_val and last_val["val/loss"] == c["best_val"]:  # keep-best: this one
                         c["best_path"] = str(ckpt.step_dir(run.checkpoints, step))
-                    save(step, last_val)
+                    save(step, last_val, final=is_last)
                 if is_last or (stop_after is not None and steps_this_call >= stop_after):
                     break
         result.step, result.tokens = c["step"], c["tokens"]
@@ -508,8 +667,13 @@ def train(
             )
         elif not result.halted:
             status = "killed"  # interrupted on purpose (stop_after); resumable
+    except Exception as e:
+        if env.distributed and _is_collective_failure(e):
+            raise _collective_failure(e, env, c["step"], cfg.distributed.timeout_s) from None
+        raise
     finally:
-        sampler.stop()
+        if sampler:
+            sampler.stop()
         log.close("finished" if status in ("finished", "killed") else "failed")
     return result
 
