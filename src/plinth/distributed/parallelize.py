@@ -81,8 +81,8 @@ def parallelize(
             bucket_cap_mb=cfg.distributed.bucket_mb,
             gradient_as_bucket_view=True,
             # our buffers (RoPE tables) are derived, not learned, and may grow on one rank only
-            # (rank 0 samples longer sequences): broadcasting them would mismatch
-            broadcast_buffers=False,
+            # (rank 0 samples longer sequences): syncing them each forward would mismatch
+            forward_sync_buffers=False,
         )
     return net
 

@@ -118,6 +118,10 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {self.max_len} allocated")
+        if k.dtype != self.k.dtype and self.pos == 0:
+            # compute dtype differs from the weights' (e.g. FSDP gathers bf16 copies of fp32
+            # weights): store what attention computes in, once, before anything is cached
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
         self.k[layer, :, :, self.pos : end] = k
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, K, S, E)
