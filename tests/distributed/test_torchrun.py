@@ -7,11 +7,13 @@ import json
 import shutil
 
 import pytest
+import torch
 from launcher import EXACT, launch, losses, write_config
 from safetensors.torch import load_file
 
 from plinth.config.load import load_config
 from plinth.errors import PlinthError
+from plinth.models import build_model
 from plinth.recipes.pretrain import run_pretraining
 from plinth.track.run import read_jsonl
 from plinth.train import state as ckpt
@@ -98,6 +100,13 @@ def test_two_ranks_match_one_process(tiny_yaml, tmp_path, reference, strategy, e
         assert not (run / "checkpoints" / "step_0000010" / "model.safetensors").exists()
     weights = load_file(last / "model.safetensors")
     assert weights["layers.0.attn.q_proj.weight"].shape == (64, 64)
+    if strategy != "ddp":  # the consolidated file holds exactly what the shards hold
+        shards_only = tmp_path / "shards_only"
+        shutil.copytree(last, shards_only, ignore=shutil.ignore_patterns("model.safetensors"))
+        model = build_model(load_config([run / "config.yaml"]).config.model)
+        ckpt.load_checkpoint(shards_only, check=False).load_into(model)
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.items())
 
 
 def test_fsdp_two_ranks_resume_on_one_and_back(tiny_yaml, tmp_path, reference):

@@ -256,7 +256,11 @@ class Loaded:
                 msd, osd = get_model_state_dict(model), {}
             state = {"model": msd, "optim": osd} if osd else {"model": msd}
             try:
-                dcp.load(state, checkpoint_id=str(self.path / SHARDED_DIR))
+                dcp.load(
+                    state,
+                    checkpoint_id=str(self.path / SHARDED_DIR),
+                    no_dist=not torch.distributed.is_initialized(),  # one process reads all
+                )
             except Exception as e:  # DCP raises CheckpointException/RuntimeError/KeyError
                 raise PlinthError(
                     f"could not load the sharded checkpoint {self.path / SHARDED_DIR}: "
