@@ -30,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,11 +257,13 @@ class Loaded:
                 msd, osd = get_model_state_dict(model), {}
             state = {"model": msd, "optim": osd} if osd else {"model": msd}
             try:
-                dcp.load(
-                    state,
-                    checkpoint_id=str(self.path / SHARDED_DIR),
-                    no_dist=not torch.distributed.is_initialized(),  # one process reads all
-                )
+                with warnings.catch_warnings():  # one process reading every shard is intended
+                    warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                    dcp.load(
+                        state,
+                        checkpoint_id=str(self.path / SHARDED_DIR),
+                        no_dist=not torch.distributed.is_initialized(),
+                    )
             except Exception as e:  # DCP raises CheckpointException/RuntimeError/KeyError
                 raise PlinthError(
                     f"could not load the sharded checkpoint {self.path / SHARDED_DIR}: "
