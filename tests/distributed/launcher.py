@@ -11,7 +11,12 @@ from plinth.config.load import load_config
 from plinth.track.run import read_jsonl
 
 # dropout off and a constant schedule: runs of different lengths agree step for step
-EXACT = ["model.dropout=0", "optim.schedule=constant", "optim.micro_batch=2"]
+EXACT = [
+    "model.dropout=0",
+    "optim.schedule=constant",
+    "optim.micro_batch=2",
+    "hardware.device=cpu",  # gloo on CPU even where a GPU is visible
+]
 
 
 def write_config(overrides: list[str], path) -> str:

@@ -19,6 +19,8 @@ With fsdp/hsdp, compile is applied per block (in place) so FSDP's hooks sit at b
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -75,14 +77,17 @@ def parallelize(
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # our buffers (RoPE tables) are derived, not learned, and may grow on one rank only
+        # (rank 0 samples longer sequences): syncing them each forward would mismatch.
+        # torch >= 2.13 names the switch forward_sync_buffers; older releases broadcast_buffers.
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = next(k for k in ("forward_sync_buffers", "broadcast_buffers") if k in params)
         return DistributedDataParallel(
             net,
             device_ids=[device.index] if device is not None and device.type == "cuda" else None,
             bucket_cap_mb=cfg.distributed.bucket_mb,
             gradient_as_bucket_view=True,
-            # our buffers (RoPE tables) are derived, not learned, and may grow on one rank only
-            # (rank 0 samples longer sequences): syncing them each forward would mismatch
-            forward_sync_buffers=False,
+            **{no_sync: False},
         )
     return net
 
