@@ -5,9 +5,10 @@
 
 Memory per device (formulas in plinth.train.memory) is broken down into weights, gradients
 and optimizer state (fp32 master copies; FSDP shards all three across devices), activations
-(Korthikanti et al. 2022: ~(34 d + 5 h s) bytes per token per layer at 16-bit, doubled for
-fp32; with activation checkpointing only each block's input is kept, plus one block's full
-activations while it is recomputed) and the logits. The model is built on PyTorch's `meta`
+(the tensors plinth's blocks keep for backward, calibrated against measured training steps;
+with activation checkpointing only each block's input is kept, plus one block's full
+activations while it is recomputed) and the logits (the loss head's working memory: chunks of
+them for the decoder's fused loss). The model is built on PyTorch's `meta`
 device, so parameter and FLOP counts come from the real model classes without allocating
 memory. Throughput assumes a model FLOP utilisation (MFU) of the hardware's peak: a datasheet
 number for GPUs, the measured fp32 matmul peak on a CPU.
