@@ -30,7 +30,7 @@ def test_ddp_and_fsdp_on_nccl(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "result.json").read_text())
-    assert r["plain"][-1] < r["plain"][0]
+    assert r["plain"][-1] < r["plain"][0] - 1.0
     for a, b in zip(r["plain"], r["ddp"], strict=True):
         assert abs(a - b) < 1e-2  # same data on one GPU; DDP only averages
     for a, b in zip(r["plain"], r["fsdp"], strict=True):
