@@ -36,6 +36,10 @@ when global_batch > micro_batch * devices: earlier gradients exist during forwar
 micro-batch per step gradients appear only during backward and the peak is lower by up to
 their size. Not modelled: dropout masks, padding masks that move SDPA off its flash kernel,
 scratch space inside kernels, and the CUDA allocator's rounding, caching and fragmentation.
+Checked once on an H100 (torch 2.11, 40M-900M parameters, the same three families, fp32 and
+bf16, with and without checkpointing): within 11% of `torch.cuda.max_memory_allocated`. There
+the fused rms_norm keeps no normalised copy (the estimate runs ~5% high in fp32), and cuBLAS
+workspaces add a fixed ~60 MiB that only matters for toy models.
 
 `measure_peak_bytes(fn, model, optimizer)` measures: the CUDA allocator's peak on a GPU; on CPU,
 which has no allocator counter, the peak of live tensor storage seen by `PeakMemory`.
