@@ -151,6 +151,28 @@ def test_model_that_cannot_fit_says_what_would():
     assert "presets that fit: tiny, small, medium" in msg
 
 
+def test_fit_check_is_per_rank_under_sharding():
+    import torch
+
+    from plinth.train.memory import check_fits
+
+    cfg = load_config(
+        [],
+        ["preset=large", "hardware.precision=bf16", "hardware.activation_checkpointing=true",
+         "optim.micro_batch=1"],
+    ).config  # fmt: skip
+    gpu = torch.device("cuda")  # only its type is used: no GPU needed
+    with pytest.raises(UsageError, match=r"distributed\.strategy=fsdp"):
+        check_fits(cfg, gpu, available=80e9)  # 7B with AdamW on one 80 GB GPU: no
+    check_fits(cfg, gpu, available=80e9, devices=8, strategy="fsdp")  # sharded over 8: yes
+    with pytest.raises(UsageError, match="free per rank"):
+        check_fits(cfg, gpu, available=80e9, devices=8, strategy="ddp")  # replicas: no
+    small = load_config([], ["preset=small"]).config
+    check_fits(small, torch.device("cpu"), available=24 * 2**30)
+    with pytest.raises(UsageError):  # 16 CPU ranks on one machine share its memory
+        check_fits(small, torch.device("cpu"), available=24 * 2**30, devices=16, ranks_here=16)
+
+
 def test_generate_from_a_trained_run(tiny_overrides, capsys):
     r = load_config([], [*tiny_overrides, "pretrain.max_steps=10", "tracking.run_name=gen"])
     run = run_pretraining(r, progress=False).run_dir

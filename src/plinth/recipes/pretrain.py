@@ -141,7 +141,13 @@ def run_pretraining(
         accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
     except ValueError as e:
         raise UsageError(f"{e} (torchrun started {env.world_size} processes)") from None
-    check_fits(cfg, device)
+    check_fits(
+        cfg,
+        device,
+        devices=env.world_size,
+        strategy=strategy,
+        ranks_here=env.local_world_size,
+    )
     init_process_group(cfg, env, device)
     try:
         # rank 0 prepares (or reuses) the dataset; the others then open the finished one
