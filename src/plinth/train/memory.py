@@ -149,11 +149,23 @@ def available_bytes(device: torch.device) -> float:
     return float(psutil.virtual_memory().available)
 
 
-def check_fits(cfg: Config, device: torch.device, available: float | None = None) -> None:
-    """Raise a clear error when the estimate exceeds what the device has free."""
-    est = memory_per_device(cfg)
+def check_fits(
+    cfg: Config,
+    device: torch.device,
+    available: float | None = None,
+    *,
+    devices: int = 1,
+    strategy: str = "none",
+    ranks_here: int = 1,
+) -> None:
+    """Raise a clear error when the estimate exceeds what the device has free. Under torchrun
+    the estimate is per rank (`strategy` over `devices` ranks); CPU ranks on one machine
+    (`ranks_here`) share its memory."""
+    est = memory_per_device(cfg, devices=devices, strategy=strategy)
     need = sum(est.values())
     have = available_bytes(device) if available is None else available
+    if device.type == "cpu":
+        have /= ranks_here
     if need <= 0.9 * have:
         return
     gib = 2**30
@@ -171,8 +183,11 @@ def check_fits(cfg: Config, device: torch.device, available: float | None = None
     raise UsageError(
         f"this model will not fit: {cfg.model.param_count() / 1e6:,.1f}M parameters need about "
         f"{need / gib:.1f} GiB to train ({breakdown}) but {device.type} has {have / gib:.1f} GiB "
-        f"free. Use a smaller model (presets that fit: {', '.join(fits) or 'none'}), lower "
-        "optim.micro_batch or model.max_seq_len, or a device with more memory."
+        f"free{' per rank' if devices > 1 else ''}. Use a smaller model (presets that fit: "
+        f"{', '.join(fits) or 'none'}), lower optim.micro_batch or model.max_seq_len, turn on "
+        "hardware.activation_checkpointing, shard it (torchrun with distributed.strategy=fsdp; "
+        "`plinth plan --devices N --strategy fsdp` tells how many GPUs), or use a device with "
+        "more memory."
     )
 
 
