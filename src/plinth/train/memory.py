@@ -17,16 +17,21 @@ width, a = 4 bytes in fp32 and 2 under bf16/fp16 autocast, r = 1 for rmsnorm, 0 
   + a * (2D + 3q + 3kv + M)           the norm outputs; q/k/v (v keeps the fused projection
                                       alive), rotated q and k, attention output; the MLP's
                                       M = 4F (swiglu: gate/up, silu, product) or 2F
-  + per block: weight copies kept for backward (the concatenated q/k/v and gate/up matrices
-    in fp32; under autocast every matrix cast to 16 bits)
+  + per block, under autocast only: the 16-bit copies of o_proj and down_proj (autocast caches
+    them). The fused q/k/v and gate/up projections keep references to their separate fp32
+    weights, so they add no copy (the concatenated matrix is a temporary).
 
 Attention runs through SDPA's flash kernels, which keep a logsumexp per head and token but no
 T x T probabilities, so there is no 5 * heads * seq term (Korthikanti et al. 2022 assume
 materialised probabilities). Activation checkpointing keeps each block's fp32 input and, in
 backward, one block recomputed. A block's backward needs ~0.4 M per token on top. The decoder
-fuses its head and the loss (`linear_cross_entropy`): `logits` is two ~4M-value chunks of fp32
-logits plus the gradients of the final hidden states (tokens x D) and of the head (V x D),
-which the loss computes in forward and keeps until the next forward returns (so twice). The
+fuses its head and the loss (`linear_cross_entropy`): `logits` is one ~4M-value chunk of fp32
+logits (each chunk is freed before the next) plus the gradients of the final hidden states
+(tokens x D) and of the head (V x D), which the loss computes in forward and hands over in
+backward, keeping no reference (the loop's loss output lives on into the next forward, but
+holds nothing large). Under autocast add the head cast to 16 bits, a chunk's 16-bit copy of
+its logits' gradient and its 16-bit head-weight gradient, added to the fp32 sum in blocks of
+at most 4M values. The
 encoder (MLM on mask_ratio of the tokens) and the encoder-decoder (T5 span targets) build
 plain logits: fp32 logits, log-softmax and gradient. The peak is at the loss or in a block's
 backward, whichever needs more.
@@ -39,7 +44,8 @@ scratch space inside kernels, and the CUDA allocator's rounding, caching and fra
 Checked once on an H100 (torch 2.11, 40M-900M parameters, the same three families, fp32 and
 bf16, with and without checkpointing): within 11% of `torch.cuda.max_memory_allocated`. There
 the fused rms_norm keeps no normalised copy (the estimate runs ~5% high in fp32), and cuBLAS
-workspaces add a fixed ~60 MiB that only matters for toy models.
+workspaces add a fixed ~60 MiB that only matters for toy models. (That check predates the
+layers keeping no concatenated weights and the loss keeping no gradients; not re-run since.)
 
 `measure_peak_bytes(fn, model, optimizer)` measures: the CUDA allocator's peak on a GPU; on CPU,
 which has no allocator counter, the peak of live tensor storage seen by `PeakMemory`.
@@ -94,11 +100,9 @@ def _activations(cfg: Config, batch: int) -> tuple[float, float]:
     per_token = 4 * (2 + 2 * r) * d + a * (2 * d + 3 * q + 3 * kv + mlp)
     if m.qk_norm:
         per_token += a * r * (q + kv)
-    # weight copies one block keeps for backward: the concatenated q/k/v and gate/up
-    # matrices, or under autocast every matrix cast to 16 bits
-    matrices = d * (q + 2 * kv) + q * d + (3 if m.activation == "swiglu" else 2) * d * f
-    fused = d * (q + 2 * kv) + (2 * d * f if m.activation == "swiglu" else 0)
-    copies = 2 * matrices if a == 2 else 4 * fused
+    # weight copies one block keeps for backward: under autocast the 16-bit casts of o_proj and
+    # down_proj (autocast caches them; the fused q/k/v and gate/up keep only the fp32 weights)
+    copies = 2 * (q * d + d * f) if a == 2 else 0
     N = batch * m.max_seq_len  # tokens through the stack (the decoder stack for enc-dec)
     stacks = [(m.n_layers, N, per_token, copies)]  # (blocks, tokens, per token, per block)
     extra = 0  # saved outside the blocks, besides the last stack's final norm
@@ -123,21 +127,19 @@ def _activations(cfg: Config, batch: int) -> tuple[float, float]:
         saved += blocks * (tokens * 4 * d if ckpt else tokens * tok + blk)
     # one block's backward: its recomputed activations (checkpointing) and its gradients
     work = max((t * tok + blk if ckpt else 0) + t * a * 0.4 * mlp for _, t, tok, blk in stacks)
-    if m.arch == "decoder":  # fused head + loss (linear_cross_entropy): chunks of logits
+    if m.arch == "decoder":  # fused head + loss (linear_cross_entropy): one chunk of logits
         rows = min(N, max(64, 2**22 // V))  # its default chunk
-        live = 1 if rows == N else 2  # the previous chunk is still referenced
-        logits = live * rows * V * (6 if a == 2 else 4) + rows * d * 4
-        if a == 2:  # the head weight cast to 16 bits; a chunk's weight gradient in 16 and 32
-            logits += 8 * V * d
-        # gradients of h and of the head weight, computed in forward and kept by the loss:
-        # this micro-batch's and (until the next forward returns) the previous one's
-        head_grads = 4 * (N * d + V * d)
-        logits += 2 * head_grads
+        logits = rows * V * (6 if a == 2 else 4) + rows * d * 4
+        if a == 2:  # the head weight cast to 16 bits; a chunk's weight gradient in 16 bits,
+            # added to the fp32 one in blocks of 2**22 // d rows
+            logits += 4 * V * d + 4 * min(V, max(1, 2**22 // d)) * d
+        # gradients of h and of the head weight, computed in forward, kept until backward
+        logits += 4 * (N * d + V * d)
     else:  # plain fp32 logits of the predicted positions, their log-softmax and gradient
         rows = N if m.arch == "encoder_decoder" else N * cfg.pretrain.mask_ratio
-        head_grads, logits = 0, rows * V * 4 * 3 + rows * d * a
+        logits = rows * V * 4 * 3 + rows * d * a
     # the peak is at the loss (end of forward) or in a block's backward, whichever is larger
-    return saved + max(0, work + head_grads - logits), logits
+    return saved + max(0, work - logits), logits
 
 
 def available_bytes(device: torch.device) -> float:
