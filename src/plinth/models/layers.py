@@ -176,6 +176,9 @@ class Attention(nn.Module):
         self.q_norm = make_norm(cfg, e, bias=False) if cfg.qk_norm else None
         self.k_norm = make_norm(cfg, e, bias=False) if cfg.qk_norm else None
         self.dropout = cfg.dropout
+        # extension point, set from outside (prefix tuning, plinth.peft.prefix): a module called
+        # as prefix_kv(B) that returns keys and values (B, K, P, E) every query attends to
+        self.prefix_kv: nn.Module | None = None
 
     def forward(
         self,
@@ -216,6 +219,8 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
         q = q.transpose(1, 2)  # (B, H, T, E)
+        if self.prefix_kv is not None:
+            k, v, mask = prepend_kv(self.prefix_kv(B), k, v, mask, self.causal, T)
         # is_causal is exact only when queries and keys start together (training, prefill)
         is_causal = self.causal and mask is None and k.shape[2] == T > 1
         y = F.scaled_dot_product_attention(
@@ -229,6 +234,25 @@ class Attention(nn.Module):
         )  # (B, H, T, E)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
         return self.o_proj(y)  # (B, T, D)
+
+
+def prepend_kv(
+    prefix: tuple[torch.Tensor, torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    T: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys/values (B, K, P, E) that every query sees, put before k, v (B, K, S, E). The mask
+    gains P visible columns; causal attention over T > 1 queries gets an explicit mask."""
+    pk, pv = prefix
+    S = k.shape[2]
+    if mask is None and causal and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)[None, None]
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], pk.shape[2]), mask], dim=-1)
+    return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2), mask
 
 
 # ------------------------------------------------------------------------------------------ MLP

@@ -1,0 +1,185 @@
+"""LoRA and DoRA as module swaps: exact start, merge/unmerge, the disable switch, names kept,
+training with the project's optimizer and checkpoints, and clear errors.
+
+    python -m pytest tests/peft/test_lora.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft_helpers import V, batch, ft, loss_of, snapshot, tiny_model, train
+
+from plinth.config.schema import OptimConfig
+from plinth.errors import UsageError
+from plinth.peft import apply_method, disable_adapters, merge, unmerge
+from plinth.peft.lora import LoRALinear
+from plinth.train.optim import build_optimizer
+from plinth.train.state import load_checkpoint, save_checkpoint
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_zero_init_starts_exactly_at_the_base(method):
+    base = tiny_model()
+    x = batch()
+    with torch.no_grad():
+        ref = base(x)
+    summary = apply_method(base, ft(method, target_modules=ALL))
+    with torch.no_grad():
+        got = base(x)
+    assert summary.trainable < 0.2 * summary.total
+    assert len(summary.modules) == 2 * len(ALL)
+    if method == "lora":
+        assert torch.equal(got, ref)  # B = 0: the update is exactly zero
+    else:  # m / ||W|| = 1 up to rounding of the norm
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_names_are_kept_and_only_adapters_train():
+    model = tiny_model()
+    before = set(model.state_dict())
+    apply_method(model, ft("dora", target_modules=["q_proj", "down_proj"]))
+    after = set(model.state_dict())
+    assert before <= after  # every base key is still there, same name
+    new = sorted(after - before)
+    assert new[:3] == [
+        "layers.0.attn.q_proj.lora_A.weight",
+        "layers.0.attn.q_proj.lora_B.weight",
+        "layers.0.attn.q_proj.lora_magnitude_vector",
+    ]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(new)
+    opt = build_optimizer(model, OptimConfig())  # takes only requires_grad parameters
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert in_opt == {id(p) for n, p in model.named_parameters() if n in trainable}
+
+
+def test_lora_on_q_proj_takes_effect():
+    """Attention fuses q/k/v into one GEMM only for plain nn.Linear; a LoRA q_proj must be
+    called (not bypassed): with a nonzero B the logits equal a model whose q_proj weight
+    carries the update."""
+    model, manual = tiny_model(), tiny_model()
+    apply_method(model, ft("lora", target_modules=["layers.1.attn.q_proj"]))
+    layer = model.layers[1].attn.q_proj
+    assert isinstance(layer, LoRALinear)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.5)
+        manual.layers[1].attn.q_proj.weight += layer.delta_weight()
+    x = batch()
+    with torch.no_grad():
+        got, ref, base = model(x), manual(x), tiny_model()(x)
+    assert (got - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_train_then_merge_equals_unmerged_and_unmerge_restores_base(method):
+    model = tiny_model()
+    x = batch()
+    with torch.no_grad():
+        base_logits = model(x)
+    apply_method(model, ft(method, target_modules=ALL, lora_dropout=0.1))
+    base_state = {k: v for k, v in snapshot(model).items() if "lora" not in k}
+    losses = train(model, x, steps=8, lr=1e-2)
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - base_logits).abs().max() > 1e-2  # training moved the output
+        with disable_adapters(model):
+            torch.testing.assert_close(model(x), base_logits, atol=1e-6, rtol=0)
+        assert merge(model) == 2 * len(ALL)
+        merged = model(x)
+        # merged weights differ from the base; the merged model equals the adapted one
+        assert not torch.equal(model.layers[0].attn.q_proj.weight, base_state[
+            "layers.0.attn.q_proj.weight"])
+        diff = (merged - adapted).abs().max().item()
+        print(f"{method}: merged vs unmerged max abs diff {diff:.2e}")
+        assert diff <= 1e-5
+        with disable_adapters(model):  # unmerges for the duration, merges again after
+            torch.testing.assert_close(model(x), base_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), merged, atol=1e-6, rtol=0)
+        unmerge(model)
+        for k, v in base_state.items():
+            torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
+
+
+def test_base_weights_bit_identical_after_training():
+    model = tiny_model()
+    apply_method(model, ft("lora", target_modules=ALL))
+    before = snapshot(model)
+    train(model, batch(), steps=5)
+    after = model.state_dict()
+    for k, v in before.items():
+        if "lora_" not in k:
+            assert torch.equal(after[k], v), k
+        else:
+            assert "lora_A" in k or not torch.equal(after[k], v), k  # B moved off zero
+
+
+def test_checkpoint_round_trip_resumes_identically(tmp_path):
+    """plinth.train.state saves adapters under their new names and the optimizer state of the
+    trainable parameters only; a fresh adapted model resumes bit-for-bit."""
+    x = batch()
+
+    def fresh():
+        m = tiny_model()
+        apply_method(m, ft("lora", target_modules=ALL))
+        m.train()
+        return m, build_optimizer(m, OptimConfig(lr=1e-2, weight_decay=0.0))
+
+    def step(m, opt):
+        loss = loss_of(m, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    model, opt = fresh()
+    for _ in range(3):
+        step(model, opt)
+    path = save_checkpoint(tmp_path, 3, model, {"step": 3}, {}, optimizer=opt)
+    ref = [step(model, opt) for _ in range(3)]
+
+    resumed, opt2 = fresh()
+    loaded = load_checkpoint(path)
+    assert "layers.0.attn.q_proj.lora_B.weight" in loaded.weights
+    loaded.load_into(resumed, opt2)
+    got = [step(resumed, opt2) for _ in range(3)]
+    assert got == ref
+
+
+def test_target_modules_that_match_nothing_list_what_exists():
+    with pytest.raises(UsageError) as e:
+        apply_method(tiny_model(), ft("lora", target_modules=["q_proj", "qkv"]))
+    msg = str(e.value)
+    assert "finetune.target_modules" in msg and "['qkv']" in msg
+    assert "layers.*.attn.q_proj" in msg and "layers.*.mlp.down_proj" in msg and "lm_head" in msg
+
+
+def test_rank_larger_than_the_layer_is_refused():
+    with pytest.raises(UsageError, match=r"finetune.rank=80 .* layers.0.attn.k_proj .* at most"):
+        apply_method(tiny_model(n_kv_heads=2), ft("lora", rank=80, target_modules=["k_proj"]))
+
+
+def test_patterns_select_layers_and_freeze_layers_skips_blocks():
+    model = tiny_model()
+    s = apply_method(model, ft("lora", target_modules=["*_proj"], freeze_layers=1))
+    assert s.modules == [f"layers.1.{p}" for p in (
+        "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+
+
+def test_lora_on_the_tied_head():
+    model = tiny_model(tie_embeddings=True)
+    apply_method(model, ft("lora", target_modules=["lm_head"]))
+    assert model.lm_head.weight is model.embed_tokens.weight  # still one tensor
+    x = batch()
+    losses = train(model, x, steps=5)
+    assert losses[-1] < losses[0]
+    logits = model.eval()(x)
+    assert logits.shape == (*x.shape, V)
