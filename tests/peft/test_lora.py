@@ -120,14 +120,19 @@ def test_base_weights_bit_identical_after_training():
             assert "lora_A" in k or not torch.equal(after[k], v), k  # B moved off zero
 
 
-def test_checkpoint_round_trip_resumes_identically(tmp_path):
-    """plinth.train.state saves adapters under their new names and the optimizer state of the
-    trainable parameters only; a fresh adapted model resumes bit-for-bit."""
+@pytest.mark.parametrize("method", ["lora", "qlora", "prefix"])
+def test_checkpoint_round_trip_resumes_identically(tmp_path, method):
+    """plinth.train.state saves adapters under their new names (QLoRA: its 4-bit codes too) and
+    the optimizer state of the trainable parameters only; a fresh adapted model resumes
+    bit-for-bit."""
     x = batch()
+    new_key = {"lora": "layers.0.attn.q_proj.lora_B.weight",
+               "qlora": "layers.0.attn.q_proj.weight_nf4",
+               "prefix": "layers.0.attn.prefix_kv.key"}[method]
 
     def fresh():
         m = tiny_model()
-        apply_method(m, ft("lora", target_modules=ALL))
+        apply_method(m, ft(method, **({} if method == "prefix" else {"target_modules": ALL})))
         m.train()
         return m, build_optimizer(m, OptimConfig(lr=1e-2, weight_decay=0.0))
 
@@ -146,7 +151,7 @@ def test_checkpoint_round_trip_resumes_identically(tmp_path):
 
     resumed, opt2 = fresh()
     loaded = load_checkpoint(path)
-    assert "layers.0.attn.q_proj.lora_B.weight" in loaded.weights
+    assert new_key in loaded.weights
     loaded.load_into(resumed, opt2)
     got = [step(resumed, opt2) for _ in range(3)]
     assert got == ref

@@ -115,3 +115,24 @@ def test_qlora_under_bf16_autocast():
     loss_sum.backward()
     g = model.layers[0].attn.q_proj.lora_B.weight.grad
     assert g is not None and g.abs().max() > 0
+
+
+def test_a_base_checkpoint_loads_into_qlora_and_its_adapter_onto_the_dense_base(tmp_path):
+    from plinth.peft import load_adapter, save_adapter
+
+    dense = tiny_model()
+    state = dense.state_dict()
+    q1 = tiny_model(seed=5)  # other weights: the dense state dict below replaces them
+    apply_method(q1, ft("qlora", target_modules=["q_proj", "up_proj"]))
+    missing, unexpected = q1.load_state_dict(state, strict=False)
+    assert unexpected == [] and all("lora_" in k for k in missing)
+    q2 = tiny_model()
+    apply_method(q2, ft("qlora", target_modules=["q_proj", "up_proj"]))
+    assert torch.equal(q1.layers[1].mlp.up_proj.weight_nf4, q2.layers[1].mlp.up_proj.weight_nf4)
+
+    train(q2, batch(), steps=3)
+    save_adapter(q2, tmp_path)  # the fingerprint is the dense base's, taken before quantising
+    summary = load_adapter(dense, tmp_path)
+    assert summary.method == "lora" and not dense.layers[0].attn.q_proj.quantized
+    torch.testing.assert_close(dense.layers[0].attn.q_proj.lora_B.weight,
+                               q2.layers[0].attn.q_proj.lora_B.weight, atol=0, rtol=0)

@@ -14,7 +14,8 @@ section 4.3), which is what peft does and keeps memory near LoRA's.
 
 QLoRA (Dettmers et al. 2023): the frozen W is stored as 4-bit NF4 (`plinth.peft.nf4`) in the
 buffers `weight_nf4` and `weight_absmax` and dequantised for each matrix multiply; LoRA trains on
-top in full precision.
+top in full precision. A state dict with the dense `weight` (a base checkpoint) still loads: the
+layer quantises it.
 
 The module keeps the base layer's `weight`/`bias` names (state-dict keys unchanged) and adds
 `lora_A.weight`, `lora_B.weight` (and `lora_magnitude_vector` for DoRA), the names peft uses.
@@ -71,6 +72,15 @@ class LoRALinear(WrappedLinear):
             nn.Parameter(self.dense_weight(torch.float32).norm(dim=1).to(p.dtype)) if dora else None
         )
         self._merge_norm: torch.Tensor | None = None  # DoRA: ||W + BA|| at merge, for unmerge
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a dense base weight (a base checkpoint) loads into a 4-bit layer by quantising it
+        key = prefix + "weight"
+        if self.quantized and key in state_dict:
+            q = nf4.quantize(state_dict.pop(key))
+            state_dict[prefix + "weight_nf4"] = q.codes
+            state_dict[prefix + "weight_absmax"] = q.absmax
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The base weight (out, in) as a dense tensor (dequantised for QLoRA)."""
