@@ -156,6 +156,8 @@ def test_bad_settings_are_explained():
         apply_method(tiny_model(), ft("lora", freeze_layers=5))
     with pytest.raises(UsageError, match=r"finetune\.rank=100 is larger than layer"):
         apply_method(tiny_model(), ft("adapter", rank=100))
+    with pytest.raises(UsageError, match="leaves no parameter to train"):
+        apply_method(tiny_model(), ft("full", freeze_layers=1, trainable=["layers.0.*"]))
     model = tiny_model()
     apply_method(model, ft("lora"))
     with pytest.raises(UsageError, match="already has a fine-tuning method"):

@@ -98,6 +98,12 @@ def apply_method(model: nn.Module, cfg: FinetuneConfig) -> Summary:
         include={"rank", "alpha", "lora_dropout", "target_modules", "freeze_layers"}
     )
     trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise UsageError(
+            f"finetune.method={cfg.method} with freeze_layers={cfg.freeze_layers} and "
+            f"trainable={cfg.trainable} leaves no parameter to train (the patterns match only "
+            "frozen parts). Lower finetune.freeze_layers or change finetune.trainable."
+        )
     return Summary(cfg.method, trainable, total, modules)
 
 
