@@ -33,6 +33,8 @@ def test_schema_covers_the_options_users_tune():
         "model.dropout",
         "model.tie_embeddings",
         "model.qk_norm",
+        "model.norm_position",
+        "model.type_vocab_size",
         "model.vocab_size",
         "model.max_seq_len",
         "pretrain.objective",
@@ -133,6 +135,11 @@ def test_well_known_shapes_count_like_their_checkpoints():
     # Llama-2-7B: 6,738,415,616 parameters
     llama = ModelConfig(n_layers=32, d_model=4096, n_heads=32, d_ff=11008, vocab_size=32000)
     assert llama.param_count() == 6_738_415_616
+    # BERT-base (BertModel without its pooler): 108,891,648 (post-norm, token types, tied head)
+    bert = ModelConfig(arch="encoder", n_layers=12, d_model=768, n_heads=12, activation="gelu",
+                       norm="layernorm", norm_position="post", positional="learned", bias=True,
+                       type_vocab_size=2, tie_embeddings=True, vocab_size=30522, max_seq_len=512)
+    assert bert.param_count() == 108_891_648
 
 
 @pytest.mark.parametrize(
@@ -141,6 +148,8 @@ def test_well_known_shapes_count_like_their_checkpoints():
         ({"d_model": 256, "n_heads": 5}, "n_heads (5) must divide d_model (256)"),
         ({"n_heads": 4, "n_kv_heads": 3}, "n_kv_heads (3) must divide n_heads (4)"),
         ({"d_model": 30, "n_heads": 2}, "rope needs an even head_dim"),
+        ({"arch": "encoder_decoder", "norm_position": "post"}, "norm_position=post is implemented"),
+        ({"type_vocab_size": 2}, "type_vocab_size=2 needs arch=encoder"),
     ],
 )
 def test_cross_field_rules_explain_the_fix(fields, needle):

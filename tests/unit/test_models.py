@@ -53,6 +53,29 @@ def test_num_params_equals_config_count_for_every_option_combination():
     assert checked == 96
 
 
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_import_options_count_exactly_and_behave(arch):
+    """gelu_tanh, post-norm blocks and token types (GPT-2 / BERT checkpoints)."""
+    types = 2 if arch == "encoder" else 0
+    for kw in (dict(activation="gelu_tanh"), dict(norm_position="post", norm="layernorm",
+                                                  bias=True, type_vocab_size=types)):
+        cfg = tiny(arch=arch, positional="learned", **kw)
+        m = build_model(cfg).eval()
+        assert m.num_params() == cfg.param_count(), kw
+    x = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(0))
+    post = build_model(tiny(arch=arch, norm_position="post", type_vocab_size=types)).eval()
+    pre = build_model(tiny(arch=arch)).eval()
+    pre.load_state_dict(post.state_dict(), strict=False)
+    assert (post(x) - pre(x)).abs().max() > 1e-3  # the norms really moved
+    if arch == "encoder":
+        seg = torch.zeros_like(x)
+        seg[:, 6:] = 1
+        a, b = post.encode(x), post.encode(x, token_type_ids=seg)
+        torch.testing.assert_close(a, post.encode(x, token_type_ids=torch.zeros_like(x)))
+        assert (a - b).abs().max() > 1e-3
+        assert post.embed_types.weight.shape == (2, 32)
+
+
 def test_reference_preset_size_and_flops():
     cfg = ModelConfig(n_layers=6, d_model=384, n_heads=6, d_ff=1536, vocab_size=8192,
                       max_seq_len=256)
@@ -170,7 +193,8 @@ def test_encoder_decoder_source_padding_and_target_causality():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_heads=1, qk_norm=True),
-                                dict(positional="learned", norm="layernorm", bias=True)])
+                                dict(positional="learned", norm="layernorm", bias=True),
+                                dict(norm_position="post", activation="gelu_tanh")])
 def test_kv_cache_chunks_match_full_forward(kw):
     torch.manual_seed(0)
     m: Decoder = build_model(tiny(**kw)).eval()

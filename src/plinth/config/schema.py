@@ -58,16 +58,23 @@ class ModelConfig(Section):
     divide n_heads (1 = multi-query attention)."""
 
     d_ff: int | None = Field(None, ge=1)
-    """Hidden width of the MLP. None derives it: 4*d_model for gelu/relu2, and 8/3*d_model
+    """Hidden width of the MLP. None derives it: 4*d_model for gelu(_tanh)/relu2, 8/3*d_model
     rounded up to a multiple of 64 for swiglu (same parameter count as a 4x gelu MLP)."""
 
-    activation: Literal["swiglu", "gelu", "relu2"] = "swiglu"
-    """MLP non-linearity. swiglu (Llama) trains best per parameter; gelu matches GPT-2/BERT
-    checkpoints; relu2 (squared ReLU) is cheap and strong for small pretraining runs."""
+    activation: Literal["swiglu", "gelu", "gelu_tanh", "relu2"] = "swiglu"
+    """MLP non-linearity. swiglu (Llama) trains best per parameter; gelu (exact erf form) matches
+    BERT checkpoints and gelu_tanh (its tanh approximation, `gelu_new`) GPT-2 ones; relu2 (squared
+    ReLU) is cheap and strong for small pretraining runs."""
 
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation layer. rmsnorm is cheaper and standard in modern LLMs; layernorm is what
     GPT-2/BERT checkpoints were trained with."""
+
+    norm_position: Literal["pre", "post"] = "pre"
+    """Where each block normalises. pre (`x + f(norm(x))`, then a final norm) trains stably at
+    any depth without warmup tricks and is what modern models use; post (`norm(x + f(x))`, the
+    original Transformer and BERT; the model's own norm then normalises the embeddings) is
+    needed to import BERT checkpoints. decoder and encoder only."""
 
     norm_eps: float = Field(1e-5, gt=0, le=1e-2)
     """Epsilon inside the norm for numerical safety. Match the checkpoint when importing
@@ -96,6 +103,11 @@ class ModelConfig(Section):
     qk_norm: bool = False
     """Normalise queries and keys per head before attention. Stabilises training at high
     learning rates and large scale at a small cost; needed for checkpoints that use it."""
+
+    type_vocab_size: int = Field(0, ge=0, le=1024)
+    """Token-type (segment) embeddings added to the token embeddings: BERT's sentence A/B ids
+    (it has 2). 0 means none, the right choice unless importing such a checkpoint; encoder
+    only."""
 
     tie_embeddings: bool = False
     """Share the input embedding and output head weights. Saves vocab_size*d_model parameters,
@@ -127,6 +139,16 @@ class ModelConfig(Section):
                 f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads}) so that "
                 f"query heads share key/value heads evenly. Pick one of "
                 f"{_divisors(self.n_heads)}, or leave it unset for multi-head attention."
+            )
+        if self.norm_position == "post" and self.arch == "encoder_decoder":
+            raise ValueError(
+                "norm_position=post is implemented for decoder and encoder models only; use "
+                "norm_position=pre with arch=encoder_decoder"
+            )
+        if self.type_vocab_size and self.arch != "encoder":
+            raise ValueError(
+                f"type_vocab_size={self.type_vocab_size} needs arch=encoder (token-type "
+                f"embeddings are a BERT feature); set type_vocab_size=0 for arch={self.arch}"
             )
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(
@@ -168,6 +190,7 @@ class ModelConfig(Section):
             mlp += (2 if self.activation == "swiglu" else 1) * ff + d
         block = attn + mlp + 2 * norm
         embed = self.vocab_size * d + (self.max_seq_len * d if self.positional == "learned" else 0)
+        embed += self.type_vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         if self.arch == "encoder_decoder":
             n_dec = self.n_decoder_layers or self.n_layers

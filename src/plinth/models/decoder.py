@@ -3,9 +3,10 @@
     python -c "from plinth.config.schema import ModelConfig as C; from plinth.models import *; \
 m = build_model(C()); print(m.num_params(), m.flops_per_token(256))"
 
-token embedding (+ learned positions) -> n_layers x [causal self-attention, MLP] -> norm -> head.
-With `tie_embeddings` the head reuses the embedding matrix. A `KVCache` (see `new_cache`) makes
-generation incremental: each call processes only the new tokens.
+token embedding (+ learned positions) -> n_layers x [causal self-attention, MLP] -> norm -> head
+(with `norm_position=post` the norm moves to the embeddings and each block norms after its
+residual adds). With `tie_embeddings` the head reuses the embedding matrix. A `KVCache` (see
+`new_cache`) makes generation incremental: each call processes only the new tokens.
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ class Decoder(nn.Module):
             x = x + self.embed_positions(position_ids(positions, T, self.cfg, idx.device))
         rope = self.rope(positions, T) if self.rope is not None else None
         mask = None if cache is None else cache.attn_mask(T)  # None: causal (or one new token)
-        x = self.drop(x)
+        post = self.cfg.norm_position == "post"
+        x = self.drop(self.norm(x) if post else x)
         for i, block in enumerate(self.layers):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        h = self.norm(x)  # (B, T, D)
+        h = x if post else self.norm(x)  # (B, T, D)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
         if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits

@@ -260,7 +260,7 @@ def prepend_kv(
 
 class MLP(nn.Module):
     """Feed-forward block: SwiGLU `down(silu(gate(x)) * up(x))`, or `down(act(up(x)))` with
-    GELU (exact erf form, as BERT) or squared ReLU."""
+    GELU (exact erf form, as BERT; or its tanh approximation, as GPT-2) or squared ReLU."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -277,8 +277,9 @@ class MLP(nn.Module):
             else:
                 gate, up = self.gate_proj(x), self.up_proj(x)
             h = F.silu(gate) * up  # (B, T, F)
-        elif self.activation == "gelu":
-            h = F.gelu(self.up_proj(x))
+        elif self.activation in ("gelu", "gelu_tanh"):
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            h = F.gelu(self.up_proj(x), approximate=approximate)
         else:  # relu2
             h = F.relu(self.up_proj(x)).square()
         return self.down_proj(h)  # (B, T, D)
@@ -367,10 +368,12 @@ def _autocast_off(device_type: str):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: self-attention, optional cross-attention, MLP."""
+    """Pre-norm transformer block: self-attention, optional cross-attention, MLP.
+    With cfg.norm_position=post (BERT) each norm follows its residual add instead."""
 
     def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
         self.attn_norm = make_norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, causal=causal)
         self.cross_attn_norm = make_norm(cfg, cfg.d_model) if cross else None
@@ -389,6 +392,9 @@ class Block(nn.Module):
         memory: torch.Tensor | None = None,  # (B, S, D) encoder output, for cross-attention
         memory_mask: torch.Tensor | None = None,  # (B, 1, 1, S) True where memory is real
     ) -> torch.Tensor:
+        if self.post_norm:  # norm(x + f(x)); no cross-attention (the schema refuses it)
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, cache, layer)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))  # (B, T, D)
         x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache, layer))
         if self.cross_attn is not None:
             h = self.cross_attn(self.cross_attn_norm(x), None, memory_mask, cache, layer, memory)
