@@ -48,6 +48,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "memory per device, largest micro-batch, tokens/s and wall time before a run",
     ),
     "generate": ("plinth.recipes.generate:generate_cmd", "generate text from a trained run"),
+    "import": (
+        "plinth.hf.commands:import_cmd",
+        "import a Hugging Face model directory or GGUF file as a plinth model",
+    ),
+    "export": (
+        "plinth.hf.commands:export_cmd",
+        "export a run, checkpoint or imported model in the Hugging Face layout",
+    ),
     "config explain": (
         "plinth.config.commands:explain",
         "what an option does, its default and source",

@@ -11,20 +11,26 @@ from plinth.errors import UsageError
 
 
 def find_run(path: Path) -> tuple[Path, Path | None]:
-    """(run directory, explicit checkpoint or None) for a run dir or a checkpoint dir."""
+    """(run directory, explicit weights directory or None) for a run dir, a checkpoint dir or
+    an imported model dir (`plinth import`: config.yaml and model.safetensors side by side,
+    plus import.json; it is its own weights directory)."""
     if (path / "config.yaml").is_file():
+        if (path / "import.json").is_file() and (path / "model.safetensors").is_file():
+            return path, path
         return path, None
     if (path / "model.safetensors").is_file() and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent, path
     raise UsageError(
-        f"{path} is neither a plinth run directory (with config.yaml) nor a checkpoint "
-        "directory (with model.safetensors, under RUN/checkpoints/). `plinth runs` lists runs."
+        f"{path} is neither a plinth run directory (with config.yaml), a checkpoint "
+        "directory (with model.safetensors, under RUN/checkpoints/) nor an imported model "
+        "(`plinth import`). `plinth runs` lists runs."
     )
 
 
 def load_trained(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config) from a run directory or checkpoint directory."""
+    """(model in eval mode, tokenizer, config) from a run, checkpoint or imported directory."""
     import torch
+    from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     from plinth.config.load import load_config
@@ -33,9 +39,14 @@ def load_trained(path: str | Path, device: str = "cpu"):
 
     run, explicit = find_run(Path(path))
     cfg = load_config([run / "config.yaml"]).config
-    loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(run / "checkpoints")
     model = build_model(cfg.model)
-    loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
+    if explicit == run:  # an imported model: plain weights, no training state
+        ckpt.load_weights(model, load_file(str(run / ckpt.MODEL_FILE)))
+    else:
+        loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(
+            run / "checkpoints"
+        )
+        loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
     model.to(torch.device(device)).eval()
     tok_path = run / "tokenizer.json"
     if not tok_path.is_file():
@@ -53,12 +64,13 @@ def generate_cmd(
     top_p: float | None = None,
     seed: int = 0,
 ) -> int:
-    """Generate text from a trained decoder (run directory or checkpoint directory).
+    """Generate text from a trained or imported decoder (run, checkpoint or model directory).
 
     Decoding defaults come from the run's `inference` config section; flags override them.
 
     Args:
-        model: run directory (uses its latest checkpoint) or a checkpoint directory
+        model: run directory (uses its latest checkpoint), checkpoint directory, or a model
+            directory written by `plinth import`
         prompt: one or more prompts; each gets its own continuation
         max_new_tokens: tokens to generate per prompt
         temperature: 0 is greedy; higher is more random

