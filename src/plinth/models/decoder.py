@@ -53,6 +53,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,
         z_loss: float = 0.0,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) for token ids idx (B, T). With a cache, idx holds only the new tokens
         and their keys/values are appended to it.
@@ -61,14 +62,25 @@ class Decoder(nn.Module):
         instead, as sums over counted tokens: (cross-entropy + z_loss * logsumexp^2, cross-entropy
         without gradient). The head and the loss are then fused (`linear_cross_entropy`) and the
         (B, T, V) logits are never stored; doing it inside forward keeps DDP/FSDP/compile
-        wrappers, which only see forward, in charge."""
+        wrappers, which only see forward, in charge.
+
+        `segment_ids` (B, T) marks packed examples (1, 2, ... within a row; 0 = padding):
+        attention stays inside each example and positions restart at its first token, so a
+        packed row computes exactly what each example would alone."""
         T = idx.shape[1]
         positions = 0 if cache is None else cache.positions(T)  # int offset or (B, T)
+        packed_mask = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be used with a cache")
+            positions, packed_mask = segment_positions_and_mask(segment_ids)
         x = self.embed_tokens(idx)  # (B, T, D)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids(positions, T, self.cfg, idx.device))
         rope = self.rope(positions, T) if self.rope is not None else None
         mask = None if cache is None else cache.attn_mask(T)  # None: causal (or one new token)
+        if packed_mask is not None:
+            mask = packed_mask
         post = self.cfg.norm_position == "post"
         x = self.drop(self.norm(x) if post else x)
         for i, block in enumerate(self.layers):
@@ -109,3 +121,16 @@ class Decoder(nn.Module):
         AV over the full context; causal kernels skip about half of it)."""
         d_attn = self.cfg.n_heads * self.cfg.head_dim
         return 6.0 * matmul_params(self) + 12.0 * self.cfg.n_layers * d_attn * seq_len
+
+
+def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at each segment's first token, and the (B, 1, T, T) mask
+    that is causal and keeps each query inside its own segment."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    return idx - first, (same & causal).unsqueeze(1)
