@@ -25,6 +25,8 @@ def import_cmd(source: str, out: str, *, force: bool = False) -> int:
         out: directory to write the plinth model to
         force: replace OUT if it already exists
     """
+    import yaml
+
     from plinth.hf.convert import IMPORT_FILE, import_model
 
     path = import_model(source, out, force=force)
@@ -36,8 +38,7 @@ def import_cmd(source: str, out: str, *, force: bool = False) -> int:
     print(f"fingerprint {info['fingerprint']}")
     for note in info["notes"]:
         print(f"note: {note}")
-    cfg = (path / "config.yaml").read_text()
-    if "arch: decoder" in cfg:
+    if yaml.safe_load((path / "config.yaml").read_text())["model"]["arch"] == "decoder":
         print(f'try: plinth generate {path} --prompt "Hello" --temperature 0')
     print(f"back to Hugging Face: plinth export {path} OUT --format hf")
     return 0
