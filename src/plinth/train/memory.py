@@ -29,12 +29,11 @@ fuses its head and the loss (`linear_cross_entropy`): `logits` is one ~4M-value 
 logits (each chunk is freed before the next) plus the gradients of the final hidden states
 (tokens x D) and of the head (V x D), which the loss computes in forward and hands over in
 backward, keeping no reference (the loop's loss output lives on into the next forward, but
-holds nothing large). Under autocast add the head cast to 16 bits, a chunk's 16-bit copy of
-its logits' gradient and its 16-bit head-weight gradient, added to the fp32 sum in blocks of
-at most 4M values. The
-encoder (MLM on mask_ratio of the tokens) and the encoder-decoder (T5 span targets) build
-plain logits: fp32 logits, log-softmax and gradient. The peak is at the loss or in a block's
-backward, whichever needs more.
+holds nothing large). Under autocast add the head cast to 16 bits, a chunk's 16-bit copy of its
+logits' gradient and its 16-bit head-weight gradient, added to the fp32 sum in blocks of at
+most 4M values. The encoder (MLM on mask_ratio of the tokens) and the encoder-decoder (T5 span
+targets) build plain logits: fp32 logits, log-softmax and gradient. The peak is at the loss or
+in a block's backward, whichever needs more.
 
 The total is the peak with gradient accumulation (the loop runs several micro-batches per step
 when global_batch > micro_batch * devices: earlier gradients exist during forward); with one
