@@ -77,16 +77,16 @@ def test_blowup_with_no_rollbacks_left_halts(tiny_overrides):
 
 
 def test_halt_on_nonfinite_exits_1_from_the_command_line(tiny_overrides, capsys, monkeypatch):
-    import plinth.train.loop as loop
+    import plinth.train.task as task  # where the pretraining task computes its loss
 
-    real, calls = loop.compute_loss, []
+    real, calls = task.compute_loss, []
 
     def nan_after_ten(*args, **kwargs):  # every loss after the 10th micro-batch is NaN
         out = real(*args, **kwargs)
         calls.append(1)
         return out if len(calls) <= 10 else type(out)(out.loss * math.nan, out.n_tokens, out.ce)
 
-    monkeypatch.setattr(loop, "compute_loss", nan_after_ten)
+    monkeypatch.setattr(task, "compute_loss", nan_after_ten)
     code = main(
         [
             "pretrain",

@@ -67,6 +67,21 @@ class Decoder(nn.Module):
         `segment_ids` (B, T) marks packed examples (1, 2, ... within a row; 0 = padding):
         attention stays inside each example and positions restart at its first token, so a
         packed row computes exactly what each example would alone."""
+        h = self.encode(idx, cache, segment_ids)  # (B, T, D)
+        if labels is None:
+            return self.lm_head(h)  # (B, T, V)
+        if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits
+            return cross_entropy_sums(self.lm_head(h), labels, z_loss)
+        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), z_loss)
+
+    def encode(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, D) after the last norm: what the LM head reads, and what
+        task heads pool (see `forward` for cache and segment_ids)."""
         T = idx.shape[1]
         positions = 0 if cache is None else cache.positions(T)  # int offset or (B, T)
         packed_mask = None
@@ -87,12 +102,7 @@ class Decoder(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        h = x if post else self.norm(x)  # (B, T, D)
-        if labels is None:
-            return self.lm_head(h)  # (B, T, V)
-        if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits
-            return cross_entropy_sums(self.lm_head(h), labels, z_loss)
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), z_loss)
+        return x if post else self.norm(x)
 
     def new_cache(self, batch_size: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens; `pad` (B,) counts

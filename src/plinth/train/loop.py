@@ -9,6 +9,10 @@ perplexity, bits per byte); every `sample_every` text from fixed prompts (decode
 `checkpoint_every` an atomic checkpoint. Resume restores weights, optimizer, schedule,
 data position and every RNG, so N + N steps equal 2N steps bit for bit on CPU.
 
+What is trained comes from a `Task` (plinth.train.task): pretraining (`PretrainTask`) and
+fine-tuning (`plinth.finetune.FinetuneTask`) give it the model, batches, loss, validation and
+samples, and share everything else here.
+
 Under torchrun every rank runs this same loop on its own slice of each global batch
 (`distributed.strategy` ddp/fsdp/hsdp, see plinth.distributed); the step loss, validation
 loss and norms are reduced over ranks, and only rank 0 writes files and prints.
@@ -26,7 +30,6 @@ from pathlib import Path
 import torch
 
 from plinth.config.schema import Config
-from plinth.data import PackedLoader
 from plinth.distributed.env import (
     DistEnv,
     all_reduce_sum,
@@ -37,12 +40,17 @@ from plinth.distributed.env import (
 )
 from plinth.distributed.parallelize import parallelize
 from plinth.errors import PlinthError
-from plinth.models import build_model
 from plinth.track.hardware import memory_mb, peak_flops
 from plinth.track.run import RunDir
 from plinth.train import state as ckpt
-from plinth.train.objectives import SpecialTokens, compute_loss
 from plinth.train.optim import build_optimizer, build_scheduler
+from plinth.train.task import (  # noqa: F401  (evaluate, sample_texts: public here too)
+    PretrainTask,
+    Task,
+    evaluate,
+    sample_texts,
+    special_tokens,
+)
 
 
 @dataclass
@@ -77,112 +85,6 @@ def autocast_context(cfg: Config, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def total_steps(cfg: Config, tokens_per_step: int, train_tokens: int) -> int:
-    """The first bound reached among max_steps, max_tokens and max_epochs."""
-    p = cfg.pretrain
-    bounds = []
-    if p.max_steps is not None:
-        bounds.append(p.max_steps)
-    if p.max_tokens is not None:
-        bounds.append(math.ceil(p.max_tokens / tokens_per_step))
-    if p.max_epochs is not None:
-        bounds.append(math.ceil(p.max_epochs * train_tokens / tokens_per_step))
-    return max(1, min(bounds))
-
-
-def special_tokens(ds) -> SpecialTokens:
-    return SpecialTokens(
-        eos_id=ds.eos_id,
-        pad_id=ds.pad_id,
-        mask_id=ds.mask_id,
-        bos_id=ds.bos_id,
-        sentinel_ids=list(getattr(ds, "sentinel_ids", [])),
-    )
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    ds,
-    cfg: Config,
-    device,
-    special: SpecialTokens,
-    bytes_per_token: float,
-    env: DistEnv | None = None,
-) -> dict:
-    """Validation loss, perplexity and (for causal LMs) bits per byte on a fixed set of batches
-    ({} when there is no validation split, e.g. data.val_fraction=0). Under torchrun the
-    batches are split over the ranks and the sums reduced, so every rank gets the same result."""
-    env = env or DistEnv()
-    if ds.num_docs("val") == 0:
-        return {}
-    was_training = model.training
-    model.eval()
-    loader = PackedLoader(
-        ds,
-        split="val",
-        seq_len=cfg.model.max_seq_len,
-        batch_size=cfg.optim.micro_batch,
-        seed=cfg.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        shuffle=False,
-        loop=False,
-    )
-    gen = torch.Generator().manual_seed(cfg.seed + 1 + env.rank)  # same masks every evaluation
-    total, count = 0.0, 0
-    batches = math.ceil(cfg.tracking.eval_batches / env.world_size)
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        with autocast_context(cfg, device):
-            out = compute_loss(
-                cfg.objective,
-                model,
-                batch.to(device),
-                special,
-                mask_ratio=cfg.pretrain.mask_ratio,
-                mean_span_length=cfg.pretrain.mean_span_length,
-                generator=gen,
-            )
-        total += out.ce.item() * out.n_tokens
-        count += out.n_tokens
-    model.train(was_training)
-    total, count = all_reduce_sum([total, count], env, device)
-    if count == 0:
-        return {}
-    loss = total / count
-    metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": int(count)}
-    if cfg.objective == "clm" and bytes_per_token > 0:
-        metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
-    return metrics
-
-
-def sample_texts(model, ds, cfg: Config, device, step: int) -> list[tuple[str, str]]:
-    """Continuations of the fixed prompts, drawn from a generator seeded by step (so sampling
-    never disturbs the training RNG)."""
-    from plinth.infer.sampling import generate
-
-    inf = cfg.inference
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + step)
-    prompts = list(cfg.tracking.sample_prompts)
-    ids = [ds.tokenizer.encode(p).ids or [ds.bos_id] for p in prompts]
-    was_training = model.training
-    model.eval()
-    outs = generate(
-        model,
-        ids,
-        max_new_tokens=min(inf.max_new_tokens, 48),
-        temperature=inf.temperature,
-        top_k=inf.top_k,
-        top_p=inf.top_p,
-        eos_id=ds.eos_id,
-        generator=gen,
-    )
-    model.train(was_training)
-    return [(p, ds.tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
 
 
 @dataclass
@@ -287,7 +189,7 @@ rollback the loader has moved past it, exactly as with a real bad batch."""
 
 def train(
     cfg: Config,
-    ds,
+    data,
     run: RunDir,
     *,
     resume: bool = False,
@@ -296,7 +198,8 @@ def train(
     fault_hook: FaultHook | None = None,
     env: DistEnv | None = None,
 ) -> TrainResult:
-    """Train `cfg.model` on the prepared dataset `ds`, writing everything into `run`.
+    """Train on `data` (a `Task`, or a prepared dataset: pretraining), writing everything into
+    `run`.
 
     `stop_after` ends this call after that many optimizer steps (tests use it to simulate an
     interruption); the run is then resumable like a killed one. Under torchrun every rank
@@ -308,46 +211,24 @@ def train(
     from plinth.train.stability import StabilityGuard
 
     env = env or DistEnv()
+    task: Task = data if isinstance(data, Task) else PretrainTask(cfg, data)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     device = device_for(cfg, env, resolve_device(cfg))
     strategy = check_strategy(cfg, env, device)
     init_process_group(cfg, env, device)
-    if ds.vocab_size > cfg.model.vocab_size:
-        raise PlinthError(
-            f"the tokenizer in {ds.path} has {ds.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}: token ids would fall outside the embedding. Set "
-            f"model.vocab_size={ds.vocab_size} (or larger), or prepare data with a smaller vocab."
-        )
-    model = build_model(cfg.model).to(device)
+    model = task.build_model(device)
     if env.rank:
         torch.manual_seed(cfg.seed + RANK_SEED * env.rank)  # own dropout; rank 0 = 1 process
     # what forward/backward run through; `model` is what we save (the FSDP root when sharded)
     net = parallelize(model, cfg, env, device, strategy)
-    special = special_tokens(ds)
-    seq_len, micro = cfg.model.max_seq_len, cfg.optim.micro_batch
+    seq_len, micro = task.seq_len, cfg.optim.micro_batch
     try:
         accum = cfg.optim.accum_steps(seq_len, env.world_size)
     except ValueError as e:
         raise PlinthError(f"{e}") from None
-    tokens_per_step = accum * micro * seq_len * env.world_size
-    train_tokens = ds.num_tokens("train")
-    loader = PackedLoader(
-        ds,
-        split="train",
-        seq_len=seq_len,
-        batch_size=micro,
-        seed=cfg.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        packing=cfg.data.packing,
-    )
-    if len(loader) == 0:  # rows counted as the loader packs them (separators included)
-        raise PlinthError(
-            f"the training split of {ds.path} has {train_tokens} tokens, fewer than one "
-            f"micro-batch needs ({micro} x {seq_len + 1}). Add data (raise data.max_docs or add "
-            "sources) or lower optim.micro_batch / model.max_seq_len."
-        )
-    steps = total_steps(cfg, tokens_per_step, train_tokens)
+    tokens_per_step = accum * micro * seq_len * env.world_size  # rows x row length
+    loader = task.loader(env)
+    steps = task.total_steps(tokens_per_step, accum * env.world_size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     mask_gen = torch.Generator().manual_seed(cfg.seed + 2 + RANK_SEED * env.rank)
@@ -449,9 +330,8 @@ def train(
         restore(loaded, with_data=True)
         log.log_event(c["step"], "resume", checkpoint=loaded.path.name, tokens=c["tokens"])
 
-    flops_per_token = model.flops_per_token(seq_len)
+    flops_per_token = task.flops_per_token(model)
     peak = peak_flops(device) * env.world_size
-    bpt = ds.bytes_per_token("val")
     amp = autocast_context(cfg, device)
     fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
@@ -486,23 +366,15 @@ def train(
         with TrainProgress(total=steps, start=c["step"], enabled=progress and env.is_main) as bar:
             while c["step"] < steps:
                 t0 = time.perf_counter()
-                data_time, step_loss = 0.0, 0.0
+                data_time, step_loss, step_tokens = 0.0, 0.0, 0
                 for i in range(accum):
                     td = time.perf_counter()
                     batch = next(data_iter).to(device, non_blocking=True)
                     data_time += time.perf_counter() - td
+                    step_tokens += task.batch_tokens(batch)
                     with grad_sync(net, strategy, sync=i == accum - 1):
                         with amp:
-                            out = compute_loss(
-                                cfg.objective,
-                                net,
-                                batch,
-                                special,
-                                mask_ratio=cfg.pretrain.mask_ratio,
-                                mean_span_length=cfg.pretrain.mean_span_length,
-                                z_loss=cfg.optim.z_loss,
-                                generator=mask_gen,
-                            )
+                            out = task.loss(net, batch, mask_gen)
                         loss_value = (
                             out.loss if fault_hook is None else fault_hook(c["micro"], out.loss)
                         )
@@ -513,7 +385,8 @@ def train(
                         out.ce.item() if fault_hook is None else loss_value.item()
                     ) / accum
                 if env.distributed:  # the global batch's loss: same guard decision everywhere
-                    step_loss = all_reduce_sum([step_loss], env, device)[0] / env.world_size
+                    step_loss, step_tokens = all_reduce_sum([step_loss, step_tokens], env, device)
+                    step_loss, step_tokens = step_loss / env.world_size, int(step_tokens)
                 if scaler:
                     scaler.unscale_(optimizer)
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -577,11 +450,11 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 c["step"] += 1
-                c["tokens"] += tokens_per_step
+                c["tokens"] += step_tokens
                 step, steps_this_call = c["step"], steps_this_call + 1
                 win.loss += step_loss
                 win.steps += 1
-                win.tokens += tokens_per_step
+                win.tokens += step_tokens
                 win.time += time.perf_counter() - t0
                 win.step_times.append(time.perf_counter() - t0)
                 win.data += data_time
@@ -618,7 +491,7 @@ def train(
                 if step % cfg.tracking.eval_every == 0 or is_last:
                     # replicas evaluate the bare model: DDP's forward would sync buffers
                     evaluator = model if strategy == "ddp" else net
-                    last_val = evaluate(evaluator, ds, cfg, device, special, bpt, env)
+                    last_val = task.evaluate(evaluator, env, device)
                     if last_val:
                         log.log_metrics(step, tokens=c["tokens"], **last_val)
                         log.log_event(step, "eval", **last_val)
@@ -642,12 +515,10 @@ def train(
                             )
                             result.stopped_early = is_last = True
                 # sharded weights need every rank in each forward; replicas let rank 0 alone
-                if (
-                    cfg.model.arch == "decoder"
-                    and (step % cfg.tracking.sample_every == 0 or is_last)
-                    and (env.is_main or sharded)
+                if (step % cfg.tracking.sample_every == 0 or is_last) and (
+                    env.is_main or sharded
                 ):
-                    for prompt, text in sample_texts(model, ds, cfg, device, step):
+                    for prompt, text in task.samples(model, step, device):
                         log.log_sample(step, prompt, text)
                 if step % cfg.tracking.checkpoint_every == 0 or is_last:
                     if last_val and last_val["val/loss"] == c["best_val"]:  # keep-best: this one
