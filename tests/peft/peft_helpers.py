@@ -77,3 +77,48 @@ def hf_llama_pair(seed: int = 0, n_kv_heads: int = 2):
         state[name.replace("post_attention_layernorm", "mlp_norm")] = t
     ours.load_state_dict(state, strict=True)
     return hf, ours
+
+
+def _randomise(model) -> None:
+    """Non-trivial norms and biases too, so a wrong mapping cannot hide behind ones and zeros."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            normish = any(s in name for s in ("norm", "ln_", "LayerNorm"))
+            p.copy_(1.0 + 0.2 * noise if normish else 0.05 * noise)
+
+
+def hf_imported(kind: str, path, seed: int = 0):
+    """A random transformers GPT2LMHeadModel or BertModel saved under `path`/hf, and
+    `plinth import`ed into `path`/plinth: (hf model, plinth model, plinth directory)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from plinth.hf import import_model
+    from plinth.recipes.generate import load_trained
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64, bos_token_id=0,
+            eos_token_id=0))
+    else:
+        hf = transformers.BertModel(transformers.BertConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64, type_vocab_size=2))
+    hf.eval()
+    _randomise(hf)
+    if seed:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    src = path / f"hf{seed}"
+    hf.save_pretrained(src)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(src / "tokenizer.json"))
+    out = path / f"plinth{seed}"
+    import_model(src, out)
+    net, _, _ = load_trained(out)
+    return hf, net.eval(), out

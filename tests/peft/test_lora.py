@@ -165,9 +165,46 @@ def test_target_modules_that_match_nothing_list_what_exists():
     assert "layers.*.attn.q_proj" in msg and "layers.*.mlp.down_proj" in msg and "lm_head" in msg
 
 
-def test_rank_larger_than_the_layer_is_refused():
-    with pytest.raises(UsageError, match=r"finetune.rank=80 .* layers.0.attn.k_proj .* at most"):
-        apply_method(tiny_model(n_kv_heads=2), ft("lora", rank=80, target_modules=["k_proj"]))
+@pytest.mark.parametrize("method", ["lora", "dora", "qlora"])
+def test_rank_larger_than_the_layer_is_refused(method):
+    model = tiny_model(n_kv_heads=2)  # k_proj: 64 in, 16 out
+    with pytest.raises(UsageError) as e:
+        apply_method(model, ft(method, rank=32, target_modules=["q_proj", "k_proj"]))
+    assert str(e.value) == (
+        "finetune.rank=32 is larger than layer layers.0.attn.k_proj allows (64 in, 16 out: a "
+        "rank above 16 adds parameters but no capacity). Set finetune.rank to at most 16 or "
+        "leave layers.0.attn.k_proj out of finetune.target_modules."
+    )
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing half-applied
+    assert getattr(model, "peft_method", None) is None
+
+
+def test_empty_target_modules_list_what_exists():
+    with pytest.raises(UsageError, match=r"pattern\(s\) \[\] match no linear layer.*lm_head"):
+        apply_method(tiny_model(), ft("lora", target_modules=[]))
+
+
+def test_target_modules_in_hugging_face_names_are_translated_in_the_message():
+    """GPT-2's fused c_attn and BERT's query/dense are plinth's q/k/v and projections."""
+    from plinth.config.schema import ModelConfig
+    from plinth.models import build_model
+
+    gpt2 = build_model(ModelConfig(n_layers=2, d_model=64, n_heads=4, activation="gelu_tanh",
+                                   norm="layernorm", positional="learned", bias=True))
+    with pytest.raises(UsageError) as e:
+        apply_method(gpt2, ft("lora", target_modules=["c_attn", "up_proj"]))
+    msg = str(e.value)
+    assert "['c_attn'] match no linear layer" in msg and "layers.*.attn.q_proj" in msg
+    assert msg.endswith("In Hugging Face names: c_attn (GPT2LMHeadModel) is plinth's "
+                        "layers.*.attn.q_proj, layers.*.attn.k_proj, layers.*.attn.v_proj.")
+    bert = build_model(ModelConfig(
+        arch="encoder", n_layers=2, d_model=64, n_heads=4, activation="gelu", norm="layernorm",
+        norm_position="post", positional="learned", bias=True, type_vocab_size=2,
+        tie_embeddings=True))
+    with pytest.raises(UsageError, match=r"query \(BertModel\) is plinth's layers\.\*\.attn\."
+                                         r"q_proj; output\.dense \(BertModel\) is plinth's "
+                                         r"layers\.\*\.attn\.o_proj, layers\.\*\.mlp\.down_proj"):
+        apply_method(bert, ft("lora", target_modules=["query", "output.dense"]))
 
 
 def test_patterns_select_layers_and_freeze_layers_skips_blocks():

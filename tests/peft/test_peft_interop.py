@@ -14,7 +14,7 @@ from peft_helpers import batch, ft, hf_llama_pair, tiny_model, train
 from safetensors.torch import load_file
 
 from plinth.errors import UsageError
-from plinth.peft import apply_method, base_fingerprint, load_adapter, save_adapter
+from plinth.peft import apply_method, base_fingerprint, load_adapter, merge, save_adapter
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -139,3 +139,34 @@ def test_methods_peft_cannot_express_save_in_plinth_names(tmp_path, method):
     x = batch()
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), model.eval()(x), atol=0, rtol=0)
+
+
+def test_merged_and_qlora_models_save_the_fingerprint_recorded_at_apply(tmp_path):
+    fp = base_fingerprint(tiny_model())
+    for method in ("lora", "qlora"):
+        model = tiny_model()
+        apply_method(model, ft(method, rank=2, target_modules=["q_proj", "up_proj"]))
+        train(model, batch(), steps=2)
+        if method == "lora":
+            merge(model)  # the base weights now hold the update
+        assert base_fingerprint(model) == fp
+        save_adapter(model, tmp_path / method)
+        config = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert config["plinth_base_fingerprint"] == fp
+        load_adapter(tiny_model(), tmp_path / method)  # the dense base accepts it
+
+
+def test_an_adapter_with_a_fingerprint_of_another_scheme_says_so(tmp_path):
+    model = tiny_model()
+    apply_method(model, ft("lora", rank=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["plinth_base_fingerprint"] = "a" * 64  # what plinth wrote before the shared scheme
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=r"scheme this plinth does not compute.*"
+                                         r"check_base=False\) and save it again"):
+        load_adapter(tiny_model(), tmp_path)
+    again = tiny_model()
+    load_adapter(again, tmp_path, check_base=False)
+    assert again.peft_base_fingerprint == base_fingerprint(tiny_model())  # the current scheme

@@ -14,8 +14,8 @@ An imported model directory:
     hf_extra.safetensors  tensors plinth has no place for (BERT's pooler, task heads), kept aside
                           under their original names and written back by export
     import.json           source, family, model_type, prefix, parameter count, notes, and the
-                          SHA-256 fingerprint of the weights (see `fingerprint`), which adapters
-                          record to refuse a wrong base model
+                          fingerprint of the weights (plinth.hf.fingerprints), the same value an
+                          adapter trained on this model records, so it refuses another base
 
 `plinth generate` and the fine-tuning recipes load it like a run directory (recipes/generate.py,
 find_run). Every step names the file it read and the fix when something does not fit: an
@@ -26,13 +26,11 @@ disagree with config.json, GGUF without the `gguf` package.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from plinth.hf.families import (
     families_for_config,
     family_for,
 )
+from plinth.hf.fingerprints import fingerprint
 
 IMPORT_FILE = "import.json"
 HF_CONFIG_FILE = "hf_config.json"
@@ -91,19 +90,6 @@ def reference_path(name: str) -> Path:
     if not path.exists():
         raise UsageError(f"{name}: {path} is missing from the installed {dist}; reinstall it")
     return path
-
-
-def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over parameter names, dtypes, shapes and bytes, in name order: the same weights
-    give the same fingerprint whichever file or process holds them. Pass a model's
-    `dict(model.named_parameters())` (tied tensors once) in the dtype it was imported in
-    (fp32), before adapters or quantisation change it."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return "sha256:" + h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------- reading

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from torch import nn
 
 from plinth.config.schema import FinetuneConfig
 from plinth.errors import NotSupportedError, UsageError
+from plinth.hf.fingerprints import fingerprint
 from plinth.models import unwrap
 from plinth.models.layers import MLP, Attention, Block
 from plinth.peft.adapters import BottleneckAdapter
@@ -207,6 +207,7 @@ def match_linears(
             f"of this model. Its linear layers are: {', '.join(compact_names(linears))}. "
             "Patterns are fnmatch patterns that match a full name or its last parts, e.g. "
             "q_proj, attn.*, *_proj, layers.0.mlp.*; fix or remove the pattern(s)."
+            + _hf_hint(model, unmatched)
         )
     names = [n for n in linears if any(matches(n, p) for p in patterns)]
     live = [n for n in names if not n.startswith(frozen)]
@@ -216,6 +217,23 @@ def match_linears(
             "blocks (finetune.freeze_layers); lower freeze_layers or target other layers."
         )
     return live
+
+
+def _hf_hint(model: nn.Module, patterns: list[str]) -> str:
+    """For patterns in Hugging Face names (c_attn, query, ...): the plinth layers they mean."""
+    from plinth.peft.save import hf_names  # save imports this module
+
+    names = hf_names(model)
+    if names is None:
+        return ""
+    hints = []
+    for pat in patterns:
+        mods = [m for m in names.modules() if matches(m, pat)]
+        layers = [n for m in mods for n, _ in names.parts(m)]
+        if layers:
+            hints.append(f"{pat} ({names.architecture}) is plinth's "
+                         f"{', '.join(compact_names(layers))}")
+    return f" In Hugging Face names: {'; '.join(hints)}." if hints else ""
 
 
 def _check_rank(name: str, layer: nn.Module, rank: int, key: str | None) -> None:
@@ -377,17 +395,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.merge()
 
 
-SAMPLE = 4096  # values per tensor that enter the fingerprint
-
-
 @torch.no_grad()
 def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the base model's parameter names, shapes and a sample of their values.
+    """The fingerprint of the base model's weights (plinth.hf.fingerprints: the scheme
+    import.json records, so a model loaded from `plinth import`'s output gives its import.json
+    value): its parameters under plinth names, tied ones once, adapter parameters left out.
 
-    The sample is SAMPLE evenly spaced values per tensor, rounded to bf16, so fp32 and bf16
-    copies of one model agree while any other training of the same architecture (all weights
-    move) differs. Cheap: no pass over the full weights. An adapted model reports the
-    fingerprint recorded when its method was applied (QLoRA no longer holds the dense weights)."""
+    An adapted model reports the fingerprint recorded when its method was applied or its adapter
+    loaded (QLoRA no longer holds the dense weights, a merged model holds changed ones)."""
     model = unwrap(model)
     recorded = getattr(model, "peft_base_fingerprint", None)
     if recorded is not None:
@@ -399,13 +414,4 @@ def base_fingerprint(model: nn.Module) -> str:
             "the base fingerprint cannot be computed on a merged or 4-bit model; compute it "
             "(plinth.peft.base_fingerprint) before merging or quantising."
         )
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if id(p) in adapters:
-            continue
-        flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLE)).long()
-        sample = flat[idx.to(flat.device)].to(torch.bfloat16).view(torch.int16).cpu().numpy()
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()
+    return fingerprint({n: p for n, p in model.named_parameters() if id(p) not in adapters})
