@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.pretrain:pretrain",
         "train a decoder, encoder or encoder-decoder from scratch (resumable)",
     ),
+    "finetune": (
+        "plinth.recipes.finetune:finetune",
+        "adapt a pretrained model: full, LoRA/QLoRA/..., SFT or task heads (resumable)",
+    ),
     "plan": (
         "plinth.recipes.plan:plan_cmd",
         "memory per device, largest micro-batch, tokens/s and wall time before a run",

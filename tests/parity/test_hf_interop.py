@@ -226,7 +226,7 @@ def test_a_run_fine_tuned_from_an_import_exports_with_the_original_config(tmp_pa
     with torch.no_grad():
         net.layers[0].mlp.up_proj.weight.add_(0.01)  # "fine-tuned"
     doc = yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())
-    doc["finetune"] = {"base": str(tmp_path / "base")}
+    doc["finetune"] = {"base": str(tmp_path / "base"), "method": "full"}
     _run_dir(tmp_path / "run", doc, net)
     export_model(tmp_path / "run", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())

@@ -565,6 +565,10 @@ def export_model(model: str | Path, out: str | Path, format: str = "hf", force: 
     _check_out(out, force)
     run, _ = find_run(Path(model))
     net, _, cfg = load_trained(model)
+    if cfg.finetune.base is not None:  # adapters folded in, heads left out
+        from plinth.finetune.base import merged_base
+
+        net = merged_base(net, cfg)
     base = _hf_base_dir(run, cfg)
     hf_base = json.loads((base / HF_CONFIG_FILE).read_text()) if base else {}
     info = json.loads((base / IMPORT_FILE).read_text()) if base and (base / IMPORT_FILE).is_file() \

@@ -39,7 +39,12 @@ def load_trained(path: str | Path, device: str = "cpu"):
 
     run, explicit = find_run(Path(path))
     cfg = load_config([run / "config.yaml"]).config
-    model = build_model(cfg.model)
+    if cfg.finetune.base is not None and explicit != run:  # a fine-tune: method + heads first
+        from plinth.finetune import build_finetune_model
+
+        model = build_finetune_model(cfg, None)
+    else:
+        model = build_model(cfg.model)
     if explicit == run:  # an imported model: plain weights, no training state
         ckpt.load_weights(model, load_file(str(run / ckpt.MODEL_FILE)))
     else:

@@ -167,8 +167,10 @@ def build_manifest(
     device: str,
     data: dict | None = None,
     distributed: dict | None = None,
+    **extra,
 ) -> dict:
-    """What a run was made of: code version, command line, packages, hardware, data."""
+    """What a run was made of: code version, command line, packages, hardware, data (and any
+    `extra` sections, e.g. a fine-tune's base model)."""
     import torch
 
     packages = {}
@@ -197,4 +199,5 @@ def build_manifest(
         "distributed": distributed or {"strategy": "none"},
         "seed": seed,
         "data": data or {},
+        **extra,
     }

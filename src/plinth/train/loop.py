@@ -362,6 +362,9 @@ def train(
         sampler.start()
     status = "failed"
     win, last_val, steps_this_call = _Window(), {}, 0
+    if task.sample_at_start and c["step"] == 0 and (env.is_main or sharded):
+        for prompt, text in task.samples(model, 0, device):
+            log.log_sample(0, prompt, text)
     try:
         with TrainProgress(total=steps, start=c["step"], enabled=progress and env.is_main) as bar:
             while c["step"] < steps:
@@ -495,11 +498,7 @@ def train(
                     if last_val:
                         log.log_metrics(step, tokens=c["tokens"], **last_val)
                         log.log_event(step, "eval", **last_val)
-                        bpb = last_val.get("val/bpb")
-                        bar.note(
-                            f"step {step}: val loss {last_val['val/loss']:.3f}"
-                            + (f", {bpb:.3f} bits/byte" if bpb is not None else "")
-                        )
+                        bar.note(f"step {step}: {val_summary(last_val)}")
                         es = cfg.optim.early_stop
                         if last_val["val/loss"] < c["best_val"] - es.min_delta:
                             c["best_val"], c["bad_evals"] = last_val["val/loss"], 0
@@ -547,6 +546,15 @@ def train(
             sampler.stop()
         log.close("finished" if status in ("finished", "killed") else "failed")
     return result
+
+
+def val_summary(val: dict) -> str:
+    """One line of validation results: the loss, and bits/byte, accuracy or F1 when known."""
+    parts = [f"val loss {val['val/loss']:.3f}"]
+    for key, unit in (("val/bpb", " bits/byte"), ("val/accuracy", " accuracy"), ("val/f1", " F1")):
+        if key in val:
+            parts.append(f"{val[key]:.3f}{unit}")
+    return ", ".join(parts)
 
 
 def _rollback_target(run: RunDir, bad_since: int | None) -> Path | None:

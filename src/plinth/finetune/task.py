@@ -1,0 +1,434 @@
+"""The fine-tuning task the one training loop runs (see plinth.train.task).
+
+`build_task(cfg, base_dir)` reads and tokenizes the data of every task (`finetune.tasks`, or
+the single task the top-level `finetune.*` fields describe, named `main`), holds out validation
+examples, and returns a `FinetuneTask`: its model is the base with the method applied
+(plinth.peft) and one head per classification/regression task; its loss is the language-model
+loss on answer tokens (task lm) or the head's cross-entropy / MSE, times the task's weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from plinth.config.schema import Config, TaskSpec
+from plinth.distributed.env import DistEnv, all_reduce_sum
+from plinth.errors import UsageError
+from plinth.finetune.base import chat_template_source, load_base_weights
+from plinth.finetune.data import MixLoader, RowLoader, Rows, labelled_rows, sft_rows
+from plinth.finetune.heads import add_heads, head_loss, head_outputs, resolve_pooling
+from plinth.models import build_model, unwrap
+from plinth.models.layers import matmul_params
+from plinth.train.objectives import LossOutput, _mean
+from plinth.train.task import Task
+
+MAIN = "main"  # name of the single task the top-level finetune fields describe
+N_SAMPLES = 3  # validation prompts answered at each sampling step
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: Rows
+    val: Rows
+    prompts: list[tuple[str, str]] = field(default_factory=list)  # (prompt, reference answer)
+    texts: list[str] = field(default_factory=list)  # first validation texts (head tasks)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def kind(self) -> str:
+        return self.spec.task
+
+
+def task_specs(cfg: Config) -> list[TaskSpec]:
+    """`finetune.tasks`, or the single task of the top-level fields."""
+    ft = cfg.finetune
+    if ft.tasks:
+        return list(ft.tasks)
+    if ft.dataset is None:
+        raise UsageError(
+            "finetune.dataset is not set: give the training JSONL (e.g. "
+            "finetune.dataset=configs/data/json_answers.train.jsonl), or list several tasks in "
+            "finetune.tasks."
+        )
+    return [
+        TaskSpec(
+            name=MAIN,
+            task=ft.task,
+            dataset=ft.dataset,
+            val_dataset=ft.val_dataset,
+            labels=ft.labels,
+            num_labels=ft.num_labels,
+            text_field=ft.text_field,
+            label_field=ft.label_field,
+        )
+    ]
+
+
+def head_sizes(cfg: Config) -> dict[str, int]:
+    """Task name -> outputs of its head (classification: num_labels or len(labels))."""
+    sizes = {}
+    for spec in task_specs_or_empty(cfg):
+        if spec.task == "regression":
+            sizes[spec.name] = spec.num_labels or 1
+        elif spec.task == "classification":
+            n = spec.num_labels or len(spec.labels)
+            key = "finetune" if spec.name == MAIN else f"finetune.tasks[{spec.name}]"
+            if n == 0:
+                raise UsageError(
+                    f"{key}: a classification task needs its classes: set {key}.labels to the "
+                    f"class names (e.g. [negative, positive]) or {key}.num_labels for integer "
+                    "labels."
+                )
+            if spec.labels and spec.num_labels and spec.num_labels != len(spec.labels):
+                raise UsageError(
+                    f"{key}.num_labels={spec.num_labels} but {key}.labels names "
+                    f"{len(spec.labels)} classes; drop num_labels (it follows the labels)."
+                )
+            sizes[spec.name] = n
+    return sizes
+
+
+def task_specs_or_empty(cfg: Config) -> list[TaskSpec]:
+    try:
+        return task_specs(cfg)
+    except UsageError:  # no data configured: a model without heads (e.g. loading for generate)
+        return []
+
+
+def build_finetune_model(cfg: Config, base_dir: Path | None, device=None) -> nn.Module:
+    """Base (weights from base_dir, or as initialised) + method + heads, on `device`."""
+    from plinth.peft import apply_method
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    if base_dir is not None:
+        load_base_weights(model, base_dir)
+    summary = apply_method(model, cfg.finetune)
+    sizes = head_sizes(cfg)
+    if sizes:
+        add_heads(model, sizes, cfg.seed)
+    model.peft_summary = summary
+    return model.to(device) if device is not None else model
+
+
+def token_roles(base_dir: Path, tokenizer) -> dict[str, int]:
+    """Role (eos, pad, bos) -> id: from import.json for imported models, else plinth's own
+    special tokens."""
+    names = {"eos": "<|endoftext|>", "pad": "<|pad|>", "bos": "<|bos|>"}
+    rec, manifest = base_dir / "import.json", base_dir / "manifest.json"
+    if rec.is_file():
+        names = json.loads(rec.read_text()).get("special_tokens", {})
+    elif manifest.is_file():  # a fine-tune run being resumed: its base's roles
+        names = json.loads(manifest.read_text()).get("base", {}).get("special_tokens") or names
+    out = {}
+    for role, text in names.items():
+        tid = tokenizer.token_to_id(text) if text else None
+        if tid is not None:
+            out[role] = tid
+    return out
+
+
+def _token_text(base_dir: Path, key: str) -> str:
+    tc = base_dir / "tokenizer_config.json"
+    if tc.is_file():
+        v = json.loads(tc.read_text()).get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            return v
+    return ""
+
+
+def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
+    """Read every task's data (see the module doc)."""
+    from tokenizers import Tokenizer
+
+    from plinth.data.sft import (
+        ChatTemplate,
+        SFTOptions,
+        detect_format,
+        load_sft,
+        plain_pieces,
+        read_jsonl,
+        to_messages,
+    )
+
+    ft = cfg.finetune
+    tokenizer = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    tokenizer.no_padding()  # some tokenizer.json files pad/truncate every text to a fixed size
+    tokenizer.no_truncation()  # (sentence-transformers'): lengths here are finetune.max_length
+    roles = token_roles(base_dir, tokenizer)
+    if "eos" not in roles:
+        raise UsageError(
+            f"{base_dir}: cannot tell the tokenizer's end-of-sequence token (no eos in "
+            "import.json, no <|endoftext|>); re-import the model with `plinth import`."
+        )
+    pad_id = roles.get("pad", roles["eos"])
+    eos_text = tokenizer.id_to_token(roles["eos"])
+    source = chat_template_source(ft.chat_template, base_dir)
+    template = None
+    if source is not None:
+        template = ChatTemplate(
+            source,
+            bos_token=_token_text(base_dir, "bos_token"),
+            eos_token=_token_text(base_dir, "eos_token") or eos_text,
+        )
+    tasks = []
+    for spec in task_specs(cfg):
+        key = "finetune" if spec.name == MAIN else f"finetune.tasks[{spec.name}]"
+        if spec.task == "lm":
+            if cfg.model.arch != "decoder":
+                raise UsageError(
+                    f"{key}.task=lm needs a decoder base; {base_dir} is an {cfg.model.arch}. "
+                    "Use task=classification or regression with a head."
+                )
+            records = read_jsonl(spec.dataset)
+            fmt = detect_format(records[0], spec.dataset) if ft.format == "auto" else ft.format
+            if spec.val_dataset:
+                val_records = read_jsonl(spec.val_dataset)
+            else:
+                order = np.random.default_rng(cfg.seed).permutation(len(records))
+                k = round(len(records) * ft.val_fraction)
+                val_records = [records[i] for i in sorted(order[:k])]
+                records = [records[i] for i in sorted(order[k:])]
+            opts = SFTOptions(fmt, ft.max_length, ft.overlong, ft.system_prompt)
+
+            def rows(recs, path, opts=opts):
+                data = load_sft(path, tokenizer, opts, template, eos_text, records=recs)
+                return sft_rows(data, ft.max_length, ft.packing, pad_id)
+
+            train = rows(records, spec.dataset)
+            val = rows(val_records, spec.val_dataset or spec.dataset) if val_records else None
+            prompts = []
+            for n, rec in enumerate(val_records[:N_SAMPLES], start=1):
+                where = f"{spec.val_dataset or spec.dataset} validation example {n}"
+                if template is not None:
+                    pieces = template.pieces(to_messages(rec, fmt, where, ft.system_prompt))
+                else:
+                    pieces = plain_pieces(rec, fmt, where, "")
+                prompts.append((pieces[0][0], pieces[1][0]))
+            tasks.append(TaskData(spec, train, val, prompts))
+        else:
+            sizes = head_sizes(cfg)
+            kw = dict(
+                task=spec.task,
+                labels=spec.labels,
+                num_labels=sizes[spec.name],
+                text_field=spec.text_field,
+                label_field=spec.label_field,
+                max_length=ft.max_length,
+                overlong=ft.overlong,
+                pad_id=pad_id,
+                key=key,
+            )
+            train = labelled_rows(spec.dataset, tokenizer, **kw)
+            if spec.val_dataset:
+                val = labelled_rows(spec.val_dataset, tokenizer, **kw)
+            else:
+                train, val = train.split(ft.val_fraction, cfg.seed)
+            texts = [
+                r[spec.text_field]
+                for r in read_jsonl(spec.val_dataset)[:N_SAMPLES]
+            ] if spec.val_dataset else []
+            tasks.append(TaskData(spec, train, val if len(val) else None, [], texts))
+    return FinetuneTask(cfg, base_dir, tokenizer, tasks, roles)
+
+
+class FinetuneTask(Task):
+    name = "finetune"
+    sample_at_start = True  # step 0 shows the base model's answers, to compare with later ones
+
+    def __init__(self, cfg: Config, base_dir: Path | None, tokenizer, tasks, roles):
+        self.cfg, self.base_dir, self.tokenizer = cfg, base_dir, tokenizer
+        self.tasks: dict[str, TaskData] = {t.name: t for t in tasks}
+        self.roles = roles
+        self.seq_len = cfg.finetune.max_length
+        self.pooling = resolve_pooling(cfg.finetune.pooling, cfg.model.arch)
+        self.summary = None
+        self.model: nn.Module | None = None  # set by build_model (the adapter is saved from it)
+        self.verbose = False  # print what the method trains when the model is built
+
+    # ------------------------------------------------------------------------- model, data
+    def build_model(self, device: torch.device) -> nn.Module:
+        model = build_finetune_model(self.cfg, self.base_dir, device)
+        self.summary, self.model = model.peft_summary, model
+        if self.verbose:
+            print(self.summary)
+        return model
+
+    def loader(self, env: DistEnv):
+        micro = self.cfg.optim.micro_batch
+        loaders = {
+            name: RowLoader(
+                t.train, micro, self.cfg.seed + i, env.rank, env.world_size, task=name
+            )
+            for i, (name, t) in enumerate(self.tasks.items())
+        }
+        for name, ld in loaders.items():
+            if len(ld) == 0:
+                raise UsageError(
+                    f"task {name}: {len(self.tasks[name].train)} training rows, fewer than one "
+                    f"micro-batch across all processes ({micro} x {env.world_size}). Add "
+                    "examples or lower optim.micro_batch."
+                )
+        if len(loaders) == 1:
+            return next(iter(loaders.values()))
+        return MixLoader(loaders, self.cfg.seed)
+
+    def train_rows(self) -> int:
+        return sum(len(t.train) for t in self.tasks.values())
+
+    def total_steps(self, tokens_per_step: int, batches_per_step: int) -> int:
+        ft = self.cfg.finetune
+        rows_per_step = self.cfg.optim.micro_batch * batches_per_step
+        steps = math.ceil(ft.epochs * self.train_rows() / rows_per_step)
+        if ft.max_steps is not None:
+            steps = min(steps, ft.max_steps)
+        return max(1, steps)
+
+    # ---------------------------------------------------------------------------- the loss
+    def _forward(self, net: nn.Module, batch) -> tuple[LossOutput, torch.Tensor | None]:
+        t = self.tasks[batch.task]
+        if t.kind == "lm":
+            seg = batch["segment_ids"]
+            # one example per row, padded at the end: plain causal attention is the same
+            packed = bool((seg.amax() > 1).item())
+            loss_sum, ce_sum = net(
+                batch["input_ids"], labels=batch["labels"], segment_ids=seg if packed else None
+            )
+            return _mean(loss_sum, ce_sum, batch["labels"]), None
+        out = head_outputs(net, batch, t.name, self.pooling)
+        loss = head_loss(out, batch["label"], t.kind)
+        return LossOutput(loss, int(batch["label"].shape[0]), loss.detach()), out
+
+    def loss(self, net: nn.Module, batch, generator: torch.Generator) -> LossOutput:
+        out, _ = self._forward(net, batch)
+        w = self.tasks[batch.task].spec.weight
+        return out if w == 1.0 else LossOutput(out.loss * w, out.n_tokens, out.ce)
+
+    def batch_tokens(self, batch) -> int:
+        if "segment_ids" in batch:
+            return int((batch["segment_ids"] > 0).sum())
+        return int(batch["attention_mask"].sum())
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Forward 2N, backward 2N for activation gradients + 2 per trainable matmul weight
+        (a frozen base computes no weight gradients), plus the attention term."""
+        base = unwrap(model)
+        n = matmul_params(base)
+        trainable = sum(
+            p.numel() for p in base.parameters() if p.requires_grad and p.ndim == 2
+        )
+        d_attn = base.cfg.n_heads * base.cfg.head_dim
+        return 4.0 * n + 2.0 * min(trainable, n) + 12.0 * base.cfg.n_layers * d_attn * self.seq_len
+
+    # -------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env: DistEnv, device: torch.device) -> dict:
+        from plinth.train.loop import autocast_context
+
+        was_training = model.training
+        model.eval()
+        metrics: dict = {}
+        total_loss, total_weight = 0.0, 0.0
+        micro = self.cfg.optim.micro_batch
+        for name, t in self.tasks.items():
+            if t.val is None:
+                continue
+            loader = RowLoader(
+                t.val, micro, self.cfg.seed, env.rank, env.world_size, False, False, name
+            )
+            sums = np.zeros(3)  # loss x count, count, correct (classification)
+            preds, golds = [], []
+            for batch in loader:
+                batch = batch.to(device)
+                with autocast_context(self.cfg, device):
+                    out, logits = self._forward(model, batch)
+                sums[0] += out.ce.item() * out.n_tokens
+                sums[1] += out.n_tokens
+                if t.kind == "classification":
+                    pred = logits.argmax(-1)
+                    sums[2] += (pred == batch["label"]).sum().item()
+                    preds += pred.tolist()
+                    golds += batch["label"].tolist()
+                elif t.kind == "regression":
+                    sums[2] += (logits.squeeze(-1).float() - batch["label"]).abs().sum().item()
+            sums = all_reduce_sum(list(sums), env, device)
+            if sums[1] == 0:
+                continue
+            loss = sums[0] / sums[1]
+            prefix = "val/" if len(self.tasks) == 1 else f"val/{name}/"
+            metrics[f"{prefix}loss"] = loss
+            if t.kind == "lm":
+                metrics[f"{prefix}ppl"] = math.exp(min(loss, 50.0))
+                metrics[f"{prefix}tokens"] = int(sums[1])
+            elif t.kind == "classification":
+                metrics[f"{prefix}accuracy"] = sums[2] / sums[1]
+                if env.world_size == 1:  # F1 needs every prediction; one process has them
+                    metrics[f"{prefix}f1"] = macro_f1(preds, golds, unwrap(model).heads[name])
+            else:
+                metrics[f"{prefix}mae"] = sums[2] / sums[1]
+            total_loss += t.spec.weight * loss
+            total_weight += t.spec.weight
+        model.train(was_training)
+        if len(self.tasks) > 1 and total_weight:
+            metrics["val/loss"] = total_loss / total_weight
+        return metrics
+
+    def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
+        """Greedy answers to the first validation prompts (lm tasks) and the predicted class of
+        the first validation texts (classification), so the run shows what changed."""
+        from plinth.infer.sampling import generate
+
+        out = []
+        was_training = model.training
+        model.eval()
+        for name, t in self.tasks.items():
+            if t.kind == "lm" and t.prompts:
+                ids = [self.tokenizer.encode(p, add_special_tokens=False).ids for p, _ in t.prompts]
+                gens = generate(
+                    model,
+                    ids,
+                    max_new_tokens=min(self.cfg.inference.max_new_tokens, 48),
+                    temperature=0.0,
+                    eos_id=self.roles["eos"],
+                )
+                for (p, _), g in zip(t.prompts, gens, strict=True):
+                    out.append((p, self.tokenizer.decode(g)))
+            elif t.kind == "classification" and t.texts:
+                with torch.no_grad():
+                    enc = [self.tokenizer.encode(x).ids[: self.seq_len] for x in t.texts]
+                    for text, ids in zip(t.texts, enc, strict=True):
+                        batch = {
+                            "input_ids": torch.tensor([ids], device=device),
+                            "attention_mask": torch.ones(1, len(ids), dtype=torch.long,
+                                                         device=device),
+                        }
+                        pred = int(head_outputs(model, batch, name, self.pooling).argmax(-1))
+                        labels = t.spec.labels
+                        out.append((f"[{name}] {text}", labels[pred] if labels else str(pred)))
+        model.train(was_training)
+        return out
+
+
+def macro_f1(preds: list[int], golds: list[int], head: nn.Module) -> float:
+    """Mean over classes of F1 (classes absent from both count as 1: nothing to get wrong)."""
+    n = head.out_features
+    scores = []
+    for c in range(n):
+        tp = sum(p == c and g == c for p, g in zip(preds, golds, strict=True))
+        fp = sum(p == c and g != c for p, g in zip(preds, golds, strict=True))
+        fn = sum(p != c and g == c for p, g in zip(preds, golds, strict=True))
+        scores.append(1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))

@@ -1,0 +1,216 @@
+"""`plinth finetune`: adapt a pretrained model to your data, through the one training loop.
+
+    plinth finetune configs/sft-smollm2-lora.yaml
+    plinth finetune configs/cls-minilm.yaml finetune.method=full optim.lr=5e-5
+    plinth finetune --resume runs/sft-smollm2-lora
+
+The base (`finetune.base`) fixes the architecture and tokenizer (its config is the lowest
+layer of the fine-tune's config); the method (full, LoRA, QLoRA, ...) and heads are applied
+to it; the run directory is a normal plinth run (config, manifest, metrics, events, samples,
+checkpoints, report) plus, for parameter-efficient methods, `adapter/` in the PEFT library's
+format (small; `peft.PeftModel.from_pretrained` loads it onto the base).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from plinth.config.checks import environment_warnings, reject_unsupported
+from plinth.config.commands import render_yaml
+from plinth.config.load import Resolved, load_config, split_args
+from plinth.distributed.env import DistEnv
+from plinth.errors import PlinthError, UsageError
+
+UNSUPPORTED = {
+    "compress.quantization": "quantisation is applied to a trained model, not during training",
+    "compress.pruning": "pruning is applied to a trained model, not during training",
+    "compress.distill_teacher": "distillation is its own recipe",
+}
+BASE_SOURCE = "base model"
+COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+          "chat_template.jinja")
+
+
+def finetune(
+    config: str | None = None,
+    overrides: list[str] = (),
+    *,
+    resume: str | None = None,
+    quiet: bool = False,
+) -> int:
+    """Fine-tune a pretrained model: full, LoRA/DoRA/QLoRA, adapters, prefix or IA3; SFT on
+    instruction data, or classification/regression heads; several tasks at once.
+
+    Writes a run directory like pretraining (config, manifest, metrics, samples, checkpoints)
+    plus adapter/ (PEFT format) for parameter-efficient methods.
+
+    Args:
+        config: YAML config file or shipped recipe name (optional with --resume)
+        overrides: key=value changes, e.g. finetune.rank=16 optim.lr=2e-4
+        resume: run directory to continue from its latest intact checkpoint
+        quiet: no progress bar or per-step lines
+    """
+    from plinth.recipes.pretrain import print_summary, resolve_resume
+
+    files, overs = split_args([config] if config else [], overrides)
+    if resume is not None:
+        resolved, run_path = resolve_resume(Path(resume), files, overs)
+        base_dir = None
+    else:
+        if not files:
+            raise UsageError(
+                "give a config file, e.g. `plinth finetune configs/sft-smollm2-lora.yaml`"
+            )
+        resolved, base_dir = load_finetune_config(files, overs)
+        run_path = None
+    result = run_finetuning(resolved, base_dir, run_path=run_path, progress=not quiet)
+    if DistEnv.from_environ().is_main:
+        print_summary(result)
+        if resolved.config.model.arch == "decoder":
+            print(f"try it: plinth generate {result.run_dir} --prompt \"...\"")
+    if result.halted:
+        raise PlinthError(
+            f"training halted after step {result.step}: the stability guard saw a problem it "
+            f"could not roll back from (anomaly events in {result.run_dir / 'events.jsonl'}). "
+            "Lower optim.lr or check the data, then resume or restart."
+        )
+    return 0
+
+
+def load_finetune_config(
+    files: list, overrides: list[str] = ()
+) -> tuple[Resolved, Path]:
+    """Config of a new fine-tune: the base's model and tokenizer as the lowest layer."""
+    from plinth.finetune.base import base_defaults, check_architecture, resolve_base
+
+    first = load_config(files, overrides)
+    base = first.config.finetune.base
+    if base is None:
+        raise UsageError(
+            "finetune.base is not set: name the pretrained model to start from (a plinth run, a "
+            "`plinth import` directory, a Hugging Face directory or .gguf file, or ref-smollm2 / "
+            "ref-minilm), e.g. finetune.base=ref-smollm2."
+        )
+    base_dir = resolve_base(base)
+    defaults = base_defaults(base_dir)
+    resolved = load_config(
+        files, overrides, defaults=defaults, defaults_source=f"{BASE_SOURCE} {base_dir}"
+    )
+    check_architecture(resolved, defaults, base_dir)
+    return resolved, base_dir
+
+
+def run_finetuning(
+    resolved: Resolved,
+    base_dir: Path | None,
+    run_path: Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+):
+    """Read the data, create (or reopen) the run directory and train. Returns a TrainResult.
+    On resume (`run_path` given) the weights come from the run's checkpoints, not the base."""
+    from plinth.distributed.env import (
+        barrier,
+        broadcast_object,
+        check_strategy,
+        destroy_process_group,
+        device_for,
+        init_process_group,
+    )
+    from plinth.finetune.base import base_info, resolve_base
+    from plinth.finetune.task import build_task
+    from plinth.track.run import RunDir, RunPaths, build_manifest, unique_run_path
+    from plinth.train.loop import resolve_device, train
+
+    cfg = resolved.config
+    env = DistEnv.from_environ()
+    reject_unsupported(resolved, UNSUPPORTED, "finetune")
+    if env.is_main:
+        for warning in environment_warnings(resolved):
+            print(f"warning: {warning}")
+    device = device_for(cfg, env, resolve_device(cfg))
+    strategy = check_strategy(cfg, env, device)
+    resuming = run_path is not None
+    if base_dir is None:
+        base_dir = Path(run_path) if resuming else resolve_base(cfg.finetune.base)
+    task = build_task(cfg, base_dir)
+    if any(t.kind != "lm" for t in task.tasks.values()) and strategy != "none":
+        raise UsageError(
+            f"distributed.strategy={strategy}: task heads (classification/regression) train in "
+            "one process for now; run without torchrun. Language-model fine-tuning (task=lm) "
+            "runs under ddp/fsdp."
+        )
+    task.verbose = env.is_main
+    if resuming:
+        task.base_dir = None  # the checkpoint holds every weight
+    try:
+        cfg.optim.accum_steps(task.seq_len, env.world_size)
+    except ValueError as e:
+        raise UsageError(f"{e} (rows are finetune.max_length={task.seq_len} tokens)") from None
+    init_process_group(cfg, env, device)
+    try:
+        if run_path is None and env.is_main:
+            name = cfg.tracking.run_name or f"finetune-{cfg.finetune.method}"
+            run_path = unique_run_path(cfg.tracking.output_dir, name)
+        run_path = Path(broadcast_object(str(run_path), env))
+        run = RunDir(run_path) if env.is_main else RunPaths(run_path)
+        try:
+            if env.is_main and not resuming:
+                run.write_config(render_yaml(resolved))
+                for f in COPIED:
+                    if (base_dir / f).is_file():
+                        shutil.copyfile(base_dir / f, run.path / f)
+                data = {
+                    name: {
+                        "train_rows": len(t.train),
+                        "val_rows": len(t.val) if t.val is not None else 0,
+                        **{f"train_{k}": v for k, v in t.train.counts.items()},
+                    }
+                    for name, t in task.tasks.items()
+                }
+                run.write_manifest(
+                    build_manifest(
+                        seed=cfg.seed,
+                        world_size=env.world_size,
+                        device=str(device),
+                        data={"tasks": data},
+                        base=base_info(base_dir),
+                        distributed={"strategy": strategy},
+                    )
+                )
+                print(f"run directory: {run.path}")
+                for name, t in task.tasks.items():
+                    c = t.train.counts
+                    extra = ", ".join(f"{v} {k}" for k, v in c.items() if k in (
+                        "truncated", "dropped") and v)
+                    print(
+                        f"task {name} ({t.kind}): {len(t.train)} training rows from "
+                        f"{c.get('kept', len(t.train))} examples"
+                        + (f" ({extra}, finetune.overlong={cfg.finetune.overlong})"
+                           if extra else "")
+                    )
+            barrier(env)
+            result = train(
+                cfg, task, run, resume=resuming, progress=progress, stop_after=stop_after, env=env
+            )
+            peft = cfg.finetune.method != "full" and strategy in ("none", "ddp")
+            if env.is_main and peft and task.model is not None:
+                save_final_adapter(task.model, run.path, base_dir)
+            return result
+        finally:
+            run.close()
+    finally:
+        destroy_process_group()
+
+
+def save_final_adapter(model, run: Path, base_dir: Path) -> Path | None:
+    """adapter/ in the run: the trained method alone (PEFT's layout where peft can express it).
+    Heads are not part of it; they live in the run's checkpoints."""
+    from plinth.peft.save import save_adapter
+
+    base = str(base_dir) if (base_dir / "import.json").is_file() else None
+    path = save_adapter(model, run / "adapter", base)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    print(f"adapter: {path} ({size:.1f} MB)")
+    return path
