@@ -117,7 +117,11 @@ def build_finetune_model(cfg: Config, base_dir: Path | None, device=None) -> nn.
     summary = apply_method(model, cfg.finetune)
     sizes = head_sizes(cfg)
     if sizes:
+        from plinth.peft.apply import count_parameters
+
         add_heads(model, sizes, cfg.seed)
+        summary.trainable, summary.total = count_parameters(model)
+        summary.modules = [*summary.modules, *(f"heads.{n}" for n in sizes)]
     model.peft_summary = summary
     return model.to(device) if device is not None else model
 
@@ -247,7 +251,7 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
 
 class FinetuneTask(Task):
     name = "finetune"
-    sample_at_start = True  # step 0 shows the base model's answers, to compare with later ones
+    baseline = True  # step 0 shows the base model's scores and answers, to compare with later
 
     def __init__(self, cfg: Config, base_dir: Path | None, tokenizer, tasks, roles):
         self.cfg, self.base_dir, self.tokenizer = cfg, base_dir, tokenizer
@@ -364,7 +368,7 @@ class FinetuneTask(Task):
                     golds += batch["label"].tolist()
                 elif t.kind == "regression":
                     sums[2] += (logits.squeeze(-1).float() - batch["label"]).abs().sum().item()
-            sums = all_reduce_sum(list(sums), env, device)
+            sums = [float(x) for x in all_reduce_sum([float(x) for x in sums], env, device)]
             if sums[1] == 0:
                 continue
             loss = sums[0] / sums[1]

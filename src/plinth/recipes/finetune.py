@@ -58,7 +58,7 @@ def finetune(
         resolved, run_path = resolve_resume(Path(resume), files, overs)
         base_dir = None
     else:
-        if not files:
+        if not files and not overs:
             raise UsageError(
                 "give a config file, e.g. `plinth finetune configs/sft-smollm2-lora.yaml`"
             )
@@ -67,7 +67,8 @@ def finetune(
     result = run_finetuning(resolved, base_dir, run_path=run_path, progress=not quiet)
     if DistEnv.from_environ().is_main:
         print_summary(result)
-        if resolved.config.model.arch == "decoder":
+        if resolved.config.model.arch == "decoder" and resolved.config.finetune.task == "lm" \
+                and not resolved.config.finetune.tasks:
             print(f"try it: plinth generate {result.run_dir} --prompt \"...\"")
     if result.halted:
         raise PlinthError(
@@ -98,7 +99,29 @@ def load_finetune_config(
         files, overrides, defaults=defaults, defaults_source=f"{BASE_SOURCE} {base_dir}"
     )
     check_architecture(resolved, defaults, base_dir)
+    relative_to_config(resolved)
     return resolved, base_dir
+
+
+def relative_to_config(resolved: Resolved) -> None:
+    """Data paths a config file gives that do not exist from here are read next to that file
+    (so `plinth finetune sft-smollm2-lora` finds the recipe's data from any directory)."""
+    ft = resolved.config.finetune
+
+    def fix(value: str | None, key: str) -> str | None:
+        src = resolved.source(key)
+        if value is None or Path(value).is_absolute() or Path(value).exists():
+            return value
+        if not src.startswith("file "):
+            return value
+        cand = Path(src[len("file "):]).parent / value
+        return str(cand) if cand.exists() else value
+
+    for key in ("dataset", "val_dataset", "chat_template"):
+        setattr(ft, key, fix(getattr(ft, key), f"finetune.{key}"))
+    for t in ft.tasks:
+        t.dataset = fix(t.dataset, "finetune.tasks")
+        t.val_dataset = fix(t.val_dataset, "finetune.tasks")
 
 
 def run_finetuning(

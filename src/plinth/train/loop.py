@@ -362,11 +362,17 @@ def train(
         sampler.start()
     status = "failed"
     win, last_val, steps_this_call = _Window(), {}, 0
-    if task.sample_at_start and c["step"] == 0 and (env.is_main or sharded):
-        for prompt, text in task.samples(model, 0, device):
-            log.log_sample(0, prompt, text)
     try:
         with TrainProgress(total=steps, start=c["step"], enabled=progress and env.is_main) as bar:
+            if task.baseline and c["step"] == 0:  # where a fine-tune starts from, to compare
+                base_val = task.evaluate(model if strategy == "ddp" else net, env, device)
+                if base_val:
+                    log.log_metrics(0, tokens=0, **base_val)
+                    log.log_event(0, "eval", **base_val)
+                    bar.note(f"step 0 (the base model): {val_summary(base_val)}")
+                if env.is_main or sharded:
+                    for prompt, text in task.samples(model, 0, device):
+                        log.log_sample(0, prompt, text)
             while c["step"] < steps:
                 t0 = time.perf_counter()
                 data_time, step_loss, step_tokens = 0.0, 0.0, 0

@@ -29,7 +29,7 @@ class Task:
 
     name = "task"
     seq_len: int  # tokens per row: the unit of optim.global_batch
-    sample_at_start = False  # also log samples before the first step (a base model's answers)
+    baseline = False  # also evaluate and sample before the first step (a base model's scores)
 
     def build_model(self, device: torch.device) -> nn.Module:
         raise NotImplementedError
