@@ -65,6 +65,17 @@ def _fmt(value: Any) -> str:
     )
 
 
+def load_with_base(files, overrides):
+    """load_config, with a fine-tune's base model (finetune.base) as the lowest layer, so the
+    model shown is the one that will train."""
+    resolved = load_config(files, overrides)
+    if resolved.config.finetune.base is None:
+        return resolved
+    from plinth.recipes.finetune import load_finetune_config
+
+    return load_finetune_config(files, overrides)[0]
+
+
 def explain(key: str | None = None, configs: list[str] = ()) -> int:
     """Explain config options: what each does, its trade-off, type, default and current value.
 
@@ -78,7 +89,7 @@ def explain(key: str | None = None, configs: list[str] = ()) -> int:
     if key is not None and ("=" in key or key.endswith((".yaml", ".yml"))):
         configs, key = [key, *configs], None  # no key given, only config files/overrides
     files, overrides = split_args(configs)
-    resolved = load_config(files, overrides)
+    resolved = load_with_base(files, overrides)
     con = _console()
     if key is None:
         _explain_overview(con, resolved)
@@ -180,7 +191,7 @@ def show(config: str | None = None, overrides: list[str] = (), *, all: bool = Fa
         all: annotate every value with its source, defaults included
     """
     files, overs = split_args([config] if config else [], overrides)
-    resolved = load_config(files, overs)
+    resolved = load_with_base(files, overs)
     print(render_yaml(resolved, annotate_defaults=all))
     return 0
 
@@ -223,14 +234,16 @@ def validate(configs: list[str], *, quiet: bool = False) -> int:
         raise ConfigError("give at least one config file to validate, e.g. configs/quickstart.yaml")
     con = _console()
     for file in files:
-        resolved = load_config([file], overrides)
+        resolved = load_with_base([file], overrides)
         cfg, m = resolved.config, resolved.config.model
         if not quiet:
             con.print(
                 f"[green]ok[/] {escape(str(resolved.files[0]))}: "
                 f"{m.arch} {m.n_layers}x{m.d_model}, "
-                f"{m.param_count() / 1e6:.1f}M parameters, objective {cfg.objective}, "
-                f"optimizer {cfg.optim.name}"
+                f"{m.param_count() / 1e6:.1f}M parameters, "
+                + (f"objective {cfg.objective}" if cfg.finetune.base is None else
+                   f"finetune {cfg.finetune.method} of {cfg.finetune.base}")
+                + f", optimizer {cfg.optim.name}"
             )
         for w in environment_warnings(resolved):
             con.print(f"[yellow]warning:[/] {escape(w)}")
