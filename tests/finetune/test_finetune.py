@@ -25,18 +25,6 @@ def _jsonl(path: Path, kind: str) -> list[dict]:
     return [json.loads(x) for x in (path / f"{kind}.jsonl").read_text().splitlines() if x]
 
 
-@pytest.fixture(scope="module")
-def base_run(tiny_base, tmp_path_factory) -> Path:
-    """A tiny decoder pretrained for a few steps: the base every fast test fine-tunes."""
-    from plinth.recipes.pretrain import run_pretraining
-
-    out = tmp_path_factory.mktemp("base")
-    over = [*tiny_base, "model.max_seq_len=128", "pretrain.max_steps=20",
-            f"tracking.output_dir={out}", "tracking.run_name=base"]
-    result = run_pretraining(load_config(["quickstart"], over), progress=False)
-    return result.run_dir
-
-
 def _sft_args(base_run: Path, tmp_path: Path, *extra: str) -> list[str]:
     return [
         f"finetune.base={base_run}",
