@@ -1,0 +1,120 @@
+"""The code sandbox: runaway programs are stopped and scored as failures, quickly."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from plinth.eval.sandbox import run_python, score_code_completion
+
+PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
+TESTS = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
+
+
+def _gone(pid: int) -> bool:
+    """True when the process no longer runs (missing, or a zombie awaiting its reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_correct_completion_passes_and_wrong_one_fails():
+    ok = score_code_completion(PROMPT, "    return a + b\n", TESTS, timeout=5, entry_point="add")
+    assert ok.passed and ok.status == "ok" and ok.returncode == 0
+    bad = score_code_completion(PROMPT, "    return a - b\n", TESTS, timeout=5, entry_point="add")
+    assert not bad.passed and bad.status == "failed" and bad.returncode == 1
+    assert "AssertionError" in bad.output and "program.py" in bad.output
+    broken = score_code_completion(PROMPT, "    return (a +\n", TESTS, entry_point="add")
+    assert broken.status == "failed" and "SyntaxError" in broken.output
+
+
+def test_infinite_loop_is_killed_at_the_timeout():
+    t0 = time.monotonic()
+    r = run_python("print('started')\nwhile True:\n    pass\n", timeout=1.0)
+    elapsed = time.monotonic() - t0
+    assert r.status == "timeout" and not r.passed
+    assert r.output == "started\n"  # written before the kill, kept (unbuffered child)
+    assert 1.0 <= r.duration < 2.5 and elapsed < 3.0
+    r = run_python("import time\ntime.sleep(60)\n", timeout=0.5)  # idle, not burning CPU
+    assert r.status == "timeout" and r.duration < 2.0
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["x = [0] * 10**10\n", "x = []\nwhile True:\n    x.append(bytearray(10**7))\n"],
+    ids=["huge", "growing"],
+)
+def test_unbounded_allocation_hits_the_memory_limit(code):
+    r = run_python(code, timeout=10.0, memory_mb=256)
+    assert r.status == "memory" and not r.passed
+    assert "MemoryError" in r.output
+    assert r.duration < 5.0  # long before the 10 s timeout
+
+
+def test_fork_bomb_is_stopped():
+    r = run_python("import os\nwhile True:\n    os.fork()\n", timeout=3.0)
+    assert not r.passed and r.status == "failed"
+    assert "disabled in the plinth sandbox" in r.output and r.duration < 3.0
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "getuid") or os.getuid() == 0, reason="RLIMIT_NPROC does not bind root"
+)
+def test_unguarded_fork_bomb_is_bounded_by_the_process_limit():
+    code = "import os\nwhile True:\n    try:\n        os.fork()\n"
+    code += "    except OSError:\n        continue\n"
+    r = run_python(code, timeout=1.0, guard=False, max_procs=8)
+    assert r.status == "timeout" and r.duration < 5.0
+
+
+def test_children_left_behind_are_killed():
+    code = (
+        "import subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(p.pid, flush=True)\n"
+    )
+    r = run_python(code, timeout=5.0, guard=False)
+    assert r.status == "ok"
+    pid = int(r.output.split()[0])
+    deadline = time.monotonic() + 2.0
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _gone(pid)
+
+
+def test_output_is_captured_and_truncated():
+    r = run_python("import sys\nprint('hello')\nprint('oops', file=sys.stderr)\n")
+    assert r.status == "ok" and "hello" in r.output and "oops" in r.output and not r.truncated
+    r = run_python("for i in range(100000):\n    print(i)\n", max_output=1000)
+    assert r.status == "ok" and r.truncated and len(r.output) <= 1000
+    assert r.output.endswith("99999\n")  # the tail is what is kept
+
+
+def test_fresh_directory_minimal_environment_and_writes_confined(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLINTH_SANDBOX_SECRET", "s3cret")
+    target = tmp_path / "escaped.txt"
+    code = (
+        "import os\n"
+        "print(os.getcwd())\n"
+        "print(sorted(os.listdir('.')))\n"
+        "print('PLINTH_SANDBOX_SECRET' in os.environ)\n"
+        "open('scratch.txt', 'w').write('fine')\n"
+        f"open({str(target)!r}, 'w').write('bad')\n"
+    )
+    r = run_python(code, files={"data.txt": "x"})
+    cwd, listing, secret = r.output.splitlines()[:3]
+    assert listing == "['data.txt', 'program.py']" and secret == "False"
+    assert not Path(cwd).exists()  # removed afterwards
+    assert r.status == "failed" and "outside the sandbox directory" in r.output
+    assert not target.exists()
+
+
+def test_exit_status_decides():
+    assert run_python("import sys\nsys.exit(0)\n").passed
+    r = run_python("raise SystemExit(3)\n")
+    assert r.status == "failed" and r.returncode == 3
