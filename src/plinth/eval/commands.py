@@ -1,0 +1,159 @@
+"""`plinth eval`: score a model on tasks and text, as a table, JSON and run events.
+
+    plinth eval ref-smollm2 --tasks suite --limit 10 --output eval.json
+    plinth eval runs/quickstart --tasks capitals,my_task.yaml --shots 2 --text notes.txt
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+from plinth.errors import UsageError
+
+
+def eval_cmd(
+    model: str,
+    *,
+    tasks: list[str] = (),
+    shots: int | None = None,
+    limit: int | None = None,
+    output: str | None = None,
+    text: list[str] = (),
+    dataset: str | None = None,
+    split: str = "val",
+    window: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> int:
+    """Evaluate a decoder on tasks (multiple choice, generation) and language-model metrics.
+
+    Prints a results table; `--output` also writes them as JSON. When MODEL is a training run
+    (or one of its checkpoints) each result is appended to RUN/events.jsonl (`task_eval` and
+    `lm_eval` events at the checkpoint's step), so the run's overview shows them.
+
+    Args:
+        model: run directory (its latest checkpoint), checkpoint directory, `plinth import`
+            directory, Hugging Face model directory, .gguf file, or a reference model name
+            (ref-smollm2)
+        tasks: task names separated by commas or spaces: built-in tasks, `suite` for all of
+            them, or paths of task YAML files (see docs/eval.md)
+        shots: few-shot examples per prompt (default: each task's fewshot.k)
+        limit: score only the first N examples of each task (and N documents of --dataset)
+        output: write the results as JSON to this file
+        text: text files to score: loss, perplexity and bits per byte
+        dataset: a prepared dataset directory (`plinth data prepare`) to score like --text
+        split: which split of --dataset to score
+        window: tokens of context per scoring window (default: the model's max_seq_len)
+        stride: tokens between sliding windows for long documents (default: the window)
+        batch_size: sequences per forward pass
+        device: torch device to run on (cpu, cuda, cuda:1, ...)
+    """
+    from plinth.eval.lm import evaluate_dataset, evaluate_text
+    from plinth.eval.scoring import evaluate_task, load_eval_model
+    from plinth.eval.tasks import load_tasks
+
+    if not tasks and not text and dataset is None:
+        raise UsageError(
+            "nothing to evaluate: give --tasks (e.g. --tasks suite), --text FILE or "
+            "--dataset DIR"
+        )
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
+    if shots is not None and shots < 0:
+        raise UsageError(f"--shots cannot be negative, got {shots}")
+    loaded = load_tasks(list(tasks)) if tasks else []  # bad task files fail before the model
+    lm = load_eval_model(model, device=device)
+    results, lm_results = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation is reported in the table instead
+        for task in loaded:
+            results.append(evaluate_task(lm, task, shots, limit, batch_size))
+    for path in text:
+        lm_results.append(evaluate_text(lm, path, window, stride, batch_size))
+    if dataset is not None:
+        lm_results.append(evaluate_dataset(lm, dataset, split, limit, window, stride, batch_size))
+    print_results(model, results, lm_results)
+    record = {
+        "model": model,
+        "step": lm.step,
+        "time": time.time(),
+        "tasks": [r.to_json() for r in results],
+        "lm": [r.to_json() for r in lm_results],
+    }
+    if output:
+        from plinth.track.run import encode
+
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(encode(record), indent=2, allow_nan=False) + "\n")
+        print(f"wrote {out}")
+    if lm.run_dir is not None:
+        log_events(lm.run_dir, lm.step or 0, model, results, lm_results)
+        print(f"recorded {len(results) + len(lm_results)} evaluation event(s) in "
+              f"{lm.run_dir / 'events.jsonl'}")
+    return 0
+
+
+def log_events(run: Path, step: int, model: str, results, lm_results) -> None:
+    """Append task_eval / lm_eval events to the run's events.jsonl (what overviews read)."""
+    from plinth.track.run import JsonlWriter
+
+    writer = JsonlWriter(Path(run) / "events.jsonl")
+    try:
+        now = time.time()
+        for r in results:
+            writer.write({
+                "step": step, "time": now, "event": "task_eval", "model": model,
+                "task": r.task, "type": r.type, "metrics": r.metrics, "shots": r.shots,
+                "limit": r.limit, "n": r.n, "truncated": r.truncated,
+                "seconds": round(r.seconds, 3),
+            })
+        for r in lm_results:
+            writer.write({"step": step, "time": now, "event": "lm_eval", "model": model,
+                          **r.to_json()})
+    finally:
+        writer.close()
+
+
+def _fmt(v: float) -> str:
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
+
+
+def print_results(model: str, results, lm_results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    if results:
+        table = Table(title=f"plinth eval {model}")
+        for col in ("task", "type", "n", "shots", "metrics", "truncated", "seconds"):
+            table.add_column(col, justify="right" if col in ("n", "shots", "seconds") else "left")
+        for r in results:
+            metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items())
+            table.add_row(
+                r.task, "MC" if r.type == "multiple_choice" else "gen", str(r.n), str(r.shots),
+                metrics, f"[yellow]{r.truncated}[/]" if r.truncated else "0",
+                f"{r.seconds:.1f}",
+            )
+        console.print(table)
+        for r in results:
+            if r.truncated:
+                console.print(
+                    f"[yellow]warning:[/] {r.task}: {r.truncated} of {r.n} prompts were longer "
+                    "than the model's context and were cut from the left; use fewer --shots"
+                )
+    if lm_results:
+        table = Table(title="language-model metrics")
+        for col in ("source", "docs", "tokens", "loss", "perplexity", "bits/byte", "window"):
+            table.add_column(col)
+        for r in lm_results:
+            table.add_row(
+                r.source, str(r.docs), str(r.tokens), _fmt(r.loss), _fmt(r.perplexity),
+                _fmt(r.bits_per_byte), f"{r.window}/{r.stride}",
+            )
+        console.print(table)

@@ -1,0 +1,370 @@
+"""Evaluation tasks as small YAML + JSONL files that anyone can add without code.
+
+    python -c "from plinth.eval.tasks import load_tasks; t = load_tasks(['suite'])[0]; \
+print(t.name, len(t.rows)); print(t.context(0, 2))"
+
+A task file (see docs/eval.md for every key):
+
+    name: capitals
+    type: multiple_choice          # or generation
+    data: capitals.jsonl           # one JSON object per line, path relative to this file
+    prompt: "Q: What is the capital of {country}?\\nA:"   # Python format over the row's fields
+    template: python               # or jinja (sandboxed Jinja2, StrictUndefined)
+    target_delimiter: " "          # between prompt and answer/choice
+    fields: {choices: choices, answer: answer}   # MC: list field + gold index; gen: target(s)
+    fewshot: {k: 0, seed: 1234, separator: "\\n\\n", file: null, answer: "{answer}"}
+    generation: {max_new_tokens: 32, stop: ["\\n"], metric: exact_match, pattern: null,
+                 normalize: strip}
+
+Every row is checked when the task loads, so a bad row fails before any model runs, with the
+file, line and field in the message. Shots come from `fewshot.file` or, without one, from the
+task's other rows (never the scored one), drawn with a generator seeded by (seed, row index):
+the same prompt for a row whatever --limit is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import random
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plinth.errors import UsageError
+
+SUITE_DIR = Path(__file__).resolve().parent / "suite"
+TYPES = ("multiple_choice", "generation")
+# generation metrics; code_exec is scored by plinth.eval.sandbox (run the code, check its tests)
+GEN_METRICS = ("exact_match", "f1", "regex", "code_exec")
+NORMALIZE = ("strip", "squad")
+TOP_KEYS = {
+    "name", "type", "data", "prompt", "template", "target_delimiter", "fields", "fewshot",
+    "generation", "description", "provenance",
+}
+SUB_KEYS = {
+    "fields": {"choices", "answer"},
+    "fewshot": {"k", "seed", "separator", "file", "answer"},
+    "generation": {"max_new_tokens", "stop", "metric", "pattern", "normalize"},
+}
+
+
+@dataclass
+class FewShot:
+    k: int = 0
+    seed: int = 1234
+    separator: str = "\n\n"
+    file: Path | None = None
+    answer: str = "{answer}"  # how a shot's answer is written (Python format; {answer} = gold)
+
+
+@dataclass
+class Generation:
+    max_new_tokens: int = 32
+    stop: list[str] = field(default_factory=lambda: ["\n\n"])
+    metric: str = "exact_match"
+    pattern: str | None = None
+    normalize: str = "strip"
+
+
+@dataclass
+class Task:
+    """A loaded, validated task: its rows and how to turn a row into prompts and answers."""
+
+    name: str
+    type: str
+    path: Path
+    data_path: Path
+    rows: list[dict]
+    prompt: str
+    template: str = "python"
+    target_delimiter: str = " "
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    fewshot: FewShot = field(default_factory=FewShot)
+    generation: Generation = field(default_factory=Generation)
+    description: str = ""
+    provenance: str = ""
+    shot_rows: list[dict] | None = None  # from fewshot.file; None: the task's other rows
+    _jinja: Any = None
+
+    # ---- one row ------------------------------------------------------------------------
+
+    def render(self, row: dict) -> str:
+        """The row's prompt (without the answer)."""
+        if self.template == "jinja":
+            return self._jinja.render(**row)
+        return self.prompt.format(**row)
+
+    def choices(self, row: dict) -> list[str]:
+        return [str(c) for c in row[self.choices_field]]
+
+    def gold(self, row: dict) -> int:
+        return int(row[self.answer_field])
+
+    def targets(self, row: dict) -> list[str]:
+        """Acceptable answers of a generation row (the first is shown in shots)."""
+        ans = row[self.answer_field]
+        return [str(a) for a in ans] if isinstance(ans, list) else [str(ans)]
+
+    def answer_text(self, row: dict) -> str:
+        if self.type == "multiple_choice":
+            return self.choices(row)[self.gold(row)]
+        return self.targets(row)[0]
+
+    def shot_answer(self, row: dict) -> str:
+        """The answer as a shot shows it (fewshot.answer, e.g. a JSON wrapper)."""
+        return self.fewshot.answer.format(**{**row, "answer": self.answer_text(row)})
+
+    def context(self, i: int, k: int | None = None) -> str:
+        """Few-shot prefix + the prompt of row i; k defaults to the task's fewshot.k."""
+        k = self.fewshot.k if k is None else k
+        shots = [
+            self.render(r) + self.target_delimiter + self.shot_answer(r) for r in self.shots(i, k)
+        ]
+        return self.fewshot.separator.join([*shots, self.render(self.rows[i])])
+
+    def shots(self, i: int, k: int) -> list[dict]:
+        """k example rows for row i, fixed by (seed, i), never row i itself."""
+        if k <= 0:
+            return []
+        pool = self.shot_rows if self.shot_rows is not None else self.rows
+        idx = [j for j in range(len(pool)) if self.shot_rows is not None or j != i]
+        if k > len(idx):
+            raise UsageError(
+                f"task {self.name}: {k} shots asked for, but only {len(idx)} example rows are "
+                f"available ({'fewshot.file' if self.shot_rows is not None else 'other rows'}). "
+                "Use fewer --shots or give a larger fewshot.file."
+            )
+        rng = random.Random(self.fewshot.seed * 1_000_003 + i)
+        return [pool[j] for j in rng.sample(idx, k)]
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def builtin_tasks() -> dict[str, Path]:
+    """Built-in task name -> YAML path (the offline suite shipped in plinth/eval/suite)."""
+    return {p.stem: p for p in sorted(SUITE_DIR.glob("*.yaml"))}
+
+
+def load_tasks(specs: list[str]) -> list[Task]:
+    """Tasks from names: built-in task names, `suite` (all built-in tasks), YAML paths or
+    directories of YAML files. Commas separate several names in one string."""
+    names = [s.strip() for spec in specs for s in str(spec).split(",") if s.strip()]
+    if not names:
+        raise UsageError(
+            f"no tasks given; use --tasks suite or some of: {', '.join(builtin_tasks())} "
+            "(or a task YAML path)"
+        )
+    known = builtin_tasks()
+    tasks: list[Task] = []
+    for name in names:
+        p = Path(name).expanduser()
+        if name == "suite":
+            tasks += [load_task(path) for path in known.values()]
+        elif name in known:
+            tasks.append(load_task(known[name]))
+        elif p.is_dir():
+            tasks += [load_task(path) for path in sorted(p.glob("*.y*ml"))]
+        elif p.is_file():
+            tasks.append(load_task(p))
+        else:
+            close = difflib.get_close_matches(name, [*known, "suite"], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UsageError(
+                f"unknown task {name!r}: not a built-in task and no such file.{hint} Built-in "
+                f"tasks: {', '.join(known)} (or `suite` for all of them); a task of your own is "
+                "a YAML file path (see docs/eval.md)."
+            )
+    return tasks
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate one task YAML and its JSONL rows (clear errors with file and line)."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read task file {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise UsageError(f"{path}: a task file is a YAML mapping (name, type, data, prompt, ...)")
+    _check_keys(path, spec, TOP_KEYS, "")
+    for key in ("name", "type", "data", "prompt"):
+        if key not in spec:
+            raise UsageError(
+                f"{path}: missing required key {key!r}. A task needs name, type "
+                f"({' | '.join(TYPES)}), data (a JSONL path relative to the YAML) and prompt "
+                "(a template over each row's fields); see docs/eval.md."
+            )
+    if spec["type"] not in TYPES:
+        raise UsageError(f"{path}: type is {spec['type']!r}; use one of {', '.join(TYPES)}")
+    subs = {}
+    for sect in SUB_KEYS:
+        val = spec.get(sect) or {}
+        if not isinstance(val, dict):
+            raise UsageError(f"{path}: {sect} must be a mapping of {sorted(SUB_KEYS[sect])}")
+        _check_keys(path, val, SUB_KEYS[sect], f"{sect}.")
+        subs[sect] = val
+    fs = subs["fewshot"]
+    fewshot = FewShot(
+        k=int(fs.get("k", 0)),
+        seed=int(fs.get("seed", 1234)),
+        separator=str(fs.get("separator", "\n\n")),
+        file=(path.parent / fs["file"]) if fs.get("file") else None,
+        answer=str(fs.get("answer", "{answer}")),
+    )
+    gen = Generation(**subs["generation"])
+    if isinstance(gen.stop, str):
+        gen.stop = [gen.stop]
+    if gen.metric not in GEN_METRICS:
+        raise UsageError(
+            f"{path}: generation.metric is {gen.metric!r}; use one of {', '.join(GEN_METRICS)}"
+        )
+    if gen.normalize not in NORMALIZE:
+        raise UsageError(
+            f"{path}: generation.normalize is {gen.normalize!r}; use one of {', '.join(NORMALIZE)}"
+        )
+    if gen.metric == "regex":
+        import re
+
+        if not gen.pattern:
+            raise UsageError(
+                f"{path}: generation.metric is regex but generation.pattern is missing; give a "
+                'regular expression whose first group is the answer, e.g. "answer: (\\\\d+)"'
+            )
+        try:
+            re.compile(gen.pattern)
+        except re.error as e:
+            raise UsageError(f"{path}: generation.pattern is not a valid regex: {e}") from None
+    template = spec.get("template", "python")
+    if template not in ("python", "jinja"):
+        raise UsageError(f"{path}: template is {template!r}; use python or jinja")
+    fields = subs["fields"]
+    task = Task(
+        name=str(spec["name"]),
+        type=spec["type"],
+        path=path,
+        data_path=path.parent / str(spec["data"]),
+        rows=[],
+        prompt=str(spec["prompt"]),
+        template=template,
+        target_delimiter=str(spec.get("target_delimiter", " ")),
+        choices_field=str(fields.get("choices", "choices")),
+        answer_field=str(fields.get("answer", "answer")),
+        fewshot=fewshot,
+        generation=gen,
+        description=str(spec.get("description", "")).strip(),
+        provenance=str(spec.get("provenance", "")).strip(),
+    )
+    if template == "jinja":
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
+        try:
+            task._jinja = env.from_string(task.prompt)
+        except jinja2.TemplateError as e:
+            raise UsageError(f"{path}: prompt is not a valid Jinja2 template: {e}") from None
+    task.rows = _read_rows(task, task.data_path)
+    if fewshot.file is not None:
+        task.shot_rows = _read_rows(task, fewshot.file)
+    return task
+
+
+def _check_keys(path: Path, spec: dict, allowed: set[str], prefix: str) -> None:
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean {prefix}{close[0]}?" if close else ""
+            raise UsageError(
+                f"{path}: unknown key {prefix}{key}.{hint} Known keys: "
+                f"{', '.join(prefix + k for k in sorted(allowed))}."
+            )
+
+
+def _read_rows(task: Task, data: Path) -> list[dict]:
+    if not data.is_file():
+        raise UsageError(
+            f"{task.path}: data file {data} does not exist (paths are relative to the task YAML)"
+        )
+    rows = []
+    for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{data}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"{where}: not valid JSON ({e}); each line is one JSON object"
+            ) from None
+        if not isinstance(row, dict):
+            raise UsageError(
+                f"{where}: each line must be a JSON object, got {type(row).__name__}"
+            )
+        _check_row(task, row, where)
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{data}: no rows; a task needs at least one JSON line")
+    return rows
+
+
+def _missing(task: Task, row: dict, key: str, where: str, why: str) -> UsageError:
+    return UsageError(
+        f"{where}: missing field {key!r} ({why}) in task {task.name} ({task.path}). The row has "
+        f"{sorted(row)}; add the field to every row or change the task YAML to use a field "
+        "the rows have."
+    )
+
+
+def _check_row(task: Task, row: dict, where: str) -> None:
+    if task.template == "python":
+        for _, fname, _, _ in string.Formatter().parse(task.prompt):
+            if fname is None:
+                continue
+            key = fname.split(".")[0].split("[")[0]
+            if key == "" or key.isdigit():
+                raise UsageError(
+                    f"{task.path}: the prompt has a positional placeholder {{{fname}}}; name a "
+                    "row field, e.g. {question}. Write literal braces as {{ and }}."
+                )
+            if key not in row:
+                raise _missing(task, row, key, where, "used by the prompt")
+    else:
+        try:
+            task._jinja.render(**row)
+        except Exception as e:  # StrictUndefined names the missing variable
+            raise UsageError(
+                f"{where}: the prompt template fails on this row ({e}) in task {task.name}; "
+                "add the field to the row or fix the template"
+            ) from None
+    ans = task.answer_field
+    if ans not in row:
+        why = "the gold choice index" if task.type == "multiple_choice" else "the target answer"
+        raise _missing(task, row, ans, where, why)
+    if task.type == "generation":
+        val = row[ans]
+        if not isinstance(val, str | int | float | list) or isinstance(val, bool):
+            raise UsageError(f"{where}: field {ans!r} must be a string or a list of strings")
+        return
+    ch = task.choices_field
+    if ch not in row:
+        raise _missing(task, row, ch, where, "the list of choices")
+    choices = row[ch]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise UsageError(
+            f"{where}: field {ch!r} must be a list of at least two choices, got {choices!r}"
+        )
+    gold = row[ans]
+    if isinstance(gold, str) and gold in [str(c) for c in choices]:
+        row[ans] = gold = [str(c) for c in choices].index(gold)
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise UsageError(
+            f"{where}: field {ans!r} is {gold!r}, but the answer must be the index of the "
+            f"correct choice, 0..{len(choices) - 1} for this row's {len(choices)} choices "
+            f"(or the choice's text). Fix the row in task {task.name}."
+        )
