@@ -380,6 +380,18 @@ class DataConfig(Section):
     """Documents (files or JSONL lines/records) larger than this are skipped unread and counted
     as `too_large`, so one huge line cannot exhaust memory. Raise it for books or long logs."""
 
+    decontaminate: list[str] = Field(default_factory=list)
+    """Evaluation sets that must not leak into training: JSONL files (all string fields of a
+    row), plinth task YAML files, text files (one example per line) or directories of them.
+    A document sharing any word n-gram (`decontaminate_ngram` words, lower-cased, punctuation
+    ignored) with an example is dropped and counted as `contaminated`. Costs one dict lookup
+    per word while preparing; empty checks nothing. Report overlap without dropping anything
+    with `plinth.eval.decontam`."""
+
+    decontaminate_ngram: int = Field(13, ge=1, le=64)
+    """Words per n-gram for `decontaminate` (13, as GPT-3 did). Shorter catches more lightly
+    edited leaks but also common phrases; examples with fewer words are not checked."""
+
     packing: Literal["concat", "bos_aligned"] = "concat"
     """How documents become fixed-length rows. `concat` joins them with separators (no padding,
     rows may start mid-document); `bos_aligned` best-fit packs so every row starts at a document

@@ -7,9 +7,11 @@ prepare_dataset; prepare_dataset(load_config(['quickstart']).config)"
 
 Stages (each streams; only per-document metadata is held in memory):
 
-1. read + clean (workers): sources yield documents; workers normalise, filter, scrub PII and
-   compute exact hashes and MinHash signatures; the main process keeps the first document of
-   every exact/near-duplicate cluster and appends survivors to a temporary text store.
+1. read + clean (workers): sources yield documents; workers normalise, filter, drop documents
+   sharing a word n-gram with the `data.decontaminate` evaluation sets (reason `contaminated`,
+   see plinth.eval.decontam), scrub PII and compute exact hashes and MinHash signatures; the
+   main process keeps the first document of every exact/near-duplicate cluster and appends
+   survivors to a temporary text store.
 2. split: documents are held out for validation per source, seeded by `cfg.seed`.
 3. tokenizer: trained on (a seeded sample of) the training documents, or loaded.
 4. tokenize (workers): documents are encoded in order and written to `train_*.bin` and
@@ -69,7 +71,10 @@ def config_fingerprint(cfg: Config) -> str:
     """Hash of everything that decides the prepared data: the data config (minus where it is
     written, worker count and packing, which do not change the shards), the seed, the vocab
     size, a stat signature of every input, and the contents of referenced files."""
-    data = cfg.data.model_dump(mode="json", exclude={"dir", "workers", "packing"})
+    skip = {"dir", "workers", "packing"}
+    if not cfg.data.decontaminate:  # fingerprints of datasets from before the option hold
+        skip |= {"decontaminate", "decontaminate_ngram"}
+    data = cfg.data.model_dump(mode="json", exclude=skip)
     extra = {}
     for key, path in (
         ("tokenizer_file", cfg.data.tokenizer.path),
@@ -77,6 +82,11 @@ def config_fingerprint(cfg: Config) -> str:
     ):
         p = Path(path) / TOKENIZER if path and Path(path).is_dir() else Path(path or "")
         extra[key] = _file_digest(p) if path and p.is_file() else None
+    if cfg.data.decontaminate:
+        try:
+            extra["decontaminate_files"] = _decontam_spec(cfg.data, build=False)[2]
+        except UsageError:  # reported by prepare_dataset
+            extra["decontaminate_files"] = None
     payload = {
         "format_version": FORMAT_VERSION,
         "data": data,
@@ -172,6 +182,7 @@ class _CleanParams:
     near: bool
     num_perm: int
     shingle: int
+    decontam: tuple | None = None  # (eval set paths, n, contents digest): see _decontam_spec
 
 
 KEPT, BAD, FILTERED = 0, 1, 2
@@ -197,6 +208,11 @@ def _clean_batch(params: _CleanParams, items: list[srcs.RawDoc]) -> dict:
         if reason:
             rows.append((FILTERED, reason, doc.ref, "", doc.nbytes, None, digest))
             continue
+        if params.decontam is not None:
+            hit = _decontam_index(params.decontam).first_match(clean)
+            if hit is not None:
+                rows.append((FILTERED, "contaminated", doc.ref, hit, doc.nbytes, None, digest))
+                continue
         pii.update(counts)
         rows.append((KEPT, None, doc.ref, "", doc.nbytes, clean, digest))
     kept = [r[5] for r in rows if r[0] == KEPT]
@@ -206,6 +222,33 @@ def _clean_batch(params: _CleanParams, items: list[srcs.RawDoc]) -> dict:
 
 
 _WORKER_TOKENIZERS: dict[str, Any] = {}
+_DECONTAM_INDEX: dict[tuple, Any] = {}
+
+
+def _decontam_spec(data, build: bool = True) -> tuple | None:
+    """(paths, n, digest of the evaluation files) for `data.decontaminate`, or None. With
+    build, the n-gram index is built now (UsageError for unreadable sets) and cached, so
+    forked workers inherit it; spawned ones rebuild it from the files once."""
+    if not data.decontaminate:
+        return None
+    from plinth.eval.decontam import files_digest  # stdlib-only module; imported on demand
+
+    spec = (tuple(data.decontaminate), data.decontaminate_ngram, files_digest(data.decontaminate))
+    if build:
+        _decontam_index(spec)
+    return spec
+
+
+def _decontam_index(spec: tuple):
+    """The n-gram index of the evaluation sets named by a `_decontam_spec` (cached)."""
+    index = _DECONTAM_INDEX.get(spec)
+    if index is None:
+        from plinth.eval.decontam import NgramIndex, load_eval_sets
+
+        index = NgramIndex.build(load_eval_sets(spec[0]), spec[1])
+        _DECONTAM_INDEX.clear()
+        _DECONTAM_INDEX[spec] = index
+    return index
 
 
 def _tokenize_batch(tok_path: str, store_path: str, spans: list[tuple[int, int]], dtype) -> tuple:
@@ -344,6 +387,7 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
     if tc.path is None:
         tkz.check_vocab(tc.kind, cfg.tokenizer_vocab_size, tc.special_tokens, vocab_key)
     settings = flt.FilterSettings.from_config(data.filters)
+    _decontam_spec(data)  # bad evaluation sets fail here; the index is built before workers fork
 
     fingerprint = config_fingerprint(cfg)
     if not force and is_current(out, fingerprint):
@@ -421,7 +465,12 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
 
     # ---- stage 1: read, clean, dedup ---------------------------------------------------
     params = _CleanParams(
-        settings, data.dedup.exact, data.dedup.near, data.dedup.num_perm, data.dedup.shingle
+        settings,
+        data.dedup.exact,
+        data.dedup.near,
+        data.dedup.num_perm,
+        data.dedup.shingle,
+        _decontam_spec(data),
     )
     seen_exact: dict[bytes, int] = {}
     exact_clusters: Counter = Counter()
@@ -468,7 +517,7 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
             st.bytes_read += nbytes
             if status == FILTERED:
                 st.filtered[reason] += 1
-                st.example(reason, ref, "")
+                st.example(reason, ref, detail)
             else:
                 k += 1
                 self_dup = None
@@ -607,6 +656,15 @@ def _build(cfg, tmp: Path, names, settings, fingerprint, runner: _Runner, prog) 
         warnings,
         timings,
     )
+    if params.decontam is not None:
+        index = _decontam_index(params.decontam)
+        manifest["decontamination"] = {
+            "eval_sets": dict(zip(index.set_names, index.set_sizes, strict=True)),
+            "ngram": index.n,
+            "ngrams": len(index),
+            "too_short": sum(index.too_short),
+            "removed": sum(st.filtered["contaminated"] for st in stats),
+        }
     _write_json(tmp / MANIFEST, manifest)
     return manifest
 
