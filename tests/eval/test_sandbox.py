@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +119,18 @@ def test_exit_status_decides():
     assert run_python("import sys\nsys.exit(0)\n").passed
     r = run_python("raise SystemExit(3)\n")
     assert r.status == "failed" and r.returncode == 3
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no resource limits on Windows")
+def test_resource_limits_are_set_in_the_child():
+    code = (
+        "import resource as r\n"
+        "print(r.getrlimit(r.RLIMIT_AS)[0], r.getrlimit(r.RLIMIT_CORE)[0],"
+        " r.getrlimit(r.RLIMIT_CPU)[0])\n"
+    )
+    r = run_python(code, timeout=3.0, memory_mb=300)
+    assert r.output.split() == [str(300 << 20), "0", "4"]
+    r = run_python("open('big', 'wb').write(b'x' * (3 << 20))\n", max_file_mb=1)
+    assert r.status == "failed" and "File too large" in r.output
+    r = run_python("import resource as r\nr.setrlimit(r.RLIMIT_AS, (-1, -1))\n")
+    assert r.status == "failed" and "disabled in the plinth sandbox" in r.output

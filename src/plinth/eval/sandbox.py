@@ -10,10 +10,13 @@ What one run does:
   kept and stdout/stderr interleave as written): isolated mode ignores PYTHON* variables, the user's
   site-packages and the current directory; the environment is minimal (PATH, LANG, HOME and
   TMPDIR pointing at the working directory, one BLAS/OpenMP thread), stdin is /dev/null;
-- sets resource limits in the child before it starts (`preexec_fn`, POSIX only): address space
-  (`memory_mb`, so an unbounded allocation raises MemoryError instead of swapping the machine),
-  CPU seconds, no core files, a cap on the size of any file written, on open files and, for
-  non-root users, on the number of processes (the user's current count plus `max_procs`);
+- sets resource limits with `resource.setrlimit` in the child, as the first thing its
+  interpreter does, before the program is even read (POSIX only): address space (`memory_mb`,
+  so an unbounded allocation raises MemoryError instead of swapping the machine), CPU seconds,
+  no core files, a cap on the size of any file written, on open files and, for non-root
+  users, on the number of processes (the user's current count plus `max_procs`). Not in a
+  `preexec_fn`: that runs Python between fork and exec, which can deadlock when the parent has
+  threads (torch's and the tokenizer's pools);
 - puts the child in its own session / process group; at the wall-clock deadline, and always
   when the program ends, the whole group is killed with SIGKILL (no orphans left spinning);
 - captures stdout and stderr together through a pipe read as it arrives, keeping only the last
@@ -42,6 +45,7 @@ Run evaluations of untrusted models inside a container or VM without credentials
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -54,11 +58,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-try:
-    import resource
-except ImportError:  # Windows
-    resource = None  # type: ignore[assignment]
 
 STATUSES = ("ok", "failed", "timeout", "memory", "error")
 PROGRAM = "program.py"
@@ -84,8 +83,24 @@ class SandboxResult:
 # disables process control and writes outside the working directory, then executes the program
 # as __main__ with its own file name (tracebacks point at program.py lines).
 _BOOTSTRAP = r"""
-import builtins, io, os, sys, traceback
+import builtins, io, json, os, sys, traceback
 _path = sys.argv[1]
+try:
+    import resource
+except ImportError:
+    resource = None
+for _name, _soft, _hard in json.loads(sys.argv[3]) if resource else ():
+    _key = getattr(resource, _name, None)
+    if _key is None:
+        continue
+    try:
+        _cur = resource.getrlimit(_key)[1]
+        if _cur != resource.RLIM_INFINITY:
+            _hard = min(_hard, _cur)
+            _soft = min(_soft, _hard)
+        resource.setrlimit(_key, (_soft, _hard))
+    except (ValueError, OSError):
+        pass  # a limit the platform refuses is skipped, the others still apply
 with open(_path, encoding="utf-8") as _f:
     _src = _f.read()
 if sys.argv[2] == "1":
@@ -108,7 +123,7 @@ if sys.argv[2] == "1":
                 raise PermissionError(f"{name} outside the sandbox directory is disabled")
             return fn(*a, **k)
         return f
-    import subprocess, shutil, resource
+    import subprocess, shutil
     try:
         import _posixsubprocess
         _posixsubprocess.fork_exec = _deny("fork_exec")
@@ -128,8 +143,9 @@ if sys.argv[2] == "1":
     shutil.rmtree = _paths("shutil.rmtree", shutil.rmtree)
     shutil.move = _paths("shutil.move", shutil.move, 2)
     subprocess.Popen = _deny("subprocess.Popen")
-    resource.setrlimit = _deny("resource.setrlimit")
-    resource.prlimit = _deny("resource.prlimit")
+    if resource is not None:
+        resource.setrlimit = _deny("resource.setrlimit")
+        resource.prlimit = _deny("resource.prlimit")
     _open, _os_open = builtins.open, os.open
     _W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     def _guarded_open(file, mode="r", *a, **k):
@@ -183,16 +199,8 @@ def run_python(
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(text, encoding="utf-8")
         cmd = [python or sys.executable, "-I", "-B", "-u", "-c", _BOOTSTRAP, PROGRAM]
-        return _run(
-            [*cmd, str(int(guard))],
-            workdir,
-            timeout,
-            memory_mb,
-            max_output,
-            max_file_mb,
-            max_procs,
-            t0,
-        )
+        limits = _limits(timeout, memory_mb, max_file_mb, max_procs)
+        return _run([*cmd, str(int(guard)), limits], workdir, timeout, max_output, t0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -249,37 +257,20 @@ def _user_processes() -> int:
     return n
 
 
-def _limits(timeout: float, memory_mb: int, max_file_mb: int, max_procs: int):
-    """The preexec_fn: applied in the child between fork and exec (keep it allocation-light)."""
-    if resource is None:
-        return None
+def _limits(timeout: float, memory_mb: int, max_file_mb: int, max_procs: int) -> str:
+    """The limits the child sets on itself: JSON [[RLIMIT name, soft, hard], ...]."""
     cpu = max(1, math.ceil(timeout)) + 1
-    nproc = _user_processes() + max_procs if os.getuid() != 0 else None
-    wanted = [
-        ("RLIMIT_AS", memory_mb << 20),
-        ("RLIMIT_CORE", 0),
-        ("RLIMIT_FSIZE", max_file_mb << 20),
-        ("RLIMIT_NOFILE", 256),
+    limits = [
+        ["RLIMIT_AS", memory_mb << 20, memory_mb << 20],
+        ["RLIMIT_CPU", cpu, cpu + 1],  # SIGXCPU, then SIGKILL
+        ["RLIMIT_CORE", 0, 0],
+        ["RLIMIT_FSIZE", max_file_mb << 20, max_file_mb << 20],
+        ["RLIMIT_NOFILE", 256, 256],
     ]
-    if nproc and nproc > 0:
-        wanted.append(("RLIMIT_NPROC", nproc))
-    limits = [(getattr(resource, k), v) for k, v in wanted if hasattr(resource, k)]
-    cpu_key = getattr(resource, "RLIMIT_CPU", None)
-
-    def apply() -> None:
-        for key, value in limits:
-            try:
-                _, hard = resource.getrlimit(key)
-                if hard != resource.RLIM_INFINITY:
-                    value = min(value, hard)
-                resource.setrlimit(key, (value, value))
-            except (ValueError, OSError):
-                pass  # a limit the platform refuses is skipped, the others still apply
-        if cpu_key is not None:
-            with contextlib.suppress(ValueError, OSError):
-                resource.setrlimit(cpu_key, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL
-
-    return apply
+    if hasattr(os, "getuid") and os.getuid() != 0:  # root is not bound by RLIMIT_NPROC
+        nproc = _user_processes() + max_procs
+        limits.append(["RLIMIT_NPROC", nproc, nproc])
+    return json.dumps(limits)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -290,7 +281,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _run(cmd, workdir, timeout, memory_mb, max_output, max_file_mb, max_procs, t0):
+def _run(cmd, workdir, timeout, max_output, t0):
     try:
         proc = subprocess.Popen(
             cmd,
@@ -299,7 +290,6 @@ def _run(cmd, workdir, timeout, memory_mb, max_output, max_file_mb, max_procs, t
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_limits(timeout, memory_mb, max_file_mb, max_procs),
             start_new_session=sys.platform != "win32",
         )
     except (OSError, subprocess.SubprocessError) as e:
