@@ -134,3 +134,8 @@ def test_resource_limits_are_set_in_the_child():
     assert r.status == "failed" and "File too large" in r.output
     r = run_python("import resource as r\nr.setrlimit(r.RLIMIT_AS, (-1, -1))\n")
     assert r.status == "failed" and "disabled in the plinth sandbox" in r.output
+
+
+def test_a_program_that_cannot_start_is_an_error(tmp_path):
+    r = run_python("pass\n", python=str(tmp_path / "no-such-python"))
+    assert r.status == "error" and r.returncode is None and "cannot start" in r.output
