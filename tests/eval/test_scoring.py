@@ -188,3 +188,25 @@ def test_ref_smollm2_suite_prints_a_table(capsys, tmp_path):
     record = json.loads(out.read_text())
     by_task = {t["task"]: t["metrics"] for t in record["tasks"]}
     assert by_task["capitals"]["acc"] >= 0.5  # a real pretrained model knows most capitals
+
+
+def test_prepared_dataset_split_every_token_scored_once(tiny_data_dir):
+    from plinth.config.schema import ModelConfig
+    from plinth.data import open_dataset
+    from plinth.eval.lm import evaluate_dataset
+    from plinth.eval.scoring import EvalModel
+    from plinth.models import build_model
+
+    ds = open_dataset(tiny_data_dir)
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=ds.vocab_size,
+                                  max_seq_len=32)).eval()
+    lm = EvalModel(net, ds.tokenizer, max_len=32, eos_id=ds.eos_id, name="tiny")
+    res = evaluate_dataset(lm, tiny_data_dir, "val", stride=16)
+    assert res.docs == ds.num_docs("val") and res.tokens == ds.num_tokens("val")
+    assert res.bytes == round(ds.bytes_per_token("val") * res.tokens)
+    assert res.window == 32 and res.stride == 16
+    # an untrained model is close to uniform over the vocabulary
+    assert abs(res.loss - math.log(ds.vocab_size)) < 0.5
+    part = evaluate_dataset(lm, tiny_data_dir, "val", limit=2)
+    assert part.docs == 2 and part.tokens == sum(len(ds.doc_tokens("val", i)) for i in range(2))

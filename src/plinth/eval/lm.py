@@ -50,19 +50,23 @@ def sequences_nll(
     window: int,
     stride: int,
     batch_size: int = 8,
+    batch_tokens: int = 4096,
 ) -> tuple[float, int]:
     """(summed negative log-likelihood in nats, tokens scored) over sequences whose first
-    token is context only, with sliding windows (see the module docstring)."""
+    token is context only, with sliding windows (see the module docstring). A forward pass
+    takes batch_size windows, or more when they are short (up to batch_tokens tokens)."""
     jobs = []  # (sequence, begin, end, n_scored)
     for seq in sequences:
         if len(seq) >= 2:
             jobs += [(seq, b, e, n) for b, e, n in window_spans(len(seq) - 1, window, stride)]
     jobs.sort(key=lambda j: -(j[2] - j[1]))
     device = next(lm.model.parameters()).device
-    total, count = 0.0, 0
-    for s in range(0, len(jobs), batch_size):
-        chunk = jobs[s : s + batch_size]
-        width = chunk[0][2] - chunk[0][1]
+    total, count, start = 0.0, 0, 0
+    while start < len(jobs):
+        width = jobs[start][2] - jobs[start][1]
+        rows = max(batch_size, batch_tokens // max(width, 1))
+        chunk = jobs[start : start + rows]
+        start += rows
         x = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T) right-padded
         for r, (seq, b, e, _) in enumerate(chunk):
             x[r, : e - b] = torch.tensor(seq[b:e])
