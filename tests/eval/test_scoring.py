@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from plinth.cli import main
+from plinth.errors import UsageError
 from plinth.eval.lm import evaluate_text, sequences_nll
 from plinth.eval.scoring import evaluate_task, load_eval_model, loglikelihoods
 from plinth.eval.tasks import load_task
@@ -210,3 +211,27 @@ def test_prepared_dataset_split_every_token_scored_once(tiny_data_dir):
     assert abs(res.loss - math.log(ds.vocab_size)) < 0.5
     part = evaluate_dataset(lm, tiny_data_dir, "val", limit=2)
     assert part.docs == 2 and part.tokens == sum(len(ds.doc_tokens("val", i)) for i in range(2))
+
+
+def test_code_exec_metric_runs_the_rows_tests(tmp_path):
+    pytest.importorskip("plinth.eval.sandbox")
+    from plinth.eval.scoring import score_generation
+
+    row = {"prompt": "def add(a, b):\n", "tests": "assert add(2, 3) == 5\n"}
+    (tmp_path / "c.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "c.yaml").write_text(
+        "name: c\ntype: generation\ndata: c.jsonl\nprompt: '{prompt}'\ntarget_delimiter: ''\n"
+        "generation: {metric: code_exec}\n")
+    task = load_task(tmp_path / "c.yaml")
+    assert score_generation(task, "    return a + b\n", task.rows[0]) == {"code_exec": 1.0}
+    assert score_generation(task, "    return a - b\n", task.rows[0]) == {"code_exec": 0.0}
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(UsageError, match=r"c\.jsonl:1: missing field 'tests'"):
+        load_task(tmp_path / "c.yaml")
+
+
+def test_a_checkpoint_directory_records_its_step(tiny_run, capsys):
+    ckpt = next((tiny_run / "checkpoints").glob("step_*"))
+    assert main(["eval", str(ckpt), "--tasks", "capitals", "--limit", "2"]) == 0
+    (ev,) = [e for e in read_jsonl(tiny_run / "events.jsonl") if e["event"] == "task_eval"]
+    assert ev["step"] == 7 and ev["model"] == str(ckpt) and ev["n"] == 2

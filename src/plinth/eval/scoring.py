@@ -314,8 +314,6 @@ def score_generation(task: Task, prediction: str, row: dict) -> dict[str, float]
                 f"task {task.name} uses generation.metric=code_exec, which needs the code "
                 "sandbox (plinth.eval.sandbox); it is not available in this plinth"
             ) from None
-        if "tests" not in row:
-            raise UsageError(f"task {task.name}: code_exec rows need a `tests` field")
         res = score_code_completion(
             task.render(row), prediction, str(row["tests"]), entry_point=row.get("entry_point")
         )
