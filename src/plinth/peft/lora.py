@@ -5,7 +5,10 @@ m = LoRALinear(nn.Linear(64, 32), rank=4, alpha=8); print(m, sorted(m.state_dict
 
 LoRA (Hu et al. 2021): y = W x + b + (alpha / r) * B A dropout(x), with A (r, in) initialised
 like peft (Kaiming-uniform, a = sqrt(5)) and B (out, r) zero, so training starts from exactly the
-base model. Only A and B train: r * (in + out) values instead of in * out.
+base model. Only A and B train: r * (in + out) values instead of in * out. Without dropout the
+layer runs as one autograd function (`lora_linear`) that adds the update into the base product
+and the update's input gradient into the base's (fewer passes over the outputs than separate
+modules: a few percent less block time on CPU) and keeps no 16-bit weight copies under autocast.
 
 DoRA (Liu et al. 2024, as peft's use_dora): the updated weight W' = W + (alpha / r) B A is split
 into a direction and a learned magnitude per output row, m * W' / ||W'||. m starts at ||W|| (so
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plinth.errors import NotSupportedError
+from plinth.models.layers import _autocast_off, _compute_dtype
 from plinth.peft import nf4
 from plinth.peft.wrap import WrappedLinear
 
@@ -101,9 +105,13 @@ class LoRALinear(WrappedLinear):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in)
-        y = self.base_forward(x)  # (..., out)
         if not self.enabled or self.merged:
-            return y
+            return self.base_forward(x)
+        if not (self.dora or self.quantized) and isinstance(self.lora_dropout, nn.Identity):
+            return lora_linear(
+                x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            )
+        y = self.base_forward(x)  # (..., out)
         xd = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(xd)) * self.scaling
         if not self.dora:
@@ -156,3 +164,60 @@ class LoRALinear(WrappedLinear):
     def extra_repr(self) -> str:
         kind = "dora" if self.dora else "qlora" if self.quantized else "lora"
         return f"{super().extra_repr()}, {kind}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+# ----------------------------------------------------------------------- the fused LoRA product
+
+
+def lora_linear(
+    x: torch.Tensor,  # (..., in)
+    weight: torch.Tensor,  # (out, in) frozen base
+    bias: torch.Tensor | None,  # (out,)
+    lora_a: torch.Tensor,  # (r, in)
+    lora_b: torch.Tensor,  # (out, r)
+    scaling: float,
+) -> torch.Tensor:
+    """x W^T + b + scaling * (x A^T) B^T, as `LoRALinear` computes it without dropout, in the
+    fewest passes over the (N, out) output: the update is added into the base product by one
+    addmm (no separate update tensor, no scaling pass, no sum), and backward adds the update's
+    input gradient into the base's (one (N, in) tensor instead of two and their sum). Autograd
+    keeps x and the (N, r) hidden x A^T; weights are referenced, never copied (16-bit casts under
+    autocast are temporaries, remade in backward). A frozen `weight` gets no gradient product."""
+    dtype = _compute_dtype(x)
+    return _LoRALinear.apply(x.to(dtype), weight, bias, lora_a, lora_b, scaling, dtype)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dtype):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        b = None if bias is None else bias.to(dtype)
+        y = F.linear(x2, weight.to(dtype), b)  # (N, out)
+        h = x2 @ lora_a.to(dtype).t()  # (N, r)
+        y.addmm_(h, lora_b.to(dtype).t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
+        ctx.scaling, ctx.dtype, ctx.has_bias = scaling, dtype, bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        s, dtype = ctx.scaling, ctx.dtype
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_bias = grad_a = grad_lb = None
+        with _autocast_off(grad.device.type):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
+            x2 = x.reshape(-1, x.shape[-1])
+            a = lora_a.to(dtype)
+            gh = (g @ lora_b.to(dtype)).mul_(s)  # (N, r): the gradient of h, scaled
+            if need_lb:
+                grad_lb = (g.t() @ h).mul_(s).to(lora_b.dtype)  # (out, r)
+            if need_a:
+                grad_a = (gh.t() @ x2).to(lora_a.dtype)  # (r, in)
+            if need_x:  # base and update in one (N, in) tensor
+                grad_x = (g @ weight.to(dtype)).addmm_(gh, a).view(x.shape)
+            if need_w:
+                grad_w = (g.t() @ x2).to(weight.dtype)
+            if need_b and ctx.has_bias:
+                grad_bias = g.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_bias, grad_a, grad_lb, None, None
