@@ -205,14 +205,16 @@ def test_prepared_dataset_split_every_token_scored_once(tiny_data_dir):
     net = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, vocab_size=ds.vocab_size,
                                   max_seq_len=32)).eval()
     lm = EvalModel(net, ds.tokenizer, max_len=32, eos_id=ds.eos_id, name="tiny")
-    res = evaluate_dataset(lm, tiny_data_dir, "val", stride=16)
+    res = evaluate_dataset(lm, tiny_data_dir, "val", batch_size=64)
     assert res.docs == ds.num_docs("val") and res.tokens == ds.num_tokens("val")
     assert res.bytes == round(ds.bytes_per_token("val") * res.tokens)
-    assert res.window == 32 and res.stride == 16
+    assert res.window == 32 and res.stride == 32
     # an untrained model is close to uniform over the vocabulary
     assert abs(res.loss - math.log(ds.vocab_size)) < 0.5
-    part = evaluate_dataset(lm, tiny_data_dir, "val", limit=2)
-    assert part.docs == 2 and part.tokens == sum(len(ds.doc_tokens("val", i)) for i in range(2))
+    part = evaluate_dataset(lm, tiny_data_dir, "val", limit=1, stride=16, batch_size=64)
+    assert part.docs == 1 and part.tokens == len(ds.doc_tokens("val", 0))
+    assert part.bytes == len(ds.decode(ds.doc_tokens("val", 0)).encode())
+    assert part.stride == 16
 
 
 def test_code_exec_metric_runs_the_rows_tests(tmp_path):
@@ -237,3 +239,22 @@ def test_a_checkpoint_directory_records_its_step(tiny_run, capsys):
     assert main(["eval", str(ckpt), "--tasks", "capitals", "--limit", "2"]) == 0
     (ev,) = [e for e in read_jsonl(tiny_run / "events.jsonl") if e["event"] == "task_eval"]
     assert ev["step"] == 7 and ev["model"] == str(ckpt) and ev["n"] == 2
+
+
+def test_chat_wraps_prompts_in_the_models_template(tiny_hf, tiny_run, tmp_path):
+    hf, _ = tiny_hf
+    with pytest.raises(UsageError, match="has no chat template"):
+        load_eval_model(str(tiny_run), chat=True)
+    (tiny_run / "chat_template.jinja").write_text(
+        "{% for m in messages %}w3 {{ m['content'] }} w4{% endfor %}"
+        "{% if add_generation_prompt %} w5 {% endif %}")
+    lm = load_eval_model(str(tiny_run), chat=True)
+    assert lm.wrap("w9 w10") == "w3 w9 w10 w4 w5 "
+    task = _mc_task(tmp_path, n=2)
+    res = evaluate_task(lm, task)
+    assert res.chat
+    ex = res.examples[0]
+    ctx = lm.encode(lm.wrap(task.context(0)))
+    assert lm.decode(ctx).startswith("w3") and lm.decode(ctx).endswith("w4 w5")
+    for c, got in zip(task.choices(task.rows[0]), ex["loglikelihoods"], strict=True):
+        assert abs(got - _hf_loglikelihood(hf, ctx, lm.encode(c))) <= TOL

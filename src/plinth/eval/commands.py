@@ -29,6 +29,7 @@ def eval_cmd(
     stride: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    chat: bool = False,
 ) -> int:
     """Evaluate a decoder on tasks (multiple choice, generation) and language-model metrics.
 
@@ -52,6 +53,8 @@ def eval_cmd(
         stride: tokens between sliding windows for long documents (default: the window)
         batch_size: sequences per forward pass
         device: torch device to run on (cpu, cuda, cuda:1, ...)
+        chat: wrap each task prompt (shots included) in the model's chat template as one user
+            turn; for instruction-tuned models such as ref-smollm2
     """
     from plinth.eval.lm import evaluate_dataset, evaluate_text
     from plinth.eval.scoring import evaluate_task, load_eval_model
@@ -67,7 +70,7 @@ def eval_cmd(
     if shots is not None and shots < 0:
         raise UsageError(f"--shots cannot be negative, got {shots}")
     loaded = load_tasks(list(tasks)) if tasks else []  # bad task files fail before the model
-    lm = load_eval_model(model, device=device)
+    lm = load_eval_model(model, device=device, chat=chat)
     results, lm_results = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation is reported in the table instead
@@ -110,7 +113,7 @@ def log_events(run: Path, step: int, model: str, results, lm_results) -> None:
             writer.write({
                 "step": step, "time": now, "event": "task_eval", "model": model,
                 "task": r.task, "type": r.type, "metrics": r.metrics, "shots": r.shots,
-                "limit": r.limit, "n": r.n, "truncated": r.truncated,
+                "limit": r.limit, "n": r.n, "truncated": r.truncated, "chat": r.chat,
                 "seconds": round(r.seconds, 3),
             })
         for r in lm_results:

@@ -41,6 +41,13 @@ class EvalModel:
     run_dir: Path | None = None  # set when the model is a training run (events go there)
     step: int | None = None  # the checkpoint's training step, when known
     cfg: Any = None
+    chat: Any = None  # a plinth.data.sft.ChatTemplate: prompts become one user turn
+
+    def wrap(self, prompt: str) -> str:
+        """The prompt as the model reads it: as is, or as a user turn + assistant prompt."""
+        if self.chat is None:
+            return prompt
+        return self.chat.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -49,9 +56,12 @@ class EvalModel:
         return self.tokenizer.decode(ids)
 
 
-def load_eval_model(spec: str, device: str = "cpu", max_len: int | None = None) -> EvalModel:
+def load_eval_model(
+    spec: str, device: str = "cpu", max_len: int | None = None, chat: bool = False
+) -> EvalModel:
     """A run / checkpoint / `plinth import` directory, Hugging Face directory, .gguf file or
-    reference model name (ref-smollm2; imported once into $PLINTH_HOME/models)."""
+    reference model name (ref-smollm2; imported once into $PLINTH_HOME/models). With `chat`,
+    prompts are wrapped in the model's chat template (its own, or its fine-tuning base's)."""
     import json
 
     from plinth.finetune.base import resolve_base
@@ -85,6 +95,7 @@ def load_eval_model(spec: str, device: str = "cpu", max_len: int | None = None) 
     if is_run and ck is not None and ck.name.startswith("step_"):
         step = int(ck.name.removeprefix("step_"))
     return EvalModel(
+        chat=_chat_template(spec, run, cfg) if chat else None,
         model=net,
         tokenizer=tok,
         max_len=min(max_len or cfg.model.max_seq_len, cfg.model.max_seq_len),
@@ -93,6 +104,33 @@ def load_eval_model(spec: str, device: str = "cpu", max_len: int | None = None) 
         run_dir=run if is_run else None,
         step=step,
         cfg=cfg,
+    )
+
+
+def _chat_template(spec: str, run: Path, cfg):
+    from plinth.data.sft import ChatTemplate
+    from plinth.finetune.base import chat_template_source, resolve_base
+
+    dirs = [run]
+    if cfg.finetune.base is not None:
+        dirs.append(resolve_base(str(cfg.finetune.base)))
+    for d in dirs:
+        source = chat_template_source("auto", d)
+        if source is not None:
+            tokens = {}
+            tc = d / "tokenizer_config.json"
+            if tc.is_file():
+                import json
+
+                data = json.loads(tc.read_text())
+                for key in ("bos_token", "eos_token"):
+                    v = data.get(key)
+                    v = v.get("content") if isinstance(v, dict) else v
+                    tokens[key] = v if isinstance(v, str) else ""
+            return ChatTemplate(source, **tokens)
+    raise UsageError(
+        f"--chat: {spec} has no chat template (chat_template.jinja or tokenizer_config.json's "
+        "chat_template); evaluate it without --chat"
     )
 
 
@@ -176,12 +214,13 @@ class TaskResult:
     truncated: int = 0
     seconds: float = 0.0
     examples: list[dict] = field(default_factory=list)
+    chat: bool = False  # prompts were wrapped in the model's chat template
 
     def to_json(self) -> dict:
         return {
             "task": self.task, "type": self.type, "metrics": self.metrics, "n": self.n,
             "shots": self.shots, "limit": self.limit, "truncated": self.truncated,
-            "seconds": round(self.seconds, 3), "examples": self.examples,
+            "seconds": round(self.seconds, 3), "chat": self.chat, "examples": self.examples,
         }
 
 
@@ -201,6 +240,7 @@ def evaluate_task(
     else:
         res = _generation(lm, task, k, n, batch_size)
     res.limit, res.seconds = limit, time.perf_counter() - t0
+    res.chat = lm.chat is not None
     if res.truncated:
         warnings.warn(
             f"task {task.name}: {res.truncated} of {n} prompts were longer than the model's "
@@ -213,7 +253,8 @@ def evaluate_task(
 def _multiple_choice(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
     requests, spans = [], []
     for i in range(n):
-        ctx = task.context(i, k) + task.target_delimiter
+        # in chat form the answer opens the assistant turn: no delimiter
+        ctx = lm.wrap(task.context(i, k)) + ("" if lm.chat else task.target_delimiter)
         choices = task.choices(task.rows[i])
         spans.append((len(requests), len(choices)))
         requests += [encode_pair(lm, ctx, c) for c in choices]
@@ -250,7 +291,9 @@ def _generation(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
         )
     prompts, truncated = [], 0
     for i in range(n):
-        ids = lm.encode(task.context(i, k)) or ([lm.eos_id] if lm.eos_id is not None else [])
+        ids = lm.encode(lm.wrap(task.context(i, k)))
+        if not ids and lm.eos_id is not None:
+            ids = [lm.eos_id]
         if len(ids) > room:
             ids, truncated = ids[-room:], truncated + 1
         prompts.append(ids)
