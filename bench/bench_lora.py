@@ -87,21 +87,7 @@ def plinth_side(model_dir: Path, device: str):
     model.train()
     fcfg = FinetuneConfig(method="lora", rank=RANK, alpha=ALPHA, lora_dropout=0.0,
                           target_modules=TARGETS)
-    try:
-        summary = apply_method(model, fcfg)
-    except IndexError:
-        # base_fingerprint samples with an fp32 torch.linspace, whose last index rounds past
-        # the end of a tensor with more than 2**24 values (the 49152 x 576 embedding); it runs
-        # before any module changes, so retry with fp64 linspace (the adapters take the base
-        # weights' dtype explicitly, so nothing else sees the default dtype)
-        print("note: apply_method's base_fingerprint failed (fp32 linspace index out of range); "
-              "retrying with fp64 default dtype")
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
-            summary = apply_method(model, fcfg)
-        finally:
-            torch.set_default_dtype(old)
+    summary = apply_method(model, fcfg)
     return model, tok, cfg, summary
 
 
