@@ -258,3 +258,18 @@ def test_chat_wraps_prompts_in_the_models_template(tiny_hf, tiny_run, tmp_path):
     assert lm.decode(ctx).startswith("w3") and lm.decode(ctx).endswith("w4 w5")
     for c, got in zip(task.choices(task.rows[0]), ex["loglikelihoods"], strict=True):
         assert abs(got - _hf_loglikelihood(hf, ctx, lm.encode(c))) <= TOL
+
+
+def test_task_metrics_for_a_model_in_memory(tiny_hf):
+    from plinth.eval.scoring import task_metrics
+    from plinth.eval.tasks import load_tasks
+
+    _, imported = tiny_hf
+    lm = load_eval_model(str(imported))
+    lm.model.train()
+    got = task_metrics(lm.model, lm.tokenizer, load_tasks(["capitals"]), lm.eos_id, lm.max_len,
+                       limit=4)
+    assert set(got) == {"capitals/acc", "capitals/acc_norm", "capitals/ece"}
+    assert lm.model.training  # mode restored
+    ref = evaluate_task(lm, load_tasks(["capitals"])[0], limit=4).metrics
+    assert got["capitals/acc"] == ref["acc"] and got["capitals/ece"] == ref["ece"]

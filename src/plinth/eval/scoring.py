@@ -366,3 +366,28 @@ def score_generation(task: Task, prediction: str, row: dict) -> dict[str, float]
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def task_metrics(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    tasks: list[Task],
+    eos_id: int | None,
+    max_len: int,
+    shots: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Flat `{task}/{metric}` values for a model in memory: what periodic evaluation during
+    training logs next to validation loss (load the tasks once with `load_tasks`). The model's
+    train/eval mode is restored afterwards."""
+    lm = EvalModel(model=model, tokenizer=tokenizer, max_len=max_len, eos_id=eos_id)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = [evaluate_task(lm, t, shots, limit, batch_size) for t in tasks]
+    finally:
+        model.train(was_training)
+    return {f"{r.task}/{k}": v for r in results for k, v in r.metrics.items()}
