@@ -225,3 +225,25 @@ def test_lora_on_the_tied_head():
     assert losses[-1] < losses[0]
     logits = model.eval()(x)
     assert logits.shape == (*x.shape, V)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_lora_product_has_exact_gradients(bias):
+    """plinth.peft.lora.lora_linear (one autograd function) against autograd's own derivative
+    of x W^T + b + s (x A^T) B^T, in float64 (gradcheck), every input requiring grad."""
+    from plinth.peft.lora import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    x, w, a, b = t(2, 3, 6), t(5, 6), t(2, 6), t(5, 2)
+    bias_t = t(5) if bias else None
+    assert torch.autograd.gradcheck(
+        lambda x, w, a, b, *bb: lora_linear(x, w, bb[0] if bb else None, a, b, 0.7),
+        (x, w, a, b, *([bias_t] if bias else [])),
+    )
+    # and the value is the plain formula
+    want = x @ w.t() + 0.7 * (x @ a.t()) @ b.t() + (bias_t if bias else 0)
+    assert torch.allclose(lora_linear(x, w, bias_t, a, b, 0.7), want)
