@@ -319,6 +319,32 @@ def test_linear_cross_entropy_matches_materialised_logits(z_loss, chunk):
     assert frozen.grad is None
 
 
+def test_linear_cross_entropy_skips_rows_that_count_nothing():
+    """SFT batches are mostly prompt: only counted rows reach the head, the rest get zero
+    gradient; with nothing counted the sums are 0."""
+    from plinth.models.layers import IGNORE_INDEX, cross_entropy_sums, linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(200, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    labels = torch.full((200,), IGNORE_INDEX)
+    labels[150:170] = torch.randint(0, 40, (20,))
+    ref = cross_entropy_sums(h @ w.t(), labels)[0]
+    ref.backward()
+    ref_grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    loss, _ = linear_cross_entropy(h, w, labels, chunk=8)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, ref_grads[0])
+    torch.testing.assert_close(w.grad, ref_grads[1])
+    assert h.grad[:150].abs().sum() == 0
+    h.grad = None
+    none, _ = linear_cross_entropy(h, w, torch.full((200,), IGNORE_INDEX))
+    none.backward()
+    assert none.item() == 0 and h.grad.abs().sum() == 0
+
+
 def test_linear_cross_entropy_under_bf16_autocast():
     from plinth.models.layers import cross_entropy_sums, linear_cross_entropy
 

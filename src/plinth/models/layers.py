@@ -503,6 +503,22 @@ def linear_cross_entropy(
 
 @torch.compiler.disable  # already fused by hand; runs eagerly inside a compiled model
 def _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads):
+    keep = labels != IGNORE_INDEX
+    n_keep = int(keep.sum())
+    if n_keep < labels.shape[0]:
+        # rows that count nothing (prompts in SFT, padding) need neither logits nor gradients:
+        # the head runs on the counted rows only (most of a fine-tuning batch is prompt)
+        idx = keep.nonzero().squeeze(1)
+        grad_h, grad_w = grads if grads is not None else (None, None)
+        sub_h = None if grad_h is None else torch.empty(n_keep, h.shape[1], dtype=h.dtype,
+                                                        device=h.device)
+        out = _linear_ce_chunks(
+            h.index_select(0, idx), weight, labels.index_select(0, idx), z_loss, chunk,
+            None if grads is None else (sub_h, grad_w),
+        )
+        if grad_h is not None:
+            grad_h.zero_().index_copy_(0, idx, sub_h)
+        return out
     dtype = _compute_dtype(h)
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
     ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
