@@ -258,3 +258,17 @@ def test_shipped_smollm2_lora_recipe_learns_the_json_style(tmp_path):
 
     assert before and not any(json_style(t) for t in before)
     assert after and all(json_style(t) for t in after)
+
+
+def test_generate_chat_wraps_prompts_in_the_template(base_run, tmp_path, capsys):
+    """--chat sends the prompt as a user turn (SmolLM2's ChatML here); without a template it is
+    refused with the reason."""
+    from plinth.finetune.base import resolve_base
+
+    smol = resolve_base("ref-smollm2")
+    assert main(["generate", str(smol), "--chat", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "<|im_start|>" not in out
+    assert main(["generate", str(base_run), "--chat", "--prompt", "hi"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

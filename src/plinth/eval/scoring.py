@@ -94,8 +94,10 @@ def load_eval_model(
     ck = explicit if explicit is not None and explicit != run else _latest(run)
     if is_run and ck is not None and ck.name.startswith("step_"):
         step = int(ck.name.removeprefix("step_"))
+    from plinth.finetune.base import chat_template_for
+
     return EvalModel(
-        chat=_chat_template(spec, run, cfg) if chat else None,
+        chat=chat_template_for(spec, run, cfg) if chat else None,
         model=net,
         tokenizer=tok,
         max_len=min(max_len or cfg.model.max_seq_len, cfg.model.max_seq_len),
@@ -104,33 +106,6 @@ def load_eval_model(
         run_dir=run if is_run else None,
         step=step,
         cfg=cfg,
-    )
-
-
-def _chat_template(spec: str, run: Path, cfg):
-    from plinth.data.sft import ChatTemplate
-    from plinth.finetune.base import chat_template_source, resolve_base
-
-    dirs = [run]
-    if cfg.finetune.base is not None:
-        dirs.append(resolve_base(str(cfg.finetune.base)))
-    for d in dirs:
-        source = chat_template_source("auto", d)
-        if source is not None:
-            tokens = {}
-            tc = d / "tokenizer_config.json"
-            if tc.is_file():
-                import json
-
-                data = json.loads(tc.read_text())
-                for key in ("bos_token", "eos_token"):
-                    v = data.get(key)
-                    v = v.get("content") if isinstance(v, dict) else v
-                    tokens[key] = v if isinstance(v, str) else ""
-            return ChatTemplate(source, **tokens)
-    raise UsageError(
-        f"--chat: {spec} has no chat template (chat_template.jinja or tokenizer_config.json's "
-        "chat_template); evaluate it without --chat"
     )
 
 

@@ -193,3 +193,31 @@ def merged_base(model: nn.Module, cfg) -> nn.Module:
         print(f"note: task heads ({', '.join(heads)}) are not part of the base architecture; "
               "they stay in the run's checkpoints")
     return plain.eval()
+
+
+def chat_template_for(spec: str, run: Path, cfg):
+    """The ChatTemplate of a run or model directory: its own, else its fine-tuning base's
+    (UsageError naming `spec` when neither has one)."""
+    from plinth.data.sft import ChatTemplate
+
+    dirs = [run]
+    if cfg.finetune.base is not None:
+        dirs.append(resolve_base(str(cfg.finetune.base)))
+    for d in dirs:
+        source = chat_template_source("auto", d)
+        if source is not None:
+            tokens = {}
+            tc = d / "tokenizer_config.json"
+            if tc.is_file():
+                import json
+
+                data = json.loads(tc.read_text())
+                for key in ("bos_token", "eos_token"):
+                    v = data.get(key)
+                    v = v.get("content") if isinstance(v, dict) else v
+                    tokens[key] = v if isinstance(v, str) else ""
+            return ChatTemplate(source, **tokens)
+    raise UsageError(
+        f"--chat: {spec} has no chat template (chat_template.jinja or tokenizer_config.json's "
+        "chat_template); run without --chat"
+    )

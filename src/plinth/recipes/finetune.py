@@ -69,7 +69,12 @@ def finetune(
         print_summary(result)
         if resolved.config.model.arch == "decoder" and resolved.config.finetune.task == "lm" \
                 and not resolved.config.finetune.tasks:
-            print(f"try it: plinth generate {result.run_dir} --prompt \"...\"")
+            from plinth.finetune.base import chat_template_source
+
+            templated = resolved.config.finetune.chat_template != "none" and \
+                chat_template_source("auto", Path(result.run_dir)) is not None
+            chat = " --chat" if templated else ""
+            print(f"try it: plinth generate {result.run_dir}{chat} --prompt \"...\"")
     if result.halted:
         raise PlinthError(
             f"training halted after step {result.step}: the stability guard saw a problem it "

@@ -68,6 +68,7 @@ def generate_cmd(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    chat: bool = False,
 ) -> int:
     """Generate text from a trained or imported decoder (run, checkpoint or model directory).
 
@@ -82,6 +83,8 @@ def generate_cmd(
         top_k: sample only among the k most likely tokens
         top_p: nucleus sampling probability mass
         seed: seed for reproducible sampling
+        chat: send each prompt as a user turn through the model's chat template (its own, or
+            its fine-tuning base's), as instruction-tuned models expect
     """
     import torch
 
@@ -93,7 +96,16 @@ def generate_cmd(
     inf = cfg.inference
     prompts = list(prompt) or list(cfg.tracking.sample_prompts)
     eos = tok.token_to_id(cfg.data.tokenizer.special_tokens[0])
-    ids = [tok.encode(p).ids for p in prompts]
+    if chat:
+        from plinth.finetune.base import chat_template_for
+
+        run, _ = find_run(Path(model))
+        template = chat_template_for(model, run, cfg)
+        texts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True)
+                 for p in prompts]
+        ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+    else:
+        ids = [tok.encode(p).ids for p in prompts]
     outs = generate(
         net,
         ids,
@@ -105,5 +117,5 @@ def generate_cmd(
         generator=torch.Generator().manual_seed(seed),
     )
     for p, o in zip(prompts, outs, strict=True):
-        print(f"--- {p!r}\n{p}{tok.decode(o)}")
+        print(f"--- {p!r}\n{tok.decode(o)}" if chat else f"--- {p!r}\n{p}{tok.decode(o)}")
     return 0
