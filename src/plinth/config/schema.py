@@ -855,6 +855,17 @@ class TrackingConfig(Section):
     eval_batches: int = Field(20, ge=1)
     """Micro-batches per validation evaluation. More is a less noisy estimate, more time."""
 
+    eval_tasks: list[str] = Field(default_factory=list)
+    """Evaluation tasks scored during training (decoders), like `plinth eval --tasks`: built-in
+    names (arithmetic, capitals, ...), `suite`, or task YAML paths. Logged as `eval/<task>/
+    <metric>` next to validation loss. Empty: none."""
+
+    eval_tasks_every: int | None = Field(None, ge=1)
+    """Steps between task evaluations (also at the end); None: every eval_every."""
+
+    eval_tasks_limit: int | None = Field(50, ge=1)
+    """Examples scored per task each time (the first N: the same ones every time). None: all."""
+
     checkpoint_every: int = Field(500, ge=1)
     """Steps between checkpoints (also at the end). More frequent: less lost work on a crash,
     more disk and time."""

@@ -290,6 +290,9 @@ class FinetuneTask(Task):
             return next(iter(loaders.values()))
         return MixLoader(loaders, self.cfg.seed)
 
+    def text_io(self):
+        return self.tokenizer, self.roles["eos"]
+
     def train_rows(self) -> int:
         return sum(len(t.train) for t in self.tasks.values())
 

@@ -330,6 +330,7 @@ def train(
         restore(loaded, with_data=True)
         log.log_event(c["step"], "resume", checkpoint=loaded.path.name, tokens=c["tokens"])
 
+    task_scorer = TaskScorer.create(cfg, task, sharded)  # checks task files before training
     flops_per_token = task.flops_per_token(model)
     peak = peak_flops(device) * env.world_size
     amp = autocast_context(cfg, device)
@@ -519,6 +520,12 @@ def train(
                                 best_val_loss=c["best_val"],
                             )
                             result.stopped_early = is_last = True
+                if task_scorer and env.is_main and task_scorer.due(step, is_last):
+                    scores = task_scorer(model)
+                    log.log_metrics(step, tokens=c["tokens"], **scores)
+                    log.log_event(step, "task_eval", **scores)
+                    bar.note(f"step {step}: " + ", ".join(
+                        f"{k.removeprefix('eval/')} {v:.3f}" for k, v in scores.items()))
                 # sharded weights need every rank in each forward; replicas let rank 0 alone
                 if (step % cfg.tracking.sample_every == 0 or is_last) and (
                     env.is_main or sharded
@@ -552,6 +559,50 @@ def train(
             sampler.stop()
         log.close("finished" if status in ("finished", "killed") else "failed")
     return result
+
+
+class TaskScorer:
+    """Periodic task evaluation (`tracking.eval_tasks`, plinth.eval) on rank 0: the tasks are
+    loaded once (bad task files fail before training starts) and scored on the first
+    `eval_tasks_limit` examples each time, so the numbers compare across steps."""
+
+    def __init__(self, cfg: Config, tasks, tokenizer, eos_id, max_len: int):
+        self.cfg, self.tasks, self.tokenizer = cfg, tasks, tokenizer
+        self.eos_id, self.max_len = eos_id, max_len
+        t = cfg.tracking
+        self.every = t.eval_tasks_every or t.eval_every
+
+    @classmethod
+    def create(cls, cfg: Config, task: Task, sharded: bool) -> TaskScorer | None:
+        if not cfg.tracking.eval_tasks:
+            return None
+        if sharded:
+            raise PlinthError(
+                "tracking.eval_tasks is not supported with distributed.strategy=fsdp/hsdp yet "
+                "(rank 0 scores the tasks alone, and sharded weights need every rank). Score "
+                "checkpoints afterwards with `plinth eval RUN --tasks ...`, or use ddp."
+            )
+        io = task.text_io()
+        if cfg.model.arch != "decoder" or io is None:
+            raise PlinthError(
+                f"tracking.eval_tasks={cfg.tracking.eval_tasks} needs a decoder (tasks are "
+                f"scored by next-token log-likelihood and generation); this is an "
+                f"{cfg.model.arch}. Set tracking.eval_tasks=[] or evaluate a decoder."
+            )
+        from plinth.eval.tasks import load_tasks
+
+        return cls(cfg, load_tasks(cfg.tracking.eval_tasks), io[0], io[1],
+                   cfg.model.max_seq_len)
+
+    def due(self, step: int, is_last: bool) -> bool:
+        return step % self.every == 0 or is_last
+
+    def __call__(self, model) -> dict[str, float]:
+        from plinth.eval.scoring import task_metrics
+
+        scores = task_metrics(model, self.tokenizer, self.tasks, self.eos_id, self.max_len,
+                              limit=self.cfg.tracking.eval_tasks_limit)
+        return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 
 def val_summary(val: dict) -> str:

@@ -56,6 +56,10 @@ class Task:
     def flops_per_token(self, model: nn.Module) -> float:
         return model.flops_per_token(self.seq_len)
 
+    def text_io(self) -> tuple[object, int | None] | None:
+        """(tokenizers.Tokenizer, end-of-sequence id) for task evaluation; None: no text."""
+        return None
+
 
 def special_tokens(ds) -> SpecialTokens:
     return SpecialTokens(
@@ -143,6 +147,9 @@ class PretrainTask(Task):
         return evaluate(
             model, self.ds, self.cfg, device, self.special, self.ds.bytes_per_token("val"), env
         )
+
+    def text_io(self):
+        return self.ds.tokenizer, self.ds.eos_id
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
         if self.cfg.model.arch != "decoder":
