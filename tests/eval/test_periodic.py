@@ -22,6 +22,16 @@ def test_tasks_are_scored_during_pretraining(tiny_overrides):
         assert 0 <= r["eval/capitals/acc"] <= 1 and 0 <= r["eval/arithmetic/exact_match"] <= 1
     events = [json.loads(x) for x in (result.run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "task_eval"] == [5, 10]
+    # the overview shows them, and what `plinth eval RUN` adds afterwards
+    from plinth.cli import main
+
+    assert main(["eval", str(result.run_dir), "--tasks", "facts", "--limit", "3"]) == 0
+    assert main(["report", str(result.run_dir)]) == 0
+    html = (result.run_dir / "report.html").read_text()
+    start = html.index("<h2>Evaluations")
+    evals = html[start:html.index("<h2>", start + 1)]  # that section alone
+    assert "eval/capitals/acc" in evals and "Task evaluations (plinth eval)" in evals
+    assert "facts" in evals and "acc " in evals
 
 
 def test_an_unknown_task_stops_before_training(tiny_overrides):

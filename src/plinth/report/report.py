@@ -347,9 +347,11 @@ def _checkpoints_section(run: Run) -> str:
 
 
 def _evals_section(run: Run) -> str:
-    keys = [k for k in run.numeric_keys() if k.startswith("val/")]
+    """Validation metrics and tasks scored during training (`eval/<task>/<metric>`) per step,
+    then results of `plinth eval` on the run's checkpoints (task_eval events)."""
+    keys = [k for k in run.numeric_keys() if k.startswith(("val/", "eval/"))]
     if not keys:
-        return "<h2>Evaluations</h2><p>No evaluations yet.</p>"
+        return "<h2>Evaluations</h2><p>No evaluations yet.</p>" + _task_evals(run)
     by_step: dict[Any, dict] = {}
     for k in keys:
         for p in run.series(k):
@@ -366,6 +368,22 @@ def _evals_section(run: Run) -> str:
         rows.append(cells)
     return f"<h2>Evaluations <small>({len(by_step)})</small></h2>" + table(
         ["step", "tokens", *map(esc, keys)], rows, num=set(range(len(keys) + 2))
+    ) + _task_evals(run)
+
+
+def _task_evals(run: Run) -> str:
+    """`plinth eval RUN` results: one row per task and checkpoint, newest last."""
+    evs = [e for e in run.events if e.get("event") == "task_eval" and "task" in e]
+    if not evs:
+        return ""
+    rows = []
+    for e in evs[-MAX_TABLE_ROWS:]:
+        metrics = e.get("metrics") or {}
+        shown = ", ".join(f"{k} {fmt_num(v)}" for k, v in metrics.items())
+        rows.append([esc(fmt_num(e.get("step"))), esc(str(e.get("task"))),
+                     esc(fmt_num(e.get("shots"))), esc(fmt_num(e.get("n"))), esc(shown)])
+    return "<h3>Task evaluations (plinth eval)</h3>" + table(
+        ["step", "task", "shots", "examples", "metrics"], rows, num={0, 2, 3}
     )
 
 
