@@ -206,18 +206,23 @@ def chat_template_for(spec: str, run: Path, cfg):
     for d in dirs:
         source = chat_template_source("auto", d)
         if source is not None:
-            tokens = {}
-            tc = d / "tokenizer_config.json"
-            if tc.is_file():
-                import json
-
-                data = json.loads(tc.read_text())
-                for key in ("bos_token", "eos_token"):
-                    v = data.get(key)
-                    v = v.get("content") if isinstance(v, dict) else v
-                    tokens[key] = v if isinstance(v, str) else ""
-            return ChatTemplate(source, **tokens)
+            return ChatTemplate(source, token_text(d, "bos_token"), token_text(d, "eos_token"))
     raise UsageError(
         f"--chat: {spec} has no chat template (chat_template.jinja or tokenizer_config.json's "
         "chat_template); run without --chat"
     )
+
+
+def token_text(model_dir: Path, key: str) -> str:
+    """A special token's text from tokenizer_config.json (`bos_token`, `eos_token`; a string or
+    an AddedToken dict), "" when absent."""
+    import json
+
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        v = json.loads(tc.read_text()).get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            return v
+    return ""

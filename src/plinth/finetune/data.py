@@ -49,12 +49,16 @@ class Rows:
 
     def split(self, fraction: float, seed: int) -> tuple[Rows, Rows]:
         """(train, val) rows: a seeded `fraction` of the rows held out."""
-        n = len(self)
-        order = np.random.default_rng(seed).permutation(n)
-        k = round(n * fraction)
-        val, train = np.sort(order[:k]), np.sort(order[k:])
+        train, val = held_out(len(self), fraction, seed)
         pick = lambda idx: Rows({a: v[idx] for a, v in self.arrays.items()}, dict(self.counts))  # noqa: E731
         return pick(train), pick(val)
+
+
+def held_out(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held-out) indices in order: a seeded `fraction` of range(n) held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = round(n * fraction)
+    return np.sort(order[k:]), np.sort(order[:k])
 
 
 def real_length(arrays: dict[str, np.ndarray]) -> np.ndarray:

@@ -21,8 +21,15 @@ from torch import nn
 from plinth.config.schema import Config, TaskSpec
 from plinth.distributed.env import DistEnv, all_reduce_sum
 from plinth.errors import UsageError
-from plinth.finetune.base import chat_template_source, load_base_weights
-from plinth.finetune.data import MixLoader, RowLoader, Rows, labelled_rows, sft_rows
+from plinth.finetune.base import chat_template_source, load_base_weights, token_text
+from plinth.finetune.data import (
+    MixLoader,
+    RowLoader,
+    Rows,
+    held_out,
+    labelled_rows,
+    sft_rows,
+)
 from plinth.finetune.heads import add_heads, head_loss, head_outputs, resolve_pooling
 from plinth.models import build_model, unwrap
 from plinth.models.layers import matmul_params
@@ -143,17 +150,6 @@ def token_roles(base_dir: Path, tokenizer) -> dict[str, int]:
     return out
 
 
-def _token_text(base_dir: Path, key: str) -> str:
-    tc = base_dir / "tokenizer_config.json"
-    if tc.is_file():
-        v = json.loads(tc.read_text()).get(key)
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str):
-            return v
-    return ""
-
-
 def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
     """Read every task's data (see the module doc)."""
     from tokenizers import Tokenizer
@@ -185,8 +181,8 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
     if source is not None:
         template = ChatTemplate(
             source,
-            bos_token=_token_text(base_dir, "bos_token"),
-            eos_token=_token_text(base_dir, "eos_token") or eos_text,
+            bos_token=token_text(base_dir, "bos_token"),
+            eos_token=token_text(base_dir, "eos_token") or eos_text,
         )
     tasks = []
     for spec in task_specs(cfg):
@@ -202,10 +198,9 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
             if spec.val_dataset:
                 val_records = read_jsonl(spec.val_dataset)
             else:
-                order = np.random.default_rng(cfg.seed).permutation(len(records))
-                k = round(len(records) * ft.val_fraction)
-                val_records = [records[i] for i in sorted(order[:k])]
-                records = [records[i] for i in sorted(order[k:])]
+                keep, held = held_out(len(records), ft.val_fraction, cfg.seed)
+                val_records = [records[i] for i in held]
+                records = [records[i] for i in keep]
             opts = SFTOptions(fmt, ft.max_length, ft.overlong, ft.system_prompt)
 
             def rows(recs, path, opts=opts):
