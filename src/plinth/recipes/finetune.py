@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from plinth.config.checks import environment_warnings, reject_unsupported
 from plinth.config.commands import render_yaml
 from plinth.config.load import Resolved, load_config, split_args
 from plinth.distributed.env import DistEnv
@@ -138,27 +137,15 @@ def run_finetuning(
 ):
     """Read the data, create (or reopen) the run directory and train. Returns a TrainResult.
     On resume (`run_path` given) the weights come from the run's checkpoints, not the base."""
-    from plinth.distributed.env import (
-        barrier,
-        broadcast_object,
-        check_strategy,
-        destroy_process_group,
-        device_for,
-        init_process_group,
-    )
+    from plinth.distributed.env import barrier, destroy_process_group, init_process_group
     from plinth.finetune.base import base_info, resolve_base
     from plinth.finetune.task import build_task
-    from plinth.track.run import RunDir, RunPaths, build_manifest, unique_run_path
-    from plinth.train.loop import resolve_device, train
+    from plinth.recipes.pretrain import open_run, start
+    from plinth.track.run import build_manifest
+    from plinth.train.loop import train
 
     cfg = resolved.config
-    env = DistEnv.from_environ()
-    reject_unsupported(resolved, UNSUPPORTED, "finetune")
-    if env.is_main:
-        for warning in environment_warnings(resolved):
-            print(f"warning: {warning}")
-    device = device_for(cfg, env, resolve_device(cfg))
-    strategy = check_strategy(cfg, env, device)
+    env, device, strategy = start(resolved, UNSUPPORTED, "finetune")
     resuming = run_path is not None
     if base_dir is None:
         base_dir = Path(run_path) if resuming else resolve_base(cfg.finetune.base)
@@ -178,11 +165,7 @@ def run_finetuning(
         raise UsageError(f"{e} (rows are finetune.max_length={task.seq_len} tokens)") from None
     init_process_group(cfg, env, device)
     try:
-        if run_path is None and env.is_main:
-            name = cfg.tracking.run_name or f"finetune-{cfg.finetune.method}"
-            run_path = unique_run_path(cfg.tracking.output_dir, name)
-        run_path = Path(broadcast_object(str(run_path), env))
-        run = RunDir(run_path) if env.is_main else RunPaths(run_path)
+        run = open_run(cfg, env, run_path, f"finetune-{cfg.finetune.method}")
         try:
             if env.is_main and not resuming:
                 run.write_config(render_yaml(resolved))

@@ -120,23 +120,15 @@ def run_pretraining(
     from plinth.distributed.env import (
         barrier,
         broadcast_object,
-        check_strategy,
         destroy_process_group,
-        device_for,
         init_process_group,
     )
-    from plinth.track.run import RunDir, RunPaths, build_manifest, unique_run_path
-    from plinth.train.loop import resolve_device, train
+    from plinth.track.run import build_manifest
+    from plinth.train.loop import train
     from plinth.train.memory import check_fits
 
     cfg = resolved.config
-    env = DistEnv.from_environ()
-    reject_unsupported(resolved, UNSUPPORTED, "pretrain")
-    if env.is_main:
-        for warning in environment_warnings(resolved):
-            print(f"warning: {warning}")
-    device = device_for(cfg, env, resolve_device(cfg))
-    strategy = check_strategy(cfg, env, device)
+    env, device, strategy = start(resolved, UNSUPPORTED, "pretrain")
     try:
         accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
     except ValueError as e:
@@ -162,11 +154,7 @@ def run_pretraining(
             raise data_dir
         ds = open_dataset(data_dir)
         resuming = run_path is not None
-        if run_path is None and env.is_main:
-            name = cfg.tracking.run_name or f"pretrain-{cfg.model.arch}"
-            run_path = unique_run_path(cfg.tracking.output_dir, name)
-        run_path = Path(broadcast_object(str(run_path), env))
-        run = RunDir(run_path) if env.is_main else RunPaths(run_path)
+        run = open_run(cfg, env, run_path, f"pretrain-{cfg.model.arch}")
         try:
             if env.is_main and not resuming:
                 run.write_config(render_yaml(resolved))
@@ -202,6 +190,36 @@ def run_pretraining(
             run.close()
     finally:
         destroy_process_group()
+
+
+def start(resolved: Resolved, unsupported: dict, recipe: str):
+    """What every training recipe does first: refuse options it does not honour, print
+    environment warnings (rank 0), pick the device and the distributed strategy.
+    Returns (DistEnv, device, strategy)."""
+    from plinth.distributed.env import check_strategy, device_for
+    from plinth.train.loop import resolve_device
+
+    cfg = resolved.config
+    env = DistEnv.from_environ()
+    reject_unsupported(resolved, unsupported, recipe)
+    if env.is_main:
+        for warning in environment_warnings(resolved):
+            print(f"warning: {warning}")
+    device = device_for(cfg, env, resolve_device(cfg))
+    return env, device, check_strategy(cfg, env, device)
+
+
+def open_run(cfg, env: DistEnv, run_path: Path | None, default_name: str):
+    """The run directory: `run_path` (resume) or a new unique one picked by rank 0 and broadcast;
+    RunDir on rank 0 (which writes), RunPaths elsewhere. Needs the process group."""
+    from plinth.distributed.env import broadcast_object
+    from plinth.track.run import RunDir, RunPaths, unique_run_path
+
+    if run_path is None and env.is_main:
+        name = cfg.tracking.run_name or default_name
+        run_path = unique_run_path(cfg.tracking.output_dir, name)
+    run_path = Path(broadcast_object(str(run_path), env))
+    return RunDir(run_path) if env.is_main else RunPaths(run_path)
 
 
 def print_summary(result) -> None:
