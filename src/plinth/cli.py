@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "memory per device, largest micro-batch, tokens/s and wall time before a run",
     ),
     "generate": ("plinth.recipes.generate:generate_cmd", "generate text from a trained run"),
+    "serve": (
+        "plinth.recipes.serve:serve",
+        "OpenAI-compatible HTTP server (completions, chat, streaming) with dynamic batching",
+    ),
     "eval": (
         "plinth.eval.commands:eval_cmd",
         "score a model on tasks (multiple choice, generation) and perplexity / bits per byte",
