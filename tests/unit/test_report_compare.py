@@ -116,3 +116,36 @@ def test_page_escapes_run_content(runs):
     html = render_compare([runs["base"], runs["twin"]], comparison([runs["base"], runs["twin"]]))
     assert "<script>alert" not in html
     assert html.count("<script") == 3  # data, uPlot, our chart code
+
+
+def test_evaluations_side_by_side(tmp_path, capsys):
+    """In-training task scores (eval/<task>/<metric>), plinth eval results (task_eval events,
+    newest per task) and lm_eval perplexity appear per run with deltas in the right direction."""
+    from plinth.report.compare import eval_rows
+
+    paths = []
+    for name, acc, ece, bpb in (("a", 0.40, 0.20, 1.5), ("b", 0.55, 0.10, 1.7)):
+        p = write_synthetic_run(tmp_path / name, seed=1, steps=50)
+        run = RunDir(p)  # appends
+        run.log_metrics(50, **{"eval/capitals/acc": acc - 0.1})
+        run.log_event(50, "task_eval", task="capitals", metrics={"acc": acc - 0.3})  # older
+        run.log_event(50, "task_eval", task="capitals", metrics={"acc": acc, "ece": ece})
+        run.log_event(50, "lm_eval", source="/x/wiki.txt", perplexity=2**bpb, bits_per_byte=bpb)
+        if name == "b":
+            run.log_event(50, "task_eval", task="bias", metrics={"gap/male-female": 1.2})
+        run.close()
+        paths.append(p)
+    rows = {k: (v, d) for k, v, d in eval_rows([load_run(p) for p in paths])}
+    assert rows["capitals acc"] == ([0.40, 0.55], 1)  # the newest plinth eval wins
+    assert rows["capitals ece"] == ([0.20, 0.10], -1)
+    assert rows["wiki.txt bits_per_byte"] == ([1.5, 1.7], -1)
+    assert rows["bias gap/male-female"] == ([None, 1.2], 0)
+    assert "val/loss" in rows
+    out = tmp_path / "cmp.html"
+    assert main(["compare", str(paths[0]), str(paths[1]), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"capitals acc\s+│\s+0\.4\s+│\s+0\.55 \+0\.15 \(\+37\.5%\)", text), text
+    html = out.read_text()
+    assert "<h2>Evaluations" in html
+    assert re.search(r'capitals ece</td>.*?0\.1 <small class="better">', html, re.S)
+    assert re.search(r'wiki.txt bits_per_byte</td>.*?1\.7 <small class="worse">', html, re.S)

@@ -51,7 +51,15 @@ from plinth.report.page import (
     table,
     write_atomic,
 )
-from plinth.report.rundata import Run, finite, health, load_run, summarize
+from plinth.report.rundata import (
+    Run,
+    eval_direction,
+    evaluations,
+    finite,
+    health,
+    load_run,
+    summarize,
+)
 
 DIVERGENCE_WINDOW = 10
 DIVERGENCE_Z = 4.0
@@ -268,7 +276,16 @@ def comparison(runs: list[Run], now: float | None = None) -> dict[str, Any]:
         "config_diff": config_diff(runs),
         "versions": version_rows(runs),
         "divergence": [None] + [divergence(runs[0], r) for r in runs[1:]],
+        "evaluations": eval_rows(runs),
     }
+
+
+def eval_rows(runs: list[Run]) -> list[tuple[str, list[float | None], int]]:
+    """(evaluation, value per run or None, direction) for every evaluation any run holds:
+    validation and in-training task scores, `plinth eval` results (latest per task)."""
+    per_run = [evaluations(r) for r in runs]
+    keys = sorted({k for e in per_run for k in e}, key=lambda k: (not k.startswith("val/"), k))
+    return [(k, [e.get(k) for e in per_run], eval_direction(k)) for k in keys]
 
 
 def _delta(base: Any, value: Any, better: int, key: str = "") -> tuple[str, str]:
@@ -352,6 +369,25 @@ def print_summary(runs: list[Run], result: dict) -> None:
     for key, label in HEALTH_METRICS:
         t.add_row(label, *[str(h[key]) for h in result["health"]])
     con.print(t)
+
+    evals = result["evaluations"]
+    if evals:
+        et = Table(title=f"evaluations ({len(evals)})", title_justify="left")
+        et.add_column("task metric")
+        for i, n in enumerate(names):
+            et.add_column(n + (" (baseline)" if i == 0 else ""), justify="right")
+        for key, values, better in evals:
+            cells = []
+            for i, v in enumerate(values):
+                text = fmt_num(v) if v is not None else "-"
+                if i and v is not None:
+                    delta, cls = _delta(values[0], v, better)
+                    if delta:
+                        color = {"better": "green", "worse": "red"}.get(cls, "dim")
+                        text += f" [{color}]{delta}[/]"
+                cells.append(text)
+            et.add_row(key, *cells)
+        con.print(et)
 
     diff = result["config_diff"]
     if diff:
@@ -460,6 +496,26 @@ def chart_specs(runs: list[Run], names: list[str], max_points: int) -> list[dict
     return specs
 
 
+def _evals_html(names: list[str], evals: list) -> str:
+    if not evals:
+        return "<h2>Evaluations</h2><p>No run has evaluations yet (validation, tasks scored " \
+            "during training, or <code>plinth eval</code>).</p>"
+    rows = []
+    for key, values, better in evals:
+        cells = [esc(key)]
+        for i, v in enumerate(values):
+            text = esc(fmt_num(v)) if v is not None else "-"
+            if i and v is not None:
+                delta, cls = _delta(values[0], v, better)
+                if delta:
+                    text += f' <small class="{cls}">{esc(delta)}</small>'
+            cells.append(text)
+        rows.append(cells)
+    return f"<h2>Evaluations <small>({len(evals)}, latest of each)</small></h2>" + table(
+        ["task metric", *map(esc, names)], rows, num=set(range(1, len(names) + 1))
+    )
+
+
 def render_compare(runs: list[Run], result: dict, *, max_points: int = MAX_POINTS) -> str:
     names = result["labels"]
     specs = chart_specs(runs, names, max_points)
@@ -526,7 +582,7 @@ def render_compare(runs: list[Run], result: dict, *, max_points: int = MAX_POINT
         rows.append([esc(label), *[esc(h[key]) for h in result["health"]]])
     metrics_html = "<h2>Final metrics</h2>" + table(
         ["", *map(esc, names)], rows, num=set(range(1, len(names) + 1))
-    )
+    ) + _evals_html(names, result["evaluations"])
 
     diff = result["config_diff"]
     cfg_rows = []

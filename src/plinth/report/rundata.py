@@ -386,6 +386,44 @@ def summarize(run: Run, now: float | None = None) -> dict[str, Any]:
     }
 
 
+# metric-name fragments where a smaller value is better (everything else: larger is better)
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "ece", "toxicity", "drop", "mae")
+# ... and where neither is (bias gaps and preference rates: their sign is the finding)
+NEUTRAL = ("gap", "prefer", "truncated")
+
+
+def evaluations(run: Run) -> dict[str, float]:
+    """The latest score of every evaluation a run holds, keyed "<task> <metric>": tasks scored
+    during training (the last `eval/<task>/<metric>` point), `plinth eval` results on the run
+    (the newest task_eval event per task; lm_eval events by source), and the last val/ metrics."""
+    out: dict[str, float] = {}
+    for key in run.numeric_keys():
+        if key.startswith(("eval/", "val/")):
+            pts = [p for p in run.series(key) if math.isfinite(p["value"])]
+            if pts:
+                name = key.split("/", 1)[1].replace("/", " ") if key.startswith("eval/") else key
+                out[name] = pts[-1]["value"]
+    for e in run.events:
+        if e.get("event") == "task_eval" and "task" in e:
+            for metric, v in (e.get("metrics") or {}).items():
+                if finite(v):
+                    out[f"{e['task']} {metric}"] = float(v)
+        elif e.get("event") == "lm_eval" and "source" in e:
+            src = Path(str(e["source"])).name
+            for metric in ("perplexity", "bits_per_byte"):
+                if finite(e.get(metric)):
+                    out[f"{src} {metric}"] = float(e[metric])
+    return out
+
+
+def eval_direction(key: str) -> int:
+    """-1 when a smaller value of this evaluation is better, +1 when larger is, 0 neither."""
+    metric = key.rsplit(" ", 1)[-1]
+    if any(f in metric for f in NEUTRAL):
+        return 0
+    return -1 if any(f in metric for f in LOWER_IS_BETTER) else 1
+
+
 def health(run: Run) -> dict[str, int]:
     """Counts for the health summary: non-finite steps, skips, rollbacks, spikes, ..."""
     nonfinite_steps = set()
