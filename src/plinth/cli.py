@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.data.commands:inspect",
         "statistics and samples of a prepared dataset",
     ),
+    "data contamination": (
+        "plinth.eval.contam_cmd:contamination_cmd",
+        "n-gram overlap between a prepared dataset and evaluation sets, per set",
+    ),
     "data tokenizer train": (
         "plinth.data.commands:tokenizer_train",
         "train a BPE, WordPiece or Unigram tokenizer",

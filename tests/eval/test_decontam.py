@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -109,3 +110,31 @@ def test_prepared_dataset_is_decoded_and_checked(tiny_data_dir):
     reports = contamination_of_dataset(tiny_data_dir, {"leak": [example, FILLER * 2]})
     assert reports["leak"].contaminated_examples == [0]
     assert 3 in reports["leak"].train_docs
+
+
+def test_contamination_command(tiny_data_dir, tmp_path, capsys):
+    """`plinth data contamination`: per-set table, the leaked example with its n-gram and
+    document, the full JSON report; built-in task names resolve; bad paths are named."""
+    from plinth.cli import main
+    from plinth.eval.decontam import dataset_texts
+
+    doc = list(dataset_texts(tiny_data_dir))[5]
+    leak = " ".join(words(doc)[:30])
+    (tmp_path / "mine.jsonl").write_text(
+        json.dumps({"q": leak}) + "\n" + json.dumps({"q": FILLER * 2}) + "\n"
+    )
+    out = tmp_path / "c.json"
+    argv = ["data", "contamination", str(tiny_data_dir), str(tmp_path / "mine.jsonl"),
+            "capitals", "--output", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"mine\s+│\s+2\s+│\s+0\s+│\s+1\s+│\s+50\.0%", text), text
+    assert re.search(r"capitals\s+│\s+\d+\s+│\s+\d+\s+│\s+0\s+│\s+0\.0%", text), text
+    assert "mine #0" in text and "document(s) 5" in text.replace("\n", " ")
+    report = json.loads(out.read_text())
+    assert report["n"] == 13 and report["reports"]["mine"]["contaminated_examples"] == [0]
+    assert 5 in report["reports"]["mine"]["train_docs"]
+    assert main(["data", "contamination", str(tmp_path), "capitals"]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+    assert main(["data", "contamination", str(tiny_data_dir), str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
