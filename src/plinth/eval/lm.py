@@ -43,7 +43,6 @@ def window_spans(n_targets: int, window: int, stride: int) -> list[tuple[int, in
     return spans
 
 
-@torch.no_grad()
 def sequences_nll(
     lm: EvalModel,
     sequences: list[list[int]],
@@ -55,28 +54,44 @@ def sequences_nll(
     """(summed negative log-likelihood in nats, tokens scored) over sequences whose first
     token is context only, with sliding windows (see the module docstring). A forward pass
     takes batch_size windows, or more when they are short (up to batch_tokens tokens)."""
-    jobs = []  # (sequence, begin, end, n_scored)
-    for seq in sequences:
+    per_seq = sequence_nlls(lm, sequences, window, stride, batch_size, batch_tokens)
+    return sum(nll for nll, _ in per_seq), sum(n for _, n in per_seq)
+
+
+@torch.no_grad()
+def sequence_nlls(
+    lm: EvalModel,
+    sequences: list[list[int]],
+    window: int,
+    stride: int,
+    batch_size: int = 8,
+    batch_tokens: int = 4096,
+) -> list[tuple[float, int]]:
+    """(negative log-likelihood in nats, tokens scored) of each sequence, scored like
+    `sequences_nll` (windows of all sequences batched together)."""
+    jobs = []  # (sequence index, begin, end, n_scored)
+    for k, seq in enumerate(sequences):
         if len(seq) >= 2:
-            jobs += [(seq, b, e, n) for b, e, n in window_spans(len(seq) - 1, window, stride)]
+            jobs += [(k, b, e, n) for b, e, n in window_spans(len(seq) - 1, window, stride)]
     jobs.sort(key=lambda j: -(j[2] - j[1]))
     device = next(lm.model.parameters()).device
-    total, count, start = 0.0, 0, 0
+    out = [(0.0, 0)] * len(sequences)
+    start = 0
     while start < len(jobs):
         width = jobs[start][2] - jobs[start][1]
         rows = max(batch_size, batch_tokens // max(width, 1))
         chunk = jobs[start : start + rows]
         start += rows
         x = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T) right-padded
-        for r, (seq, b, e, _) in enumerate(chunk):
-            x[r, : e - b] = torch.tensor(seq[b:e])
+        for r, (k, b, e, _) in enumerate(chunk):
+            x[r, : e - b] = torch.tensor(sequences[k][b:e])
         logits = lm.model(x.to(device))  # (B, T, V)
-        for r, (seq, b, e, n) in enumerate(chunk):
+        for r, (k, b, e, n) in enumerate(chunk):
             lp = logits[r, e - b - n : e - b].float().log_softmax(-1)  # (n, V)
-            tgt = torch.tensor(seq[e - n + 1 : e + 1], device=lp.device)
-            total -= lp.gather(-1, tgt[:, None]).sum().item()
-            count += n
-    return total, count
+            tgt = torch.tensor(sequences[k][e - n + 1 : e + 1], device=lp.device)
+            nll, count = out[k]
+            out[k] = (nll - lp.gather(-1, tgt[:, None]).sum().item(), count + n)
+    return out
 
 
 @dataclass
