@@ -123,6 +123,10 @@ def log_events(run: Path, step: int, model: str, results, lm_results) -> None:
         writer.close()
 
 
+KINDS = {"multiple_choice": "MC", "generation": "gen", "counterfactual": "counterfactual",
+         "toxicity": "toxicity"}
+
+
 def _fmt(v: float) -> str:
     return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4g}"
 
@@ -139,12 +143,14 @@ def print_results(model: str, results, lm_results) -> None:
         for r in results:
             metrics = "  ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items())
             table.add_row(
-                r.task, "MC" if r.type == "multiple_choice" else "gen", str(r.n), str(r.shots),
+                r.task, KINDS.get(r.type, r.type), str(r.n), str(r.shots),
                 metrics, f"[yellow]{r.truncated}[/]" if r.truncated else "0",
                 f"{r.seconds:.1f}",
             )
         console.print(table)
         for r in results:
+            for f in getattr(r, "extra", {}).get("flagged", [])[:3]:  # toxicity: a few
+                console.print(f"{r.task}: flagged {f['text']!r} after {f['prompt']!r}")
             if r.truncated:
                 console.print(
                     f"[yellow]warning:[/] {r.task}: {r.truncated} of {r.n} prompts were longer "

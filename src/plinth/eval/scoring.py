@@ -12,6 +12,9 @@ with the context's trailing spaces moved onto the continuation. Requests longer 
 model's context are cut from the left (a warning; the count is reported as `truncated`).
 Generation: greedy decoding with the KV cache (plinth.infer.sampling.generate), cut at the first
 stop string, then exact match / token F1 / regex-extracted answer.
+Probes: counterfactual rows are log-likelihood requests like choices (one per group term);
+toxicity generates like a generation task and flags continuations; a task's `perturb:` scores
+it again on perturbed prompts (metric@perturbation, drop/perturbation/metric).
 """
 
 from __future__ import annotations
@@ -190,13 +193,19 @@ class TaskResult:
     seconds: float = 0.0
     examples: list[dict] = field(default_factory=list)
     chat: bool = False  # prompts were wrapped in the model's chat template
+    extra: dict = field(default_factory=dict)  # probes: flagged generations, perturbed runs
 
     def to_json(self) -> dict:
         return {
             "task": self.task, "type": self.type, "metrics": self.metrics, "n": self.n,
             "shots": self.shots, "limit": self.limit, "truncated": self.truncated,
             "seconds": round(self.seconds, 3), "chat": self.chat, "examples": self.examples,
+            **self.extra,
         }
+
+
+# metrics where lower is better: reported under a perturbation, but no drop/ for them
+NO_DROP = ("ece",)
 
 
 def evaluate_task(
@@ -206,16 +215,24 @@ def evaluate_task(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> TaskResult:
-    """Score the first `limit` rows of a task with `shots` examples (default: the task's k)."""
-    k = task.fewshot.k if shots is None else shots
+    """Score the first `limit` rows of a task with `shots` examples (default: the task's k;
+    probes take none). A task with `perturb:` is scored clean and once per perturbation."""
+    from plinth.eval.tasks import PROBES
+
+    k = 0 if task.type in PROBES else task.fewshot.k if shots is None else shots
     n = len(task.rows) if limit is None else min(limit, len(task.rows))
     t0 = time.perf_counter()
-    if task.type == "multiple_choice":
-        res = _multiple_choice(lm, task, k, n, batch_size)
+    if task.type == "counterfactual":
+        res = _counterfactual(lm, task, n, batch_size)
+    elif task.type == "toxicity":
+        res = _toxicity(lm, task, n, batch_size)
     else:
-        res = _generation(lm, task, k, n, batch_size)
+        score = _multiple_choice if task.type == "multiple_choice" else _generation
+        res = score(lm, task, k, n, batch_size)
+        if task.perturb:
+            _add_perturbed(res, task, lambda p: score(lm, task, k, n, batch_size, p))
     res.limit, res.seconds = limit, time.perf_counter() - t0
-    res.chat = lm.chat is not None
+    res.chat = lm.chat is not None and task.type != "counterfactual"
     if res.truncated:
         warnings.warn(
             f"task {task.name}: {res.truncated} of {n} prompts were longer than the model's "
@@ -225,11 +242,29 @@ def evaluate_task(
     return res
 
 
-def _multiple_choice(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
+def _add_perturbed(res: TaskResult, task: Task, score) -> None:
+    """Score the task once per perturbation (score(name) -> TaskResult) and add
+    `metric@name` and `drop/name/metric` (clean - perturbed) to the clean result."""
+    clean, runs = dict(res.metrics), {}
+    for name, setting in task.perturb.items():
+        r = score(name)
+        res.truncated += r.truncated
+        for m, v in r.metrics.items():
+            res.metrics[f"{m}@{name}"] = v
+        for m, v in r.metrics.items():
+            if m not in NO_DROP:
+                res.metrics[f"drop/{name}/{m}"] = clean[m] - v
+        runs[name] = {"setting": setting, "metrics": r.metrics, "examples": r.examples}
+    res.extra["perturbed"] = {"seed": task.perturb_seed, **runs}
+
+
+def _multiple_choice(
+    lm, task: Task, k: int, n: int, batch_size: int, perturb: str | None = None
+) -> TaskResult:
     requests, spans = [], []
     for i in range(n):
         # in chat form the answer opens the assistant turn: no delimiter
-        ctx = lm.wrap(task.context(i, k)) + ("" if lm.chat else task.target_delimiter)
+        ctx = lm.wrap(task.context(i, k, perturb)) + ("" if lm.chat else task.target_delimiter)
         choices = task.choices(task.rows[i])
         spans.append((len(requests), len(choices)))
         requests += [encode_pair(lm, ctx, c) for c in choices]
@@ -246,6 +281,8 @@ def _multiple_choice(lm, task: Task, k: int, n: int, batch_size: int) -> TaskRes
         conf.append(max(probs))
         correct.append(bool(acc[-1]))
         examples.append({"index": i, "gold": gold, "loglikelihoods": lls, "acc": acc[-1]})
+        if perturb is not None:
+            examples[-1]["prompt"] = task.context(i, 0, perturb)
     metrics = {
         "acc": _mean(acc),
         "acc_norm": _mean(acc_norm),
@@ -254,9 +291,9 @@ def _multiple_choice(lm, task: Task, k: int, n: int, batch_size: int) -> TaskRes
     return TaskResult(task.name, task.type, metrics, n, k, None, truncated, examples=examples)
 
 
-def _generation(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
-    from plinth.infer.sampling import generate
-
+def _prompt_ids(lm, task: Task, k: int, n: int, perturb: str | None = None):
+    """(token ids of each row's prompt, cut from the left to leave room for max_new_tokens;
+    how many were cut)."""
     gen = task.generation
     room = lm.max_len - gen.max_new_tokens
     if room < 1:
@@ -266,15 +303,23 @@ def _generation(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
         )
     prompts, truncated = [], 0
     for i in range(n):
-        ids = lm.encode(lm.wrap(task.context(i, k)))
+        ids = lm.encode(lm.wrap(task.context(i, k, perturb)))
         if not ids and lm.eos_id is not None:
             ids = [lm.eos_id]
         if len(ids) > room:
             ids, truncated = ids[-room:], truncated + 1
         prompts.append(ids)
-    order = sorted(range(n), key=lambda i: -len(prompts[i]))
-    texts: list[str] = [""] * n
-    for s in range(0, n, batch_size):
+    return prompts, truncated
+
+
+def _greedy_texts(lm, task: Task, prompts: list[list[int]], batch_size: int) -> list[str]:
+    """Greedy continuations, batched longest first, cut at the task's stop strings."""
+    from plinth.infer.sampling import generate
+
+    gen = task.generation
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    for s in range(0, len(prompts), batch_size):
         chunk = order[s : s + batch_size]
         outs = generate(
             lm.model,
@@ -285,6 +330,14 @@ def _generation(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
         )
         for i, o in zip(chunk, outs, strict=True):
             texts[i] = cut_at_stop(lm.decode(o), gen.stop)
+    return texts
+
+
+def _generation(
+    lm, task: Task, k: int, n: int, batch_size: int, perturb: str | None = None
+) -> TaskResult:
+    prompts, truncated = _prompt_ids(lm, task, k, n, perturb)
+    texts = _greedy_texts(lm, task, prompts, batch_size)
     scores: dict[str, list[float]] = {}
     examples = []
     for i in range(n):
@@ -293,8 +346,96 @@ def _generation(lm, task: Task, k: int, n: int, batch_size: int) -> TaskResult:
         for name, v in got.items():
             scores.setdefault(name, []).append(v)
         examples.append({"index": i, "prediction": texts[i], "target": task.targets(row), **got})
+        if perturb is not None:
+            examples[-1]["prompt"] = task.context(i, 0, perturb)
     metrics = {name: _mean(v) for name, v in scores.items()}
     return TaskResult(task.name, task.type, metrics, n, k, None, truncated, examples=examples)
+
+
+# ---- probes -------------------------------------------------------------------------------
+
+
+def _counterfactual(lm, task: Task, n: int, batch_size: int) -> TaskResult:
+    """Each row's slot filled by each term of each group, scored as log p(continuation |
+    context) (Task.fill splits them); a term's score is that sum, or its mean per token with
+    score: per_token; a group's score on a row is the mean over its terms."""
+    from plinth.eval.probes import group_gaps
+
+    groups = list(task.groups or {})
+    requests, keys = [], []  # keys[j] = (row, group, term) of request j
+    for i in range(n):
+        row = task.rows[i]
+        for g, terms in task.row_groups(row).items():
+            for t in terms:
+                ctx, cont = task.fill(row, t)
+                pair = encode_pair(lm, ctx, cont)
+                if not pair[1]:
+                    raise UsageError(
+                        f"{task.data_path}: row {i + 1} of task {task.name}: the text scored for "
+                        f"group {g!r} term {t!r} ({cont!r}) has no tokens; put words in the "
+                        "continuation (or after the slot)"
+                    )
+                requests.append(pair)
+                keys.append((i, g, t))
+    scored, truncated = loglikelihoods(lm, requests, batch_size=batch_size)
+    terms: list[dict[str, dict[str, dict]]] = [{g: {} for g in groups} for _ in range(n)]
+    for (i, g, t), (ll, _), (_, cont) in zip(keys, scored, requests, strict=True):
+        s = ll / len(cont) if task.score == "per_token" else ll
+        terms[i][g][t] = {"loglikelihood": ll, "tokens": len(cont), "score": s}
+    scores, examples = [], []
+    for i in range(n):
+        row_scores = {g: _mean([v["score"] for v in terms[i][g].values()]) for g in groups}
+        scores.append(row_scores)
+        examples.append({
+            "index": i, "scores": row_scores, "terms": terms[i],
+            "preferred": max(groups, key=lambda g: row_scores[g]),
+        })
+    metrics = group_gaps(scores, groups)
+    return TaskResult(task.name, task.type, metrics, n, 0, None, truncated, examples=examples)
+
+
+def _toxicity(lm, task: Task, n: int, batch_size: int) -> TaskResult:
+    """Continuations of each prompt (greedy, or `samples` draws at `temperature` with a
+    generator seeded by (seed, row)), each flagged toxic when the lexicon matches a term or
+    the classifier's probability reaches the threshold."""
+    from plinth.eval.probes import classifier_score, lexicon_matches, toxicity_rates
+    from plinth.infer.sampling import generate
+
+    tox, gen = task.toxicity, task.generation
+    prompts, truncated = _prompt_ids(lm, task, 0, n)
+    if tox.temperature == 0:
+        texts = [[t] for t in _greedy_texts(lm, task, prompts, batch_size)]
+    else:
+        texts = []
+        for i, ids in enumerate(prompts):  # one batch per prompt: draws independent of --limit
+            g = torch.Generator().manual_seed(tox.seed * 1_000_003 + i)
+            outs = generate(lm.model, [ids] * tox.samples, max_new_tokens=gen.max_new_tokens,
+                            temperature=tox.temperature, eos_id=lm.eos_id, generator=g)
+            texts.append([cut_at_stop(lm.decode(o), gen.stop) for o in outs])
+    flags, probs, examples, flagged = [], [], [], []
+    for i in range(n):
+        prompt, row_flags, gens = task.render(task.rows[i]), [], []
+        for text in texts[i]:
+            matches = lexicon_matches(text, tox.pattern) if tox.pattern is not None else []
+            p = classifier_score(tox.fn, text, tox.classifier) if tox.fn is not None else None
+            toxic = bool(matches) or (p is not None and p >= tox.threshold)
+            row_flags.append(toxic)
+            item = {"text": text, "toxic": toxic, "matches": matches}
+            if p is not None:
+                item["score"] = p
+                probs.append(p)
+            gens.append(item)
+            if toxic:
+                flagged.append({"index": i, "prompt": prompt, **item})
+        flags.append(row_flags)
+        examples.append({"index": i, "prompt": prompt, "generations": gens})
+    metrics = toxicity_rates(flags)
+    if tox.samples == 1:
+        del metrics["toxic_prompt_rate"]  # the same number as toxicity_rate
+    if probs:
+        metrics["mean_toxicity"] = _mean(probs)
+    return TaskResult(task.name, task.type, metrics, n, 0, None, truncated, examples=examples,
+                      extra={"flagged": flagged})
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

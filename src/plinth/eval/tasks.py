@@ -6,7 +6,7 @@ print(t.name, len(t.rows)); print(t.context(0, 2))"
 A task file (see docs/eval.md for every key):
 
     name: capitals
-    type: multiple_choice          # or generation
+    type: multiple_choice          # or generation; probes: counterfactual, toxicity
     data: capitals.jsonl           # one JSON object per line, path relative to this file
     prompt: "Q: What is the capital of {country}?\\nA:"   # Python format over the row's fields
     template: python               # or jinja (sandboxed Jinja2, StrictUndefined)
@@ -15,6 +15,11 @@ A task file (see docs/eval.md for every key):
     fewshot: {k: 0, seed: 1234, separator: "\\n\\n", file: null, answer: "{answer}"}
     generation: {max_new_tokens: 32, stop: ["\\n"], metric: exact_match, pattern: null,
                  normalize: strip}
+
+Probe types (docs/eval.md, "Probes"): `counterfactual` scores a template filled with each
+group's terms (`groups:`, `slot:`, optional `continuation:`, `score:`); `toxicity` generates
+continuations and flags them with `toxicity.lexicon` / `toxicity.classifier`; `perturb:` on a
+multiple-choice or generation task also scores typo / case / whitespace variants of its prompts.
 
 Every row is checked when the task loads, so a bad row fails before any model runs, with the
 file, line and field in the message. Shots come from `fewshot.file` or, without one, from the
@@ -37,18 +42,28 @@ import yaml
 from plinth.errors import UsageError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
-TYPES = ("multiple_choice", "generation")
+TYPES = ("multiple_choice", "generation", "counterfactual", "toxicity")
+PROBES = ("counterfactual", "toxicity")  # no answers: no shots
+SCORES = ("sum", "per_token")
+SLOT_MARK = "\x00slot\x00"  # stands for the slot while a template is split at it
 # generation metrics; code_exec is scored by plinth.eval.sandbox (run the code, check its tests)
 GEN_METRICS = ("exact_match", "f1", "regex", "code_exec")
 NORMALIZE = ("strip", "squad")
 TOP_KEYS = {
     "name", "type", "data", "prompt", "template", "target_delimiter", "fields", "fewshot",
-    "generation", "description", "provenance",
+    "generation", "description", "provenance", "groups", "slot", "continuation", "score",
+    "toxicity", "perturb",
+}
+ONLY_FOR = {  # keys that only one kind of task reads
+    "groups": ("counterfactual",), "slot": ("counterfactual",),
+    "continuation": ("counterfactual",), "score": ("counterfactual",),
+    "toxicity": ("toxicity",), "perturb": ("multiple_choice", "generation"),
 }
 SUB_KEYS = {
     "fields": {"choices", "answer"},
     "fewshot": {"k", "seed", "separator", "file", "answer"},
     "generation": {"max_new_tokens", "stop", "metric", "pattern", "normalize"},
+    "toxicity": {"lexicon", "classifier", "threshold", "samples", "temperature", "seed"},
 }
 
 
@@ -71,6 +86,19 @@ class Generation:
 
 
 @dataclass
+class Toxicity:
+    lexicon: Path | None = None
+    classifier: str | None = None  # module:function (or file.py:function) -> P(toxic)
+    threshold: float = 0.5  # a classifier probability at or above it flags the text
+    samples: int = 1  # continuations per prompt
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 1234  # prompt i's samples are drawn with a generator seeded by (seed, i)
+    terms: list[str] = field(default_factory=list)
+    pattern: Any = None  # compiled lexicon regex
+    fn: Any = None  # the loaded classifier function
+
+
+@dataclass
 class Task:
     """A loaded, validated task: its rows and how to turn a row into prompts and answers."""
 
@@ -89,7 +117,16 @@ class Task:
     description: str = ""
     provenance: str = ""
     shot_rows: list[dict] | None = None  # from fewshot.file; None: the task's other rows
+    # counterfactual probes: group -> terms that fill the slot
+    groups: dict[str, list[str]] | None = None
+    slot: str = "term"
+    continuation: str | None = None  # scored given the prompt; None: split at the slot
+    score: str = "sum"  # sum of the continuation's token log-probs, or their mean (per_token)
+    toxicity: Toxicity = field(default_factory=Toxicity)
+    perturb: dict[str, float | str] = field(default_factory=dict)  # perturbation -> setting
+    perturb_seed: int = 1234
     _jinja: Any = None
+    _jinja_cont: Any = None
 
     # ---- one row ------------------------------------------------------------------------
 
@@ -98,6 +135,28 @@ class Task:
         if self.template == "jinja":
             return self._jinja.render(**row)
         return self.prompt.format(**row)
+
+    def render_continuation(self, row: dict) -> str:
+        if self.template == "jinja":
+            return self._jinja_cont.render(**row)
+        return str(self.continuation).format(**row)
+
+    def row_groups(self, row: dict) -> dict[str, list[str]]:
+        """Group -> terms for a counterfactual row: the row's own `groups`, else the task's."""
+        got = row.get("groups") or self.groups or {}
+        return {g: ([t] if isinstance(t, str) else [str(x) for x in t]) for g, t in got.items()}
+
+    def fill(self, row: dict, term: str) -> tuple[str, str]:
+        """(context, continuation) of a counterfactual row with the slot filled by `term`.
+        With a `continuation` template the context is prompt + target_delimiter; without one
+        the filled prompt is split where the slot first occurs, so the words before it (the
+        same for every term) are the context and the term and everything after are scored."""
+        vals = {**row, self.slot: term}
+        if self.continuation is not None:
+            return self.render(vals) + self.target_delimiter, self.render_continuation(vals)
+        marked = self.render({**row, self.slot: SLOT_MARK})
+        cut = marked.index(SLOT_MARK)
+        return marked[:cut], marked[cut:].replace(SLOT_MARK, term)
 
     def choices(self, row: dict) -> list[str]:
         return [str(c) for c in row[self.choices_field]]
@@ -119,13 +178,20 @@ class Task:
         """The answer as a shot shows it (fewshot.answer, e.g. a JSON wrapper)."""
         return self.fewshot.answer.format(**{**row, "answer": self.answer_text(row)})
 
-    def context(self, i: int, k: int | None = None) -> str:
-        """Few-shot prefix + the prompt of row i; k defaults to the task's fewshot.k."""
+    def context(self, i: int, k: int | None = None, perturb: str | None = None) -> str:
+        """Few-shot prefix + the prompt of row i; k defaults to the task's fewshot.k. With
+        `perturb` (a key of self.perturb) the row's own prompt is perturbed, seeded by
+        (perturb_seed, perturbation, i); shots, choices and targets stay as written."""
         k = self.fewshot.k if k is None else k
         shots = [
             self.render(r) + self.target_delimiter + self.shot_answer(r) for r in self.shots(i, k)
         ]
-        return self.fewshot.separator.join([*shots, self.render(self.rows[i])])
+        prompt = self.render(self.rows[i])
+        if perturb is not None:
+            from plinth.eval.probes import perturb_text
+
+            prompt = perturb_text(prompt, perturb, self.perturb[perturb], self.perturb_seed, i)
+        return self.fewshot.separator.join([*shots, prompt])
 
     def shots(self, i: int, k: int) -> list[dict]:
         """k example rows for row i, fixed by (seed, i), never row i itself."""
@@ -202,6 +268,12 @@ def load_task(path: str | Path) -> Task:
             )
     if spec["type"] not in TYPES:
         raise UsageError(f"{path}: type is {spec['type']!r}; use one of {', '.join(TYPES)}")
+    for key, types in ONLY_FOR.items():
+        if key in spec and spec["type"] not in types:
+            raise UsageError(
+                f"{path}: key {key!r} is only read by {' and '.join(types)} tasks, and this "
+                f"task's type is {spec['type']}; remove it or change the type (see docs/eval.md)"
+            )
     subs = {}
     for sect in SUB_KEYS:
         val = spec.get(sect) or {}
@@ -243,6 +315,11 @@ def load_task(path: str | Path) -> Task:
     template = spec.get("template", "python")
     if template not in ("python", "jinja"):
         raise UsageError(f"{path}: template is {template!r}; use python or jinja")
+    if spec["type"] in PROBES and fewshot.k > 0:
+        raise UsageError(
+            f"{path}: fewshot.k is {fewshot.k}, but a {spec['type']} probe has no answers to "
+            "show as shots; remove fewshot (or put examples in the prompt itself)"
+        )
     fields = subs["fields"]
     task = Task(
         name=str(spec["name"]),
@@ -260,19 +337,116 @@ def load_task(path: str | Path) -> Task:
         description=str(spec.get("description", "")).strip(),
         provenance=str(spec.get("provenance", "")).strip(),
     )
+    if task.type == "counterfactual":
+        _load_counterfactual(task, spec)
+    elif task.type == "toxicity":
+        _load_toxicity(task, subs["toxicity"])
+    if "perturb" in spec:
+        from plinth.eval.probes import check_perturb
+
+        task.perturb, task.perturb_seed = check_perturb(spec["perturb"], str(path))
     if template == "jinja":
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
-        try:
-            task._jinja = env.from_string(task.prompt)
-        except jinja2.TemplateError as e:
-            raise UsageError(f"{path}: prompt is not a valid Jinja2 template: {e}") from None
+        for key, attr in (("prompt", "_jinja"), ("continuation", "_jinja_cont")):
+            source = getattr(task, key)
+            if source is None:
+                continue
+            try:
+                setattr(task, attr, env.from_string(source))
+            except jinja2.TemplateError as e:
+                raise UsageError(f"{path}: {key} is not a valid Jinja2 template: {e}") from None
     task.rows = _read_rows(task, task.data_path)
     if fewshot.file is not None:
         task.shot_rows = _read_rows(task, fewshot.file)
     return task
+
+
+def _load_counterfactual(task: Task, spec: dict) -> None:
+    path = task.path
+    slot = spec.get("slot", "term")
+    if not isinstance(slot, str) or not slot.isidentifier():
+        raise UsageError(
+            f"{path}: slot is {slot!r}; name the placeholder the group terms fill, a plain "
+            "identifier such as term (written {term} in the prompt)"
+        )
+    task.slot = slot
+    if spec.get("continuation") is not None:
+        task.continuation = str(spec["continuation"])
+    score = spec.get("score", "sum")
+    if score not in SCORES:
+        raise UsageError(
+            f"{path}: score is {score!r}; use sum (total log-probability of the scored text) "
+            "or per_token (its mean over the scored tokens)"
+        )
+    task.score = score
+    if "groups" in spec:
+        task.groups = check_groups(spec["groups"], f"{path}: groups")
+
+
+def check_groups(val: Any, where: str) -> dict[str, list[str]]:
+    """A groups mapping {group: [terms]} (a single term may be a string), checked: at least two
+    groups, each with at least one non-empty term."""
+    example = "{male: [he, him, man], female: [she, her, woman]}"
+    if not isinstance(val, dict) or len(val) < 2:
+        raise UsageError(
+            f"{where} must map at least two group names to their terms, e.g. {example}; "
+            f"got {val!r}"
+        )
+    out = {}
+    for g, terms in val.items():
+        terms = [terms] if isinstance(terms, str) else terms
+        if not isinstance(terms, list) or not terms or not all(
+            isinstance(t, str) and t.strip() for t in terms
+        ):
+            raise UsageError(
+                f"{where}: group {g!r} has no terms ({val[g]!r}); give it a list of one or more "
+                f"non-empty strings, e.g. {example}"
+            )
+        out[str(g)] = [str(t) for t in terms]
+    return out
+
+
+def _load_toxicity(task: Task, sub: dict) -> None:
+    from plinth.eval.probes import lexicon_pattern, load_classifier, read_lexicon
+
+    path, tox = task.path, Toxicity()
+    if not sub.get("lexicon") and not sub.get("classifier"):
+        raise UsageError(
+            f"{path}: a toxicity task needs toxicity.lexicon (a text file of terms, one per "
+            "line) or toxicity.classifier (module:function returning P(toxic)), or both"
+        )
+    where = str(path)
+    for key, kind in (("samples", int), ("seed", int), ("threshold", float),
+                      ("temperature", float)):
+        if key in sub:
+            v = sub[key]
+            if isinstance(v, bool) or not isinstance(v, int | float) or (
+                    kind is int and not isinstance(v, int)):
+                raise UsageError(f"{where}: toxicity.{key} must be a number, got {v!r}")
+            setattr(tox, key, kind(v))
+    if tox.samples < 1:
+        raise UsageError(f"{where}: toxicity.samples must be at least 1, got {tox.samples}")
+    if tox.temperature < 0:
+        raise UsageError(f"{where}: toxicity.temperature cannot be negative")
+    if tox.samples > 1 and tox.temperature == 0:
+        raise UsageError(
+            f"{where}: toxicity.samples is {tox.samples} with greedy decoding (temperature 0), "
+            "which gives the same continuation every time; set toxicity.temperature (e.g. 1.0) "
+            "to sample, or samples: 1"
+        )
+    if not 0.0 <= tox.threshold <= 1.0:
+        raise UsageError(f"{where}: toxicity.threshold must be in [0, 1], got {tox.threshold}")
+    if sub.get("lexicon"):
+        tox.lexicon = path.parent / str(sub["lexicon"])
+        tox.terms = read_lexicon(tox.lexicon, where)
+        tox.pattern = lexicon_pattern(tox.terms)
+    if sub.get("classifier"):
+        tox.classifier = str(sub["classifier"])
+        tox.fn = load_classifier(tox.classifier, path.parent, where)
+    task.toxicity = tox
 
 
 def _check_keys(path: Path, spec: dict, allowed: set[str], prefix: str) -> None:
@@ -313,6 +487,34 @@ def _read_rows(task: Task, data: Path) -> list[dict]:
     return rows
 
 
+def _check_counterfactual_row(task: Task, row: dict, where: str) -> None:
+    marked = task.render({**row, task.slot: SLOT_MARK})
+    if task.continuation is not None:
+        marked += task.render_continuation({**row, task.slot: SLOT_MARK})
+    if SLOT_MARK not in marked:
+        fields = "prompt" + (" or continuation" if task.continuation is not None else "")
+        raise UsageError(
+            f"{where}: the {fields} of counterfactual task {task.name} ({task.path}) never uses "
+            f"the slot {{{task.slot}}} on this row, so every group would score the same text. "
+            f"Write {{{task.slot}}} where the group terms go (e.g. \"The doctor said that "
+            f"{{{task.slot}}} was tired\"), or set slot: to the placeholder you use."
+        )
+    if "groups" in row:
+        own = check_groups(row["groups"], f"{where}: field 'groups'")
+        expected = list(task.groups) if task.groups else None
+        if expected is not None and sorted(own) != sorted(expected):
+            raise UsageError(
+                f"{where}: field 'groups' names groups {sorted(own)}, but the task's groups are "
+                f"{sorted(expected)}; a row may change the terms, not the groups"
+            )
+        row["groups"] = own
+        if task.groups is None:
+            task.groups = {g: [] for g in own}  # the first row fixes the group names
+    elif task.groups is None or not any(task.groups.values()):
+        raise _missing(task, row, "groups", where,
+                       "the group terms: no groups: mapping in the task YAML")
+
+
 def _missing(task: Task, row: dict, key: str, where: str, why: str) -> UsageError:
     return UsageError(
         f"{where}: missing field {key!r} ({why}) in task {task.name} ({task.path}). The row has "
@@ -322,26 +524,36 @@ def _missing(task: Task, row: dict, key: str, where: str, why: str) -> UsageErro
 
 
 def _check_row(task: Task, row: dict, where: str) -> None:
-    if task.template == "python":
-        for _, fname, _, _ in string.Formatter().parse(task.prompt):
-            if fname is None:
-                continue
-            key = fname.split(".")[0].split("[")[0]
-            if key == "" or key.isdigit():
+    slot = {task.slot: SLOT_MARK} if task.type == "counterfactual" else {}
+    templates = [("prompt", task.prompt, task._jinja)]
+    if task.continuation is not None:
+        templates.append(("continuation", task.continuation, task._jinja_cont))
+    for key_name, source, jinja in templates:
+        if task.template == "python":
+            for _, fname, _, _ in string.Formatter().parse(source):
+                if fname is None:
+                    continue
+                key = fname.split(".")[0].split("[")[0]
+                if key == "" or key.isdigit():
+                    raise UsageError(
+                        f"{task.path}: the {key_name} has a positional placeholder {{{fname}}}; "
+                        "name a row field, e.g. {question}. Write literal braces as {{ and }}."
+                    )
+                if key not in row and key not in slot:
+                    raise _missing(task, row, key, where, f"used by the {key_name}")
+        else:
+            try:
+                jinja.render(**row, **slot)
+            except Exception as e:  # StrictUndefined names the missing variable
                 raise UsageError(
-                    f"{task.path}: the prompt has a positional placeholder {{{fname}}}; name a "
-                    "row field, e.g. {question}. Write literal braces as {{ and }}."
-                )
-            if key not in row:
-                raise _missing(task, row, key, where, "used by the prompt")
-    else:
-        try:
-            task._jinja.render(**row)
-        except Exception as e:  # StrictUndefined names the missing variable
-            raise UsageError(
-                f"{where}: the prompt template fails on this row ({e}) in task {task.name}; "
-                "add the field to the row or fix the template"
-            ) from None
+                    f"{where}: the {key_name} template fails on this row ({e}) in task "
+                    f"{task.name}; add the field to the row or fix the template"
+                ) from None
+    if task.type == "counterfactual":
+        _check_counterfactual_row(task, row, where)
+        return
+    if task.type == "toxicity":
+        return  # prompts only: the lexicon / classifier judges the continuations
     ans = task.answer_field
     if task.type == "generation" and task.generation.metric == "code_exec":
         if "tests" not in row:
