@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import V, tiny_engine
 
+from conftest import V, tiny_engine
 from plinth.errors import UsageError
 from plinth.infer.engine import SamplingParams, apply_penalties, draw, filter_logits
 from plinth.infer.sampling import generate as reference_generate
@@ -221,7 +221,7 @@ def test_text_prompts_and_bad_input():
     assert by_text.token_ids == eng.generate([[5, 9, 13]], SamplingParams(6))[0].token_ids
     with pytest.raises(UsageError, match="more than this model's context of 64"):
         eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=60))
-    with pytest.raises(UsageError, match="top_p=1.5"):
+    with pytest.raises(UsageError, match=r"top_p=1\.5"):
         eng.generate([PROMPTS[0]], SamplingParams(top_p=1.5))
     with pytest.raises(UsageError, match=f"outside the vocabulary \\(0..{V - 1}\\)"):
         eng.generate([[V + 3]], SamplingParams(4))
