@@ -30,6 +30,8 @@ def eval_cmd(
     batch_size: int = 8,
     device: str = "cpu",
     chat: bool = False,
+    lm_eval: list[str] = (),
+    lm_eval_include: list[str] = (),
 ) -> int:
     """Evaluate a decoder on tasks (multiple choice, generation) and language-model metrics.
 
@@ -55,16 +57,26 @@ def eval_cmd(
         device: torch device to run on (cpu, cuda, cuda:1, ...)
         chat: wrap each task prompt (shots included) in the model's chat template as one user
             turn; for instruction-tuned models such as ref-smollm2
+        lm_eval: lm-evaluation-harness tasks to run on the model (names, groups or task YAML
+            paths; needs `pip install "plinth[eval]"`; offline: local data files or the
+            datasets cache); --shots, --limit, --batch-size and --chat apply to them too
+        lm_eval_include: folders of lm-eval task YAML files, for --lm-eval task names
     """
     from plinth.eval.lm import evaluate_dataset, evaluate_text
     from plinth.eval.scoring import evaluate_task, load_eval_model
     from plinth.eval.tasks import load_tasks
 
-    if not tasks and not text and dataset is None:
+    if not tasks and not text and dataset is None and not lm_eval:
         raise UsageError(
-            "nothing to evaluate: give --tasks (e.g. --tasks suite), --text FILE or "
-            "--dataset DIR"
+            "nothing to evaluate: give --tasks (e.g. --tasks suite), --text FILE, "
+            "--dataset DIR or --lm-eval TASK"
         )
+    if lm_eval_include and not lm_eval:
+        raise UsageError("--lm-eval-include only names folders for --lm-eval tasks; add --lm-eval")
+    if lm_eval:
+        from plinth.eval.harness import require_lm_eval
+
+        require_lm_eval()  # a missing package fails before the model loads
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     if shots is not None and shots < 0:
@@ -76,6 +88,10 @@ def eval_cmd(
         warnings.simplefilter("ignore")  # truncation is reported in the table instead
         for task in loaded:
             results.append(evaluate_task(lm, task, shots, limit, batch_size))
+    if lm_eval:
+        from plinth.eval.harness import run_lm_eval
+
+        results += run_lm_eval(lm, lm_eval, lm_eval_include, shots, limit, batch_size, chat)[0]
     for path in text:
         lm_results.append(evaluate_text(lm, path, window, stride, batch_size))
     if dataset is not None:
