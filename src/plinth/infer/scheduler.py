@@ -1,0 +1,331 @@
+"""Dynamic batching for the server: one worker thread owns the model and runs waiting requests
+together as one `Engine.generate` call.
+
+    sched = Scheduler(engine, max_batch=8, max_queue=64); sched.start()
+    job = Job(prompts=[ids], params=[SamplingParams(max_new_tokens=16)], loop=loop)
+    sched.submit(job)            # QueueFull when max_queue jobs already wait
+    kind, *data = await job.events.get()   # ("token", choice, id, text) ... ("done", [Completion])
+
+Policy: the worker takes the waiting jobs in arrival order, up to `max_batch` rows (sequences)
+in all, and decodes them in one batched loop with per-row sampling parameters. Jobs that arrive
+while a batch runs wait for the next one: the engine decodes a fixed set of rows per call, so
+a running batch cannot be joined. When the worker wakes to a short queue it waits `batch_wait_s`
+(a few milliseconds, small next to one decode step) for more jobs, so a burst of requests that
+arrive together shares a batch instead of the first one running alone.
+
+Tokens travel from the worker thread to each job's asyncio queue with
+`loop.call_soon_threadsafe`. A job marked `cancelled` (client gone, timeout) stops its rows at
+their next token (`on_token` returns False) while the other rows go on; a cancelled job that is
+still waiting never runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("plinth.serve")
+
+
+class QueueFull(Exception):
+    """max_queue jobs are already waiting."""
+
+
+class SchedulerStopped(Exception):
+    """The worker is not running (server shutting down, or it failed)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request: one or more rows (prompts x n), answered through `events`.
+
+    Events, in order: ("token", choice_index, token_id, text_delta) per produced token, then
+    ("done", [Completion per row]) or ("error", exception)."""
+
+    prompts: list[list[int]]
+    params: list[Any]  # SamplingParams per row
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    started: bool = False  # a batch picked it up
+    emitted: bool = False  # at least one token event was sent
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+    def push(self, *event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop closed (server stopped): nobody is listening
+            self.cancelled = True
+
+
+class Metrics:
+    """Counters behind /metrics; updated from the worker thread and the event loop."""
+
+    LATENCY_WINDOW = 1000  # latest requests kept for the latency quantiles
+    RATE_WINDOW_S = 60.0
+    BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> n
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.batches = 0
+        self.batch_rows_sum = 0
+        self.batch_rows_max = 0
+        self.batch_hist = [0] * len(self.BATCH_BUCKETS)
+        self.active_rows = 0
+        self.latencies: collections.deque = collections.deque(maxlen=self.LATENCY_WINDOW)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+        self._recent: collections.deque = collections.deque()  # (monotonic second, tokens)
+
+    def request_done(self, endpoint: str, status: int | str, seconds: float) -> None:
+        with self.lock:
+            self.requests[(endpoint, str(status))] += 1
+            self.latencies.append(seconds)
+            self.latency_sum += seconds
+            self.latency_count += 1
+
+    def tokens(self, n: int = 1) -> None:
+        now = int(time.monotonic())
+        with self.lock:
+            self.generated_tokens += n
+            if self._recent and self._recent[-1][0] == now:
+                self._recent[-1][1] += n
+            else:
+                self._recent.append([now, n])
+            self._trim(now)
+
+    def batch(self, rows: int, prompt_tokens: int) -> None:
+        with self.lock:
+            self.batches += 1
+            self.batch_rows_sum += rows
+            self.batch_rows_max = max(self.batch_rows_max, rows)
+            i = bisect.bisect_left(self.BATCH_BUCKETS, rows)
+            if i < len(self.batch_hist):
+                self.batch_hist[i] += 1
+            self.prompt_tokens += prompt_tokens
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] <= now - self.RATE_WINDOW_S:
+            self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last minute (or since the first token)."""
+        now = time.monotonic()
+        with self.lock:
+            self._trim(int(now))
+            if not self._recent:
+                return 0.0
+            span = min(self.RATE_WINDOW_S, max(now - self._recent[0][0], 1.0))
+            return sum(n for _, n in self._recent) / span
+
+    def prometheus(self, *, queue_depth: int, model: str) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        rate = self.tokens_per_second()
+        with self.lock:
+            lat = sorted(self.latencies)
+            out = [
+                "# HELP plinth_requests_total HTTP requests answered, by endpoint and status.",
+                "# TYPE plinth_requests_total counter",
+            ]
+            for (endpoint, status), n in sorted(self.requests.items()):
+                out.append(f'plinth_requests_total{{endpoint="{endpoint}",status="{status}"}} {n}')
+            out += [
+                "# HELP plinth_prompt_tokens_total Prompt tokens of the rows that ran.",
+                "# TYPE plinth_prompt_tokens_total counter",
+                f"plinth_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP plinth_generated_tokens_total Tokens generated.",
+                "# TYPE plinth_generated_tokens_total counter",
+                f"plinth_generated_tokens_total {self.generated_tokens}",
+                "# HELP plinth_tokens_per_second Generated tokens per second, last minute.",
+                "# TYPE plinth_tokens_per_second gauge",
+                f"plinth_tokens_per_second {rate:.3f}",
+                "# HELP plinth_queue_depth Requests waiting for a batch.",
+                "# TYPE plinth_queue_depth gauge",
+                f"plinth_queue_depth {queue_depth}",
+                "# HELP plinth_active_batch_size Rows in the batch decoding now.",
+                "# TYPE plinth_active_batch_size gauge",
+                f"plinth_active_batch_size {self.active_rows}",
+                "# HELP plinth_batch_size_max Most rows decoded together so far.",
+                "# TYPE plinth_batch_size_max gauge",
+                f"plinth_batch_size_max {self.batch_rows_max}",
+                "# HELP plinth_batch_size Rows per batch (one Engine.generate call).",
+                "# TYPE plinth_batch_size histogram",
+            ]
+            for le, n in zip(self.BATCH_BUCKETS, itertools.accumulate(self.batch_hist),
+                             strict=True):
+                out.append(f'plinth_batch_size_bucket{{le="{le}"}} {n}')
+            out += [
+                f'plinth_batch_size_bucket{{le="+Inf"}} {self.batches}',
+                f"plinth_batch_size_sum {self.batch_rows_sum}",
+                f"plinth_batch_size_count {self.batches}",
+                "# HELP plinth_request_latency_seconds Request latency, arrival to last byte "
+                f"(quantiles over the latest {self.LATENCY_WINDOW}).",
+                "# TYPE plinth_request_latency_seconds summary",
+            ]
+            for q in (0.5, 0.9, 0.99):
+                v = lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+                out.append(f'plinth_request_latency_seconds{{quantile="{q}"}} {v:.6f}')
+            out += [
+                f"plinth_request_latency_seconds_sum {self.latency_sum:.6f}",
+                f"plinth_request_latency_seconds_count {self.latency_count}",
+                "# HELP plinth_model_info The model being served.",
+                "# TYPE plinth_model_info gauge",
+                f'plinth_model_info{{model="{model}"}} 1',
+            ]
+        return "\n".join(out) + "\n"
+
+
+class Scheduler:
+    """A bounded FIFO of jobs and the one worker thread that batches them into the engine."""
+
+    def __init__(self, engine, *, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait_s: float = 0.005, metrics: Metrics | None = None):
+        self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
+        self.batch_wait_s = batch_wait_s
+        self.metrics = metrics or Metrics()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None  # what killed the worker, if anything
+
+    # -- the event-loop side ---------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._worker, name="plinth-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking batches; waiting jobs get SchedulerStopped, the running batch ends."""
+        with self._cond:
+            self._stop = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in waiting:
+            job.push("error", SchedulerStopped("the server is shutting down"))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self.alive:
+                raise SchedulerStopped(
+                    "the batching worker is not running"
+                    + (f" (it failed: {self.error!r})" if self.error else "")
+                )
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting")
+            self._queue.append(job)
+            self._cond.notify()
+
+    # -- the worker thread -----------------------------------------------------------------
+    def _take(self) -> list[Job]:
+        """The next batch: waiting jobs in order while their rows fit in max_batch (a job with
+        more rows than that runs alone); cancelled jobs are dropped unrun."""
+        with self._cond:
+            while not self._queue and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return []
+            deadline = time.monotonic() + self.batch_wait_s
+            while sum(j.rows for j in self._queue) < self.max_batch and not self._stop:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[Job] = []
+            rows = 0
+            while self._queue:
+                job = self._queue[0]
+                if job.cancelled:
+                    self._queue.popleft()
+                    continue
+                if batch and rows + job.rows > self.max_batch:
+                    break
+                batch.append(self._queue.popleft())
+                rows += job.rows
+            for job in batch:
+                job.started = True
+            return batch
+
+    def _worker(self) -> None:
+        try:
+            while not self._stop:
+                batch = self._take()
+                if batch:
+                    self._run(batch)
+        except BaseException as e:  # never leave requests hanging on a dead worker
+            self.error = e
+            log.exception("the batching worker failed")
+            self.stop(timeout=0)
+
+    def _run(self, batch: list[Job]) -> None:
+        try:
+            self._generate(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].push("error", e)
+                return
+            # one bad request must not fail its neighbours: run each job alone; a job that
+            # already streamed tokens cannot be replayed and gets the error
+            log.warning("a batch of %d requests failed (%r); running them one by one",
+                        len(batch), e)
+            for job in batch:
+                if job.emitted or job.cancelled:
+                    job.push("error", e)
+                    continue
+                try:
+                    self._generate([job])
+                except Exception as e1:
+                    job.push("error", e1)
+
+    def _generate(self, batch: list[Job]) -> None:
+        owners: list[tuple[Job, int]] = [(job, i) for job in batch for i in range(job.rows)]
+        prompts = [p for job in batch for p in job.prompts]
+        params = [p for job in batch for p in job.params]
+        metrics = self.metrics
+
+        def on_token(row: int, token_id: int, text: str) -> bool | None:
+            job, i = owners[row]
+            if job.cancelled:
+                return False
+            metrics.tokens(1)
+            job.emitted = True
+            job.push("token", i, token_id, text)
+            return None
+
+        metrics.batch(len(prompts), sum(len(p) for p in prompts))
+        with metrics.lock:
+            metrics.active_rows = len(prompts)
+        try:
+            outs = self.engine.generate(prompts, params, on_token=on_token)
+        finally:
+            with metrics.lock:
+                metrics.active_rows = 0
+        start = 0
+        for job in batch:
+            job.push("done", outs[start:start + job.rows])
+            start += job.rows
