@@ -66,13 +66,13 @@ def eval_cmd(
     from plinth.eval.scoring import evaluate_task, load_eval_model
     from plinth.eval.tasks import load_tasks
 
+    if lm_eval_include and not lm_eval:
+        raise UsageError("--lm-eval-include only names folders for --lm-eval tasks; add --lm-eval")
     if not tasks and not text and dataset is None and not lm_eval:
         raise UsageError(
             "nothing to evaluate: give --tasks (e.g. --tasks suite), --text FILE, "
             "--dataset DIR or --lm-eval TASK"
         )
-    if lm_eval_include and not lm_eval:
-        raise UsageError("--lm-eval-include only names folders for --lm-eval tasks; add --lm-eval")
     if lm_eval:
         from plinth.eval.harness import require_lm_eval
 
@@ -139,8 +139,7 @@ def log_events(run: Path, step: int, model: str, results, lm_results) -> None:
         writer.close()
 
 
-KINDS = {"multiple_choice": "MC", "generation": "gen", "counterfactual": "counterfactual",
-         "toxicity": "toxicity"}
+KINDS = {"multiple_choice": "MC", "generation": "gen", "counterfactual": "CF", "toxicity": "tox"}
 
 
 def _fmt(v: float) -> str:
