@@ -116,6 +116,8 @@ class Engine:
             bos = getattr(chat_template, "bos_token", None) or None
         self._bos_text = bos
         self._decoder_start = _decoder_start(tokenizer, cfg)
+        self.use_fast = True  # False: always run the model's own forward (tests compare both)
+        self._fast = None
 
     # ------------------------------------------------------------------------------ loading
 
@@ -290,7 +292,17 @@ class Engine:
     def _runner(self, ids: list[list[int]], max_new: int) -> _Runner:
         if self.arch == "encoder_decoder":
             return _Seq2SeqRunner(self.model, ids, max_new, self._decoder_start)
-        return _DecoderRunner(self.model, ids, max_new)
+        return _DecoderRunner(self.model, ids, max_new, self._fast_path())
+
+    def _fast_path(self):
+        """The FastDecoder for this model (built once), or None where it does not apply."""
+        from plinth.infer.fast import FastDecoder
+
+        if not self.use_fast or not FastDecoder.supports(self.model):
+            return None
+        if self._fast is None:
+            self._fast = FastDecoder(self.model)
+        return self._fast
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -302,8 +314,8 @@ class _Runner:
 
 
 class _DecoderRunner(_Runner):
-    def __init__(self, model, ids, max_new):
-        self.model = model
+    def __init__(self, model, ids, max_new, fast=None):
+        self.model, self.fast = model, fast
         device = model.embed_tokens.weight.device
         lengths = [len(p) for p in ids]
         T = max(lengths)
@@ -315,9 +327,13 @@ class _DecoderRunner(_Runner):
         return self.model.lm_head(h[:, -1]).float()  # only the last position gets logits
 
     def prefill(self) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.forward(self.idx, self.cache)
         return self._head(self.model.encode(self.idx, self.cache))
 
     def step(self, toks: torch.Tensor) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.forward(toks[:, None], self.cache)
         return self._head(self.model.encode(toks[:, None], self.cache))
 
     def keep(self, idx: torch.Tensor) -> None:
@@ -407,29 +423,24 @@ class _Sampler:
         self._info = None
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
-        rows_rep, rows_add = [], []
-        for j, r in enumerate(self.active):
-            if r in self.seen:
-                rows_rep.append(j)
-            if r in self.counts:
-                rows_add.append(j)
-        if rows_rep:
-            idx = torch.tensor(rows_rep, device=self.device)
-            seen = torch.stack([self.seen[self.active[j]] for j in rows_rep])  # (R, V)
-            pen = torch.tensor([self.rows[self.active[j]].params.repetition_penalty
-                                for j in rows_rep], device=self.device)[:, None]
-            sub = logits.index_select(0, idx)
-            sub = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
-            logits = logits.index_copy(0, idx, sub)
-        if rows_add:
-            idx = torch.tensor(rows_add, device=self.device)
-            counts = torch.stack([self.counts[self.active[j]] for j in rows_add])  # (R, V)
-            ps = [self.rows[self.active[j]].params for j in rows_add]
-            f = torch.tensor([p.frequency_penalty for p in ps], device=self.device)[:, None]
-            pr = torch.tensor([p.presence_penalty for p in ps], device=self.device)[:, None]
-            sub = logits.index_select(0, idx) - f * counts - pr * (counts > 0)
-            logits = logits.index_copy(0, idx, sub)
-        return logits
+        rows = [j for j, r in enumerate(self.active) if r in self.seen or r in self.counts]
+        if not rows:
+            return logits
+        V, dev = logits.shape[1], self.device
+        rs = [self.active[j] for j in rows]
+        ps = [self.rows[r].params for r in rs]
+        none_seen = torch.zeros(V, dtype=torch.bool, device=dev)
+        none_count = torch.zeros(V, device=dev)
+        idx = torch.tensor(rows, device=dev)
+        sub = apply_penalties(
+            logits.index_select(0, idx),
+            torch.stack([self.seen.get(r, none_seen) for r in rs]),
+            torch.stack([self.counts.get(r, none_count) for r in rs]),
+            torch.tensor([p.repetition_penalty for p in ps], device=dev),
+            torch.tensor([p.frequency_penalty for p in ps], device=dev),
+            torch.tensor([p.presence_penalty for p in ps], device=dev),
+        )
+        return logits.index_copy(0, idx, sub)
 
     def sample(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
         """Tokens (A,) for logits (A, V) of the active rows."""
@@ -475,6 +486,23 @@ class _Sampler:
 
     def logprob_info(self, j: int):
         return None if self._info is None else self._info.get(j)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    counts: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """Logits (R, V) with each row's penalties: a token in `seen` (R, V) (prompt or generated)
+    has its logit divided by `repetition` (R,) when positive and multiplied by it when negative
+    (CTRL, as transformers); then `frequency * count + presence * (count > 0)` is subtracted,
+    with `counts` (R, V) the times each token was generated (OpenAI's rule, as vLLM)."""
+    rep = repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
 def filter_logits(logits: torch.Tensor, top_k: list, top_p: list, min_p: list) -> torch.Tensor:

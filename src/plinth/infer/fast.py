@@ -1,0 +1,155 @@
+"""The engine's forward pass for plinth decoders: the model's own computation with the module
+overhead taken out, for decoding where every step is a handful of matrix-vector products.
+
+    python -c "from plinth.infer.fast import FastDecoder; help(FastDecoder)"
+
+At batch 1 a decode step reads every weight once and does little else, so its speed is the
+memory bandwidth's, minus what Python and the framework add per operation. This path:
+- concatenates q/k/v and gate/up weights ONCE (the model's own layers keep views into the fused
+  tensors, so nothing is stored twice) instead of on every call, one GEMV each;
+- computes logits for the last position only (prefill never builds (B, T, V) logits);
+- keeps the per-step attention mask as a slice of one per-batch tensor (padding is fixed for a
+  batch), and runs without autograd or module hooks;
+- runs int8 weight-only layers (plinth.infer.quant.Int8Linear) through the same code.
+Anything it does not cover (post-norm blocks, prefix tuning, unmerged adapters) makes
+`FastDecoder.supports` False and the engine calls the model itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plinth.infer.quant import Int8Linear, fuse_int8
+from plinth.models.layers import KVCache, apply_rope
+
+
+def _linear_kinds(*mods: nn.Module) -> str | None:
+    if all(type(m) is nn.Linear for m in mods):
+        return "float"
+    if all(type(m) is Int8Linear for m in mods):
+        return "int8"
+    return None
+
+
+class FastDecoder:
+    """Forward over a KV cache for a plinth `Decoder`: hidden states -> last-position logits."""
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        from plinth.models.decoder import Decoder
+
+        if type(model) is not Decoder or model.cfg.norm_position != "pre":
+            return False
+        for blk in model.layers:
+            a, m = blk.attn, blk.mlp
+            if a.prefix_kv is not None or blk.cross_attn is not None:
+                return False
+            if _linear_kinds(a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.up_proj,
+                             m.down_proj, *([m.gate_proj] if m.gate_proj else [])) is None:
+                return False
+        return _linear_kinds(model.lm_head) is not None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        cfg = model.cfg
+        self.H, self.K, self.E = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.gqa = self.H != self.K
+        self.activation = cfg.activation
+        self.layers = []
+        for blk in model.layers:
+            a, m = blk.attn, blk.mlp
+            qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
+            gate_up = _fused(m.gate_proj, m.up_proj) if m.gate_proj is not None else None
+            self.layers.append((
+                _norm(blk.attn_norm), qkv, _norm(a.q_norm), _norm(a.k_norm), _call(a.o_proj),
+                _norm(blk.mlp_norm), gate_up, _call(m.up_proj), _call(m.down_proj),
+            ))
+        self.norm = _norm(model.norm)
+        self.head = _call(model.lm_head)
+        self._mask_src = None  # (pad tensor, (B, max_len) keep mask) of the current batch
+
+    @torch.inference_mode()
+    def forward(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) after the last of the tokens idx (B, T), which are appended to cache."""
+        model = self.model
+        B, T = idx.shape
+        H, K, E = self.H, self.K, self.E
+        positions = cache.positions(T)
+        x = F.embedding(idx, model.embed_tokens.weight)  # (B, T, D)
+        if model.embed_positions is not None:
+            from plinth.models.layers import position_ids
+
+            x = x + model.embed_positions(position_ids(positions, T, model.cfg, idx.device))
+        rope = model.rope(positions, T) if model.rope is not None else None
+        mask = self._mask(cache, T)
+        causal = mask is None and cache.pos == 0 and T > 1
+        for i, (n1, qkv, qn, kn, o, n2, gate_up, up, down) in enumerate(self.layers):
+            h = qkv(n1(x))
+            q, k, v = h.split([H * E, K * E, K * E], dim=-1)
+            q, k, v = q.view(B, T, H, E), k.view(B, T, K, E), v.view(B, T, K, E)
+            if qn is not None:
+                q, k = qn(q), kn(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            k, v = cache.update(i, k.transpose(1, 2), v.transpose(1, 2))  # (B, K, S, E)
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa
+            )  # (B, H, T, E)
+            x = x + o(y.transpose(1, 2).reshape(B, T, H * E))
+            h = n2(x)
+            if gate_up is not None:
+                g, u = gate_up(h).chunk(2, dim=-1)
+                h = F.silu(g) * u
+            elif self.activation in ("gelu", "gelu_tanh"):
+                h = F.gelu(up(h), approximate="tanh" if self.activation == "gelu_tanh" else "none")
+            else:  # relu2
+                h = F.relu(up(h)).square()
+            x = x + down(h)
+        cache.advance(T)
+        return self.head(self.norm(x[:, -1])).float()  # (B, V): the last position only
+
+    def _mask(self, cache: KVCache, T: int) -> torch.Tensor | None:
+        if T > 1 or cache.pad is None:
+            return cache.attn_mask(T)  # prefill: causal and padding (None without padding)
+        if self._mask_src is None or self._mask_src[0] is not cache.pad:
+            s = torch.arange(cache.max_len, device=cache.pad.device)
+            self._mask_src = (cache.pad, (s[None, :] >= cache.pad[:, None])[:, None, None, :])
+        return self._mask_src[1][..., : cache.pos + 1]  # (B, 1, 1, S): padding never attended
+
+
+def _call(lin: nn.Module):
+    if type(lin) is Int8Linear:
+        return lin.forward
+    w, b = lin.weight, lin.bias
+    return lambda x: F.linear(x, w, b)
+
+
+def _fused(*lins: nn.Module):
+    """One projection for several linears of the same input; the linears keep working, their
+    weights now views into the fused tensor."""
+    if type(lins[0]) is Int8Linear:
+        return fuse_int8(list(lins)).forward
+    w = torch.cat([m.weight.detach() for m in lins])
+    b = None if lins[0].bias is None else torch.cat([m.bias.detach() for m in lins])
+    start = 0
+    for m in lins:  # share storage: no second copy of the weights
+        n = m.out_features
+        m.weight.data = w[start : start + n]
+        if b is not None:
+            m.bias.data = b[start : start + n]
+        start += n
+    return lambda x: F.linear(x, w, b)
+
+
+def _norm(norm: nn.Module | None):
+    if norm is None:
+        return None
+    if isinstance(norm, nn.RMSNorm):
+        shape, w, eps = norm.normalized_shape, norm.weight, norm.eps
+        return lambda x: F.rms_norm(x, shape, w, eps)
+    if isinstance(norm, nn.LayerNorm):
+        shape, w, b, eps = norm.normalized_shape, norm.weight, norm.bias, norm.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    return norm

@@ -1,0 +1,117 @@
+"""Weight-only int8: every linear layer's weight (the LM head included) stored as int8 with one
+fp scale per output channel; activations stay in floating point.
+
+    python -c "import torch; from plinth.infer.quant import Int8Linear; \
+l = torch.nn.Linear(64, 32); q = Int8Linear.from_linear(l); x = torch.randn(2, 64); \
+print((q(x) - l(x)).abs().max())"
+
+w ~= scale[n] * q[n, :], scale = max|w[n, :]| / 127 (symmetric, round to nearest): a quarter of
+fp32's bytes, and decoding at batch 1 is bound by reading the weights. The product runs through
+`torch.ops.aten._weight_int8pack_mm` (CPU and CUDA kernels that dequantise inside the GEMV),
+where it exists: on CPU its vectorised kernel takes bf16 activations (fp32 ones hit a scalar path
+~10x slower), so activations are rounded to bf16 for the product and the result is returned in
+the input's dtype. Elsewhere a plain dequantise-then-matmul fallback computes the same thing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plinth.errors import UsageError
+
+_HAS_PACK_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weights (N, K), fp32 scales (N,)) with w ~= scales[:, None] * q."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 per-output-channel weights (see the module docstring)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._use_pack = _HAS_PACK_MM
+        self._scale_bf16 = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        q, s = quantize_int8(lin.weight)
+        return cls(q, s, lin.bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.qweight.to(dtype) * self.scale.to(dtype)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = None
+        if self._use_pack:
+            try:
+                y = self._pack_mm(x2)
+            except RuntimeError:  # a device/dtype the kernel does not take: dequantise instead
+                self._use_pack = False
+        if y is None:
+            y = F.linear(x2, self.dequantized(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def _pack_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        dtype = x2.dtype
+        kdtype = torch.bfloat16 if x2.device.type == "cpu" else dtype
+        if self._scale_bf16 is None or self._scale_bf16.dtype != kdtype:
+            self._scale_bf16 = self.scale.to(kdtype)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(kdtype), self.qweight, self._scale_bf16)
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def fuse_int8(lins: list[Int8Linear]) -> Int8Linear:
+    """One Int8Linear computing several (same input) at once: rows concatenated. Per-channel
+    scales make this exact. The originals then hold views into it (no second copy)."""
+    q = torch.cat([m.qweight for m in lins])
+    s = torch.cat([m.scale for m in lins])
+    b = None if lins[0].bias is None else torch.cat([m.bias for m in lins])
+    start = 0
+    for m in lins:
+        n = m.out_features
+        m.qweight, m.scale = q[start : start + n], s[start : start + n]
+        if b is not None:
+            m.bias = b[start : start + n]
+        m._scale_bf16 = None
+        start += n
+    return Int8Linear(q, s, b)
+
+
+def quantize_model(model: nn.Module, method: str) -> int:
+    """Replace every nn.Linear (LM head included; a head tied to the embedding gets its own int8
+    copy, the embedding lookup stays in floating point) by an Int8Linear. Returns the count."""
+    if method != "int8":
+        raise UsageError(f"quantize={method!r}: the only weight-only quantisation is 'int8'")
+    from plinth.peft.wrap import WrappedLinear
+
+    if any(isinstance(m, WrappedLinear) for m in model.modules()):
+        raise UsageError(
+            "quantize='int8' needs plain linear layers: merge the adapter first "
+            "(merge_adapter=True) or run the unmerged adapter without quantisation"
+        )
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear.from_linear(child))
+                n += 1
+    return n
