@@ -645,11 +645,10 @@ class _CompletionRender(_Render):
     def logprobs(self, c: Completion) -> dict | None:
         if c.logprobs is None:
             return None
-        tokens = [self.token_text(t) for t in c.token_ids[:len(c.logprobs)]]
-        offsets, pos = [], 0
-        for t in c.token_ids[:len(c.logprobs)]:
-            offsets.append(pos)
-            pos += len(self.engine.decode([t]))
+        ids = c.token_ids[:len(c.logprobs)]
+        tokens = [self.token_text(t) for t in ids]
+        # where each token starts in the text: the length of the text decoded before it
+        offsets = [len(self.engine.decode(ids[:k])) for k in range(len(ids))]
         return {"tokens": tokens, "token_logprobs": c.logprobs,
                 "top_logprobs": c.top_logprobs, "text_offset": offsets}
 

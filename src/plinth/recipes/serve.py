@@ -90,6 +90,6 @@ def serve(
         served_name=served_name,
     )
     print(f"plinth serve: {app.state.model_name} on http://{host}:{port}/v1"
-          + (" (API key required)" if key else ""))
+          + (" (API key required)" if key else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
