@@ -222,6 +222,12 @@ def test_continuation_form_and_per_token_score(skewed_run, tmp_path):
     he, she = e["terms"]["x"]["he"]["score"], e["terms"]["x"]["she"]["score"]
     assert e["scores"]["x"] == pytest.approx((he + she) / 2)
     assert e["scores"]["y"] == pytest.approx(she)
+    # a Jinja template splits at the slot the same way
+    path = _write(tmp_path, "jin", (
+        "type: counterfactual\ntemplate: jinja\n"
+        "prompt: 'the doctor said {{ term }} was tired'\n"), [{"groups": {"x": ["he", "she"],
+                                                                     "y": ["she"]}}])
+    assert evaluate_task(lm, load_task(path)).examples[0]["scores"] == e["scores"]
 
 
 # ---- toxicity ------------------------------------------------------------------------------
@@ -309,6 +315,23 @@ def test_generation_task_perturbation(skewed_run, tmp_path):
     assert res.metrics["drop/case/exact_match"] == pytest.approx(
         1.0 - res.metrics["exact_match@case"])
     assert [e["target"] for e in res.extra["perturbed"]["case"]["examples"]] == [["he"], ["she"]]
+
+
+def test_example_probes_run_through_plinth_eval(tiny_run, tmp_path, capsys):
+    from plinth.eval.tasks import builtin_tasks, load_tasks
+
+    tasks = load_tasks(["probes"])
+    assert {t.type for t in tasks} == {"counterfactual", "toxicity", "multiple_choice"}
+    assert not {t.name for t in tasks} & set(builtin_tasks())  # not part of `suite`
+    out = tmp_path / "probes.json"
+    assert main(["eval", str(tiny_run), "--tasks", "probes", "--limit", "2",
+                 "--output", str(out)]) == 0
+    record = {t["task"]: t for t in json.loads(out.read_text())["tasks"]}
+    assert "gap/male-female" in record["occupation_pronouns"]["metrics"]
+    assert "toxicity_rate" in record["toxicity"]["metrics"]
+    assert {"acc@typos", "drop/case/acc", "ece@whitespace"} <= set(
+        record["capitals_perturbed"]["metrics"])
+    assert all(t["n"] == 2 for t in record.values())
 
 
 # ---- bad input -----------------------------------------------------------------------------

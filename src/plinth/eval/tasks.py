@@ -42,6 +42,7 @@ import yaml
 from plinth.errors import UsageError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
+PROBES_DIR = SUITE_DIR / "probes"  # example probes: `--tasks probes`, not part of `suite`
 TYPES = ("multiple_choice", "generation", "counterfactual", "toxicity")
 PROBES = ("counterfactual", "toxicity")  # no answers: no shots
 SCORES = ("sum", "per_token")
@@ -217,34 +218,43 @@ def builtin_tasks() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SUITE_DIR.glob("*.yaml"))}
 
 
+def example_probes() -> dict[str, Path]:
+    """Example probe name -> YAML path (plinth/eval/suite/probes; `probes` names them all)."""
+    return {p.stem: p for p in sorted(PROBES_DIR.glob("*.yaml"))}
+
+
 def load_tasks(specs: list[str]) -> list[Task]:
-    """Tasks from names: built-in task names, `suite` (all built-in tasks), YAML paths or
-    directories of YAML files. Commas separate several names in one string."""
+    """Tasks from names: built-in task names, `suite` (all built-in tasks), `probes` (the
+    example probes) or one of their names, YAML paths or directories of YAML files. Commas
+    separate several names in one string."""
     names = [s.strip() for spec in specs for s in str(spec).split(",") if s.strip()]
     if not names:
         raise UsageError(
             f"no tasks given; use --tasks suite or some of: {', '.join(builtin_tasks())} "
             "(or a task YAML path)"
         )
-    known = builtin_tasks()
+    known, probes = builtin_tasks(), example_probes()
     tasks: list[Task] = []
     for name in names:
         p = Path(name).expanduser()
         if name == "suite":
             tasks += [load_task(path) for path in known.values()]
-        elif name in known:
-            tasks.append(load_task(known[name]))
+        elif name == "probes":
+            tasks += [load_task(path) for path in probes.values()]
+        elif name in known or name in probes:
+            tasks.append(load_task(known.get(name) or probes[name]))
         elif p.is_dir():
             tasks += [load_task(path) for path in sorted(p.glob("*.y*ml"))]
         elif p.is_file():
             tasks.append(load_task(p))
         else:
-            close = difflib.get_close_matches(name, [*known, "suite"], n=1)
+            close = difflib.get_close_matches(name, [*known, "suite", *probes, "probes"], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise UsageError(
                 f"unknown task {name!r}: not a built-in task and no such file.{hint} Built-in "
-                f"tasks: {', '.join(known)} (or `suite` for all of them); a task of your own is "
-                "a YAML file path (see docs/eval.md)."
+                f"tasks: {', '.join(known)} (or `suite` for all of them); example probes: "
+                f"{', '.join(probes)} (or `probes`); a task of your own is a YAML file path "
+                "(see docs/eval.md)."
             )
     return tasks
 
