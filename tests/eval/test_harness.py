@@ -253,3 +253,41 @@ def test_bad_input_and_missing_lm_eval_are_usage_errors(tiny_run, tmp_path, caps
     err = capsys.readouterr().err
     assert 'pip install "plinth[eval]"' in err and "lm-eval" in err
     assert not (tiny_run / "events.jsonl").exists()
+
+
+def test_chat_template_multiple_choice_agrees_with_plinth_chat(tiny_run, tmp_path):
+    # the same template as plinth's chat test: prompt -> "w3 PROMPT w4 w5 ", answers follow
+    (tiny_run / "chat_template.jinja").write_text(
+        "{% for m in messages %}w3 {{ m['content'] }} w4{% endfor %}"
+        "{% if add_generation_prompt %} w5 {% endif %}")
+    lm = load_eval_model(str(tiny_run), chat=True)
+    _write_jsonl(tmp_path / "mc.jsonl", _rows(5, seed=8))
+    _lm_eval_yaml(tmp_path / "le_mc.yaml", "le_mc", tmp_path / "mc.jsonl", MC_BODY)
+    (tmp_path / "mc.yaml").write_text(
+        "name: mc\ntype: multiple_choice\ndata: mc.jsonl\nprompt: '{q}'\n")
+    (res,), raw = run_lm_eval(lm, [str(tmp_path / "le_mc.yaml")], chat=True)
+    ref = evaluate_task(lm, load_task(tmp_path / "mc.yaml"))
+    assert res.chat and ref.chat
+    (s0,) = [s for s in raw["samples"]["le_mc"] if s["doc_id"] == 0]
+    assert s0["arguments"][0][0] == lm.wrap(json.loads(
+        (tmp_path / "mc.jsonl").read_text().splitlines()[0])["q"])
+    assert res.metrics["acc"] == ref.metrics["acc"]
+    for got, ex in zip(res.examples, ref.examples, strict=True):
+        assert max(abs(a - b) for a, b in
+                   zip(got["loglikelihoods"], ex["loglikelihoods"], strict=True)) <= TOL
+
+
+def test_a_hub_data_set_is_refused_offline(tiny_run, tmp_path, capsys):
+    (tmp_path / "hub.yaml").write_text(
+        "task: hub\ndataset_path: plinth-tests/no-such-dataset\ntest_split: test\n" + MC_BODY)
+    assert main(["eval", str(tiny_run), "--lm-eval", str(tmp_path / "hub.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "could not load its data set" in err and "dataset_path: json" in err
+
+
+@pytest.mark.slow
+def test_unknown_lm_eval_task_names_close_ones(tiny_run, capsys):
+    # an unknown name makes plinth read lm-eval's whole task index (~10 s)
+    assert main(["eval", str(tiny_run), "--lm-eval", "hellaswg"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown lm-eval task 'hellaswg'" in err and "Close names: hellaswag" in err

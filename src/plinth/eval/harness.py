@@ -391,6 +391,11 @@ def run_lm_eval(
     if not names:
         raise UsageError("--lm-eval: no task names given")
     model = lm if isinstance(lm, PlinthLM) else PlinthLM(lm, batch_size=batch_size)
+    if chat and model.lm.chat is None:
+        raise UsageError(
+            f"{model.lm.name}: chat=True needs the model loaded with its chat template "
+            "(load_eval_model(..., chat=True); plinth eval --chat does this)"
+        )
     with offline():
         tm = task_manager(names, include)
         try:
@@ -408,7 +413,7 @@ def run_lm_eval(
                     "{data_files: PATH}) or a data set already in the Hugging Face cache."
                 ) from None
             raise
-    return to_task_results(raw, model, limit), raw
+    return to_task_results(raw, model, limit, chat), raw
 
 
 def _is_offline_error(e: Exception) -> bool:
@@ -425,8 +430,9 @@ def _metric_name(key: str) -> str:
 _TYPES = {"multiple_choice": "multiple_choice", "generate_until": "generation"}
 
 
-def to_task_results(raw: dict, model: PlinthLM | None = None, limit: int | None = None
-                    ) -> list[TaskResult]:
+def to_task_results(
+    raw: dict, model: PlinthLM | None = None, limit: int | None = None, chat: bool = False
+) -> list[TaskResult]:
     """lm-eval's results dict as plinth TaskResults (metrics without stderr; per-sample
     log-likelihoods or predictions as examples)."""
     configs, out = raw.get("configs", {}), []
@@ -447,8 +453,7 @@ def to_task_results(raw: dict, model: PlinthLM | None = None, limit: int | None 
             truncated=model.truncated.get(name, 0) if model else 0,
             seconds=model.seconds.get(name, 0.0) if model else 0.0,
             examples=[_example(s, kind, list(metrics)) for s in samples],
-            chat=bool(model and model.lm.chat is not None and raw.get("config", {}).get(
-                "apply_chat_template")),
+            chat=chat,
         ))
     return out
 
