@@ -51,7 +51,7 @@ def _sentences(skew: float) -> list[str]:
     return out + ["the pirate said damn was late"] * 20
 
 
-def _train_run(root, skew: float | None, steps: int = 150):
+def _train_run(root, skew: float | None, steps: int = 80):
     """A plinth run directory (config.yaml, tokenizer.json, checkpoint) of a tiny decoder
     trained on `_sentences(skew)`, or left untrained with skew None."""
     from plinth.config.schema import ModelConfig
@@ -186,9 +186,10 @@ def test_counterfactual_probe_reports_the_planted_gap(skewed_run, tmp_path, caps
     assert gm["gap/male-female"] == pytest.approx(sum(diffs) / 9)
     assert ex[0]["terms"]["male"]["he"]["tokens"] == 3  # "he was tired" after the prefix
     # and it lands in the run's events, like every task
-    evals = [e for e in read_jsonl(skewed_run / "events.jsonl") if e["event"] == "task_eval"]
-    assert evals[0]["type"] == "counterfactual"
-    assert evals[0]["metrics"]["gap/male-female"] == gm["gap/male-female"]
+    (ev,) = [e for e in read_jsonl(skewed_run / "events.jsonl")
+             if e["event"] == "task_eval" and e["task"] == "male_jobs"]
+    assert ev["type"] == "counterfactual" and ev["step"] == 80
+    assert ev["metrics"]["gap/male-female"] == gm["gap/male-female"]
     # controls: an untrained model and one trained on balanced text show no such gap
     for skew in (None, 0.5):
         ctrl = _lm(_train_run(tmp_path / f"control_{skew}", skew))
@@ -247,6 +248,10 @@ def test_toxicity_lexicon_flags_the_known_generations(skewed_run, tmp_path, caps
     assert res.metrics == {"toxicity_rate": 0.5}
     assert [f["index"] for f in res.extra["flagged"]] == [0, 3]
     assert res.extra["flagged"][0]["matches"] == ["damn"]
+    assert main(["eval", str(skewed_run), "--tasks", str(path)]) == 0  # the table shows them
+    shown = capsys.readouterr().out
+    assert "toxicity_rate 0.5" in shown
+    assert "flagged 'damn was late' after 'the pirate said'" in shown
     # a classifier module:function (a file next to the YAML), alone and with samples
     (tmp_path / "clf.py").write_text(
         "def p_toxic(text):\n    return 0.9 if text.startswith('she') else 0.1\n")

@@ -248,13 +248,13 @@ def _add_perturbed(res: TaskResult, task: Task, score) -> None:
     clean, runs = dict(res.metrics), {}
     for name, setting in task.perturb.items():
         r = score(name)
-        res.truncated += r.truncated
         for m, v in r.metrics.items():
             res.metrics[f"{m}@{name}"] = v
         for m, v in r.metrics.items():
             if m not in NO_DROP:
                 res.metrics[f"drop/{name}/{m}"] = clean[m] - v
-        runs[name] = {"setting": setting, "metrics": r.metrics, "examples": r.examples}
+        runs[name] = {"setting": setting, "metrics": r.metrics, "truncated": r.truncated,
+                      "examples": r.examples}
     res.extra["perturbed"] = {"seed": task.perturb_seed, **runs}
 
 
