@@ -238,6 +238,8 @@ def test_model_args_string_and_registry(tiny_hf):
                                      {"batch_size": "4", "device": None})
     assert plm.max_length == 32 and plm.batch_size == 4 and plm.stride == 8
     assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models still resolve
+    with pytest.warns(UserWarning, match=r"unknown model args \['batchsize'\]"):
+        cls.create_from_arg_string(f"model={tiny_hf[1]},batchsize=4")
 
 
 def test_bad_input_and_missing_lm_eval_are_usage_errors(tiny_run, tmp_path, capsys, monkeypatch):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -88,10 +89,17 @@ class PlinthLM(_LMBase):
         stride: int | str | None = None,
         chat: bool | str = False,
         seed: int | str = 1234,
-        **unused: Any,
+        max_batch_size: Any = None,  # lm-eval passes it for "auto" batch sizes; unused here
+        **unknown: Any,
     ) -> None:
         require_lm_eval()
         super().__init__()
+        if unknown:
+            warnings.warn(
+                f"plinth lm-eval model: ignoring unknown model args {sorted(unknown)} (known: "
+                "model, device, batch_size, max_length, stride, chat, seed)",
+                stacklevel=2,
+            )
         if model is None:
             raise UsageError(
                 "the plinth lm-eval model needs model=PATH (a run, checkpoint or imported "
@@ -324,8 +332,6 @@ def offline():
     # the libraries read these variables when first imported: set their flags too
     for mod, attr in (("datasets.config", "HF_HUB_OFFLINE"),
                       ("huggingface_hub.constants", "HF_HUB_OFFLINE")):
-        import sys
-
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, attr) and saved["HF_HUB_OFFLINE"] is None:
             patched.append((m, attr, getattr(m, attr)))
