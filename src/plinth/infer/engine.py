@@ -76,6 +76,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[float] | None = None  # per generated token
     top_logprobs: list[dict[str, float]] | None = None  # per generated token, when logprobs>0
+    score: float | None = None  # beam search: the hypothesis' length-penalised score
 
 
 _DERIVE = object()  # eos_ids default: from the config / tokenizer
@@ -284,6 +285,108 @@ class Engine:
                 active = still
             logits = runner.step(toks)
         return [r.completion() for r in rows]
+
+    @torch.inference_mode()
+    def beam_search(
+        self,
+        prompts: list[str | list[int]],
+        *,
+        num_beams: int = 4,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+        max_new_tokens: int = 64,
+        num_return_sequences: int = 1,
+    ) -> list[list[Completion]]:
+        """The `num_return_sequences` best sequences per prompt by beam search, best first.
+
+        Follows transformers' beam search: each step extends every live beam by every token and
+        keeps the `num_beams` best continuations by summed log-probability (2 * num_beams
+        candidates are ranked so that enough remain after some end); a candidate among the
+        first `num_beams` that ends with eos, or any at max_new_tokens, becomes a finished
+        hypothesis scored sum_logprob / generated_len ** length_penalty (eos counted), and the
+        best `num_beams` hypotheses are kept. A prompt is done when num_beams hypotheses exist
+        and either early_stopping is set or its best live beam, scored at the current length,
+        cannot beat the worst of them. Completion.score holds each hypothesis' score."""
+        if num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+            raise UsageError(
+                f"beam search: num_beams={num_beams}, num_return_sequences="
+                f"{num_return_sequences}; need num_beams >= 1 and 1 <= num_return_sequences "
+                "<= num_beams"
+            )
+        if max_new_tokens < 1:
+            raise UsageError(f"beam search: max_new_tokens={max_new_tokens} (needs >= 1)")
+        if not prompts:
+            return []
+        ids = self._ids(prompts)
+        self._check_length(ids, [max_new_tokens] * len(ids))
+        B, nb, dev = len(ids), num_beams, self.model_device
+        runner = self._runner(ids, max_new_tokens)
+        logits = runner.prefill()  # (B, V)
+        expand = torch.arange(B, device=dev).repeat_interleave(nb)
+        runner.keep(expand)  # every beam of a prompt starts from its prompt's cache
+        logits = logits.index_select(0, expand)  # (B * nb, V)
+        # only beam 0 is live at first (the others are copies): the rest start at -1e9
+        scores = torch.full((B, nb), -1e9, device=dev)
+        scores[:, 0] = 0.0
+        scores = scores.view(-1)
+        hist: list[list[int]] = [[] for _ in range(B * nb)]
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+        done = [False] * B
+        eos = set(self.eos_ids)
+        V = logits.shape[1]
+        for t in range(1, max_new_tokens + 1):
+            logp = logits.float().log_softmax(dim=-1)  # (B * nb, V)
+            cand = (scores[:, None] + logp).view(B, nb * V)
+            # as transformers: enough candidates that nb stay live after eos ones are set aside
+            keep = min(max(2, 1 + len(eos)) * nb, nb * V)
+            top_s, top_i = cand.topk(keep, dim=1)  # (B, keep), best first
+            top_s, top_i = top_s.tolist(), top_i.tolist()
+            last = t == max_new_tokens
+            next_rows, next_toks, next_scores = [], [], []
+            for b in range(B):
+                live = []
+                for rank, (sc, flat) in enumerate(zip(top_s[b], top_i[b], strict=True)):
+                    beam, tok = divmod(flat, V)
+                    row = b * nb + beam
+                    ends = tok in eos
+                    if (ends or last) and rank < nb and not done[b]:
+                        _add_hypothesis(finished[b], nb, sc / t**length_penalty,
+                                        hist[row] + [tok], early_stopping)
+                    if not ends and len(live) < nb:
+                        live.append((sc, row, tok))
+                while len(live) < nb:  # fewer live candidates than beams (tiny vocabularies)
+                    live.append((-1e9, b * nb, 0))
+                if not done[b] and len(finished[b]) == nb:
+                    best_live = live[0][0] / t**length_penalty
+                    worst = min(h[0] for h in finished[b])
+                    done[b] = early_stopping or best_live <= worst
+                for sc, row, tok in live:
+                    next_rows.append(row)
+                    next_toks.append(tok)
+                    next_scores.append(sc)
+            if last or all(done):
+                break
+            hist = [hist[r] + [tok] for r, tok in zip(next_rows, next_toks, strict=True)]
+            sel = torch.tensor(next_rows, device=dev)
+            runner.keep(sel)  # reorder the cache: each new beam continues its parent's rows
+            scores = torch.tensor(next_scores, device=dev)
+            logits = runner.step(torch.tensor(next_toks, device=dev))
+        out = []
+        for b in range(B):
+            hyps = sorted((h for h in finished[b] if h[0] > -1e8), key=lambda h: -h[0])
+            out.append([self._beam_completion(ids[b], toks, sc)
+                        for sc, toks in hyps[:num_return_sequences]])
+        return out
+
+    def _beam_completion(self, prompt: list[int], toks: list[int], score: float) -> Completion:
+        ends = bool(toks) and toks[-1] in self.eos_ids
+        return Completion(
+            token_ids=toks,
+            text=self.decode(toks[:-1] if ends else toks),
+            finish_reason="stop" if ends else "length",
+            prompt_tokens=len(prompt),
+            score=score,
+        )
 
     @property
     def model_device(self) -> torch.device:
@@ -637,6 +740,19 @@ class _Row:
             logprobs=self.logprobs,
             top_logprobs=self.top,
         )
+
+
+def _add_hypothesis(hyps: list, n: int, score: float, toks: list[int], early: bool) -> None:
+    """Keep the n best (score, tokens) hypotheses; with early stopping a full set takes no
+    more (as transformers)."""
+    if len(hyps) < n:
+        hyps.append((score, toks))
+        return
+    if early:
+        return
+    worst = min(range(n), key=lambda i: hyps[i][0])
+    if score > hyps[worst][0]:
+        hyps[worst] = (score, toks)
 
 
 def _partial_stop(text: str, stops: list[str]) -> int:
