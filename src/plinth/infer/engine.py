@@ -404,7 +404,10 @@ class Engine:
         if not self.use_fast or not FastDecoder.supports(self.model):
             return None
         if self._fast is None:
-            self._fast = FastDecoder(self.model)
+            # normal tensors (not inference-mode ones): the model's own layers keep views of
+            # them and must stay usable outside the engine (e.g. for training or evaluation)
+            with torch.inference_mode(False), torch.no_grad():
+                self._fast = FastDecoder(self.model)
         return self._fast
 
 
