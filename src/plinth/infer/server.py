@@ -377,8 +377,8 @@ def create_app(
             raise APIError(503, f"The server cannot take requests now: {e}.",
                            code="unavailable") from None
         if stream:
-            return StreamingResponse(
-                _guard(request, render.stream(job, deadline), job),
+            return _JobStream(
+                _guard(request, render.stream(job, deadline), job), job,
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -535,6 +535,21 @@ async def _guard(request: Request, events: AsyncIterator[str], job: Job) -> Asyn
         job.cancelled = True
         if not finished:
             request.scope["plinth.status"] = 499
+
+
+class _JobStream(StreamingResponse):
+    """A stream that cancels its job however it ends (the generator itself may be closed
+    only later, when it is garbage-collected)."""
+
+    def __init__(self, content, job: Job, **kw):
+        super().__init__(content, **kw)
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True
 
 
 def _sse(obj: Any) -> str:
@@ -714,20 +729,29 @@ class _Observe:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = [500]
+        status, recorded, started = [500], [False], [False]
+        path = scope.get("path", "")
+        endpoint = next((e for e in self.ENDPOINTS if path.startswith(e)), "other")
+
+        def record():
+            if not recorded[0]:
+                recorded[0] = True
+                code = scope.get("plinth.status", status[0])
+                self.metrics.request_done(endpoint, code, time.perf_counter() - start)
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                record()  # before the last byte leaves: a client that got it sees it counted
             await send(message)
 
-        path = scope.get("path", "")
-        endpoint = next((e for e in self.ENDPOINTS if path.startswith(e)), "other")
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            code = scope.get("plinth.status", status[0])
-            self.metrics.request_done(endpoint, code, time.perf_counter() - start)
+            if started[0] and not recorded[0]:  # a response cut off: the client went away
+                scope.setdefault("plinth.status", 499)
+            record()
 
 
 # ------------------------------------------------------------------------------ running
