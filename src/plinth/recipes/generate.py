@@ -1,6 +1,8 @@
-"""`plinth generate`: text from a trained run or checkpoint, with the KV cache.
+"""`plinth generate`: text from a trained run, checkpoint, imported or reference model, through
+the inference engine (plinth.infer.engine): one prompt or a JSONL file of them, batched.
 
 plinth generate runs/quickstart --prompt "def " --max-new-tokens 64 --temperature 0
+plinth generate ref-smollm2 --prompts-file prompts.jsonl --output out.jsonl --quantize int8
 """
 
 from __future__ import annotations
@@ -63,59 +65,251 @@ def generate_cmd(
     model: str,
     *,
     prompt: list[str] = (),
+    prompts_file: str | None = None,
+    output: str | None = None,
+    chat: bool = False,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    stop: list[str] = (),
+    stop_token_ids: list[int] = (),
+    ignore_eos: bool = False,
     seed: int = 0,
-    chat: bool = False,
+    logprobs: int | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+    num_return_sequences: int = 1,
+    batch_size: int = 8,
+    quantize: str | None = None,
+    adapter: str | None = None,
+    no_merge_adapter: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
+    no_progress: bool = False,
 ) -> int:
-    """Generate text from a trained or imported decoder (run, checkpoint or model directory).
+    """Generate text from a model: a plinth run (its latest checkpoint), a checkpoint, a `plinth
+    import` directory, a Hugging Face directory, a .gguf file or a reference model (ref-smollm2).
 
     Decoding defaults come from the run's `inference` config section; flags override them.
+    With --prompts-file, prompts are read from a JSONL file and generated in batches (a progress
+    bar on stderr); results go to --output (JSONL, one row per input row) or stdout.
 
     Args:
-        model: run directory (uses its latest checkpoint), checkpoint directory, or a model
-            directory written by `plinth import`
+        model: run directory, checkpoint directory, model directory, .gguf file or reference
+            model name
         prompt: one or more prompts; each gets its own continuation
+        prompts_file: JSONL file, one row per prompt: {"prompt": "..."} (completion) or
+            {"messages": [{"role": ..., "content": ...}, ...]} (through the chat template);
+            other keys are copied to the output
+        output: JSONL file for the results of --prompts-file (default: stdout)
+        chat: send each --prompt as a user turn through the model's chat template (its own, or
+            its fine-tuning base's), as instruction-tuned models expect
         max_new_tokens: tokens to generate per prompt
         temperature: 0 is greedy; higher is more random
         top_k: sample only among the k most likely tokens
         top_p: nucleus sampling probability mass
-        seed: seed for reproducible sampling
-        chat: send each prompt as a user turn through the model's chat template (its own, or
-            its fine-tuning base's), as instruction-tuned models expect
+        min_p: keep only tokens with probability >= min_p times the most likely one's
+        repetition_penalty: > 1 discourages tokens already in the prompt or output (CTRL)
+        frequency_penalty: subtract this times a token's count in the output from its logit
+        presence_penalty: subtract this from the logit of every token already in the output
+        stop: stop strings; generation ends before the first one (not included in the text)
+        stop_token_ids: token ids that end generation (besides the model's eos)
+        ignore_eos: keep generating after eos (exactly max_new_tokens tokens)
+        seed: seed of each prompt's sampler (same prompt and seed, same text)
+        logprobs: report each generated token's log-probability and the N most likely tokens'
+            (0: the chosen token's only)
+        num_beams: beam search with this many beams (> 1; deterministic, ignores sampling flags)
+        length_penalty: beam search: score = sum of logprobs / length ** length_penalty
+        early_stopping: beam search: stop a prompt once num_beams hypotheses have finished
+        num_return_sequences: beam search: how many of the best hypotheses to return
+        batch_size: prompts decoded together
+        quantize: int8: weight-only int8 linear layers (a quarter of the weight bytes)
+        adapter: LoRA/IA3 adapter directory to put on the model
+        no_merge_adapter: apply the adapter on the fly instead of folding it into the weights
+        device: cpu, cuda, cuda:1, ...
+        dtype: fp32, bf16 or fp16 weights (default: as stored)
+        no_progress: no progress bar for --prompts-file
     """
-    import torch
+    import json
+    import sys
 
-    from plinth.infer.sampling import generate
+    from plinth.infer.engine import Engine, SamplingParams
 
-    net, tok, cfg = load_trained(model)
-    if cfg.model.arch != "decoder":
-        raise UsageError(f"{model} is an {cfg.model.arch} model; `plinth generate` needs a decoder")
-    inf = cfg.inference
-    prompts = list(prompt) or list(cfg.tracking.sample_prompts)
-    eos = tok.token_to_id(cfg.data.tokenizer.special_tokens[0])
-    if chat:
-        from plinth.finetune.base import chat_template_for
-
-        run, _ = find_run(Path(model))
-        template = chat_template_for(model, run, cfg)
-        texts = [template.render([{"role": "user", "content": p}], add_generation_prompt=True)
-                 for p in prompts]
-        ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]
-    else:
-        ids = [tok.encode(p).ids for p in prompts]
-    outs = generate(
-        net,
-        ids,
+    if prompts_file is not None and prompt:
+        raise UsageError("give --prompt or --prompts-file, not both")
+    if output is not None and prompts_file is None:
+        raise UsageError("--output writes the results of --prompts-file; add --prompts-file")
+    rows = _read_prompts(Path(prompts_file)) if prompts_file is not None else None
+    eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
+                      merge_adapter=not no_merge_adapter)
+    inf = eng.cfg.inference
+    params = SamplingParams(
         max_new_tokens=max_new_tokens or inf.max_new_tokens,
         temperature=inf.temperature if temperature is None else temperature,
         top_k=inf.top_k if top_k is None else top_k,
         top_p=inf.top_p if top_p is None else top_p,
-        eos_id=eos,
-        generator=torch.Generator().manual_seed(seed),
+        min_p=min_p,
+        repetition_penalty=inf.repetition_penalty if repetition_penalty is None
+        else repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        stop=list(stop),
+        stop_token_ids=[int(t) for t in stop_token_ids],
+        ignore_eos=ignore_eos,
+        seed=seed,
+        logprobs=logprobs,
     )
-    for p, o in zip(prompts, outs, strict=True):
-        print(f"--- {p!r}\n{tok.decode(o)}" if chat else f"--- {p!r}\n{p}{tok.decode(o)}")
+    params.check()
+    if chat and eng.chat_template is None:
+        raise UsageError(
+            f"--chat: {model} has no chat template (chat_template.jinja or tokenizer_config."
+            "json's chat_template, in it or its fine-tuning base); run without --chat"
+        )
+    if rows is None:  # --prompt (or the run's sample prompts): printed
+        prompts = list(prompt) or list(eng.cfg.tracking.sample_prompts)
+        texts = [eng.apply_chat_template([{"role": "user", "content": p}]) if chat else p
+                 for p in prompts]
+        results = _run(eng, texts, params, num_beams, length_penalty, early_stopping,
+                       num_return_sequences, batch_size, progress=False)
+        for p, outs in zip(prompts, results, strict=True):
+            for i, c in enumerate(outs):
+                beam = f" [beam {i + 1}, score {c.score:.4f}]" if num_beams > 1 else ""
+                print(f"--- {p!r}{beam}\n{c.text}" if chat else f"--- {p!r}{beam}\n{p}{c.text}")
+                if c.logprobs is not None:
+                    print(json.dumps(_logprob_fields(eng, c)))
+        return 0
+    texts = [eng.apply_chat_template(r["messages"]) if "messages" in r else r["prompt"]
+             for r in rows]
+    results = _run(eng, texts, params, num_beams, length_penalty, early_stopping,
+                   num_return_sequences, batch_size, progress=not no_progress)
+    out = open(output, "w") if output else sys.stdout  # noqa: SIM115
+    try:
+        for row, outs in zip(rows, results, strict=True):
+            res = [{"text": c.text, "finish_reason": c.finish_reason,
+                    "completion_tokens": len(c.token_ids), **_logprob_fields(eng, c),
+                    **({"score": c.score} if c.score is not None else {})} for c in outs]
+            rec = {**row, **res[0], "prompt_tokens": outs[0].prompt_tokens}
+            if num_return_sequences > 1:
+                rec["beams"] = res
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    finally:
+        if output:
+            out.close()
+    if output:
+        print(f"wrote {len(rows)} rows to {output}", file=sys.stderr)
     return 0
+
+
+def _read_prompts(path: Path) -> list[dict]:
+    """Rows of a prompts JSONL file, each with a "prompt" string or a "messages" list."""
+    import json
+
+    if not path.is_file():
+        raise UsageError(f"--prompts-file {path}: no such file")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be "
+                             'one object like {"prompt": "..."}') from None
+        ok = isinstance(row, dict) and (
+            isinstance(row.get("prompt"), str)
+            or (isinstance(row.get("messages"), list)
+                and all(isinstance(m, dict) and "role" in m and "content" in m
+                        for m in row["messages"])))
+        if not ok:
+            raise UsageError(
+                f"{path} line {n}: each row needs \"prompt\" (a string) or \"messages\" (a "
+                'list of {"role": ..., "content": ...}); got ' + line[:80]
+            )
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"--prompts-file {path} has no rows")
+    return rows
+
+
+def _run(eng, texts, params, num_beams, length_penalty, early_stopping, num_return_sequences,
+         batch_size, progress: bool):
+    """Completions (a list per prompt) in batches of prompts of similar length (less padding),
+    returned in the input order."""
+    if num_beams < 1 or batch_size < 1:
+        raise UsageError(f"--num-beams ({num_beams}) and --batch-size ({batch_size}) need >= 1")
+    if num_beams == 1 and num_return_sequences != 1:
+        raise UsageError("--num-return-sequences needs beam search (--num-beams > 1)")
+    ids = [eng.encode(t) for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    results: list = [None] * len(ids)
+    bar = _Bar(len(ids), progress)
+    with bar:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            batch = [ids[i] for i in chunk]
+            if num_beams > 1:
+                outs = eng.beam_search(batch, num_beams=num_beams, length_penalty=length_penalty,
+                                       early_stopping=early_stopping,
+                                       max_new_tokens=params.max_new_tokens,
+                                       num_return_sequences=num_return_sequences)
+            else:
+                outs = [[c] for c in eng.generate(batch, params)]
+            for i, o in zip(chunk, outs, strict=True):
+                results[i] = o
+            bar.advance(len(chunk), sum(len(o[0].token_ids) for o in outs))
+    return results
+
+
+def _logprob_fields(eng, c) -> dict:
+    if c.logprobs is None:
+        return {}
+    out = {"tokens": [eng.token_text(t) for t in c.token_ids], "logprobs": c.logprobs}
+    if c.top_logprobs is not None:
+        out["top_logprobs"] = c.top_logprobs
+    return out
+
+
+class _Bar:
+    """A rich progress bar on stderr: prompts done, generated tokens/s."""
+
+    def __init__(self, total: int, enabled: bool):
+        import time
+
+        self.p, self.tokens, self.t0 = None, 0, time.perf_counter()
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.p = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                              console=Console(stderr=True))
+            self.task = self.p.add_task("generate", total=total, info="")
+
+    def __enter__(self):
+        if self.p:
+            self.p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p:
+            self.p.stop()
+
+    def advance(self, n: int, tokens: int) -> None:
+        import time
+
+        self.tokens += tokens
+        if self.p:
+            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.p.update(self.task, advance=n, info=f"{rate:.1f} tokens/s")
