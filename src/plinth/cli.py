@@ -55,7 +55,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.plan:plan_cmd",
         "memory per device, largest micro-batch, tokens/s and wall time before a run",
     ),
-    "generate": ("plinth.recipes.generate:generate_cmd", "generate text from a trained run"),
+    "generate": (
+        "plinth.recipes.generate:generate_cmd",
+        "generate text from a model: prompts or a JSONL file, sampling controls, beam search",
+    ),
+    "chat": (
+        "plinth.recipes.chat:chat_cmd",
+        "chat with a model in the terminal (its chat template, streamed replies)",
+    ),
     "serve": (
         "plinth.recipes.serve:serve",
         "OpenAI-compatible HTTP server (completions, chat, streaming) with dynamic batching",
