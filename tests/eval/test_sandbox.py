@@ -139,3 +139,17 @@ def test_resource_limits_are_set_in_the_child():
 def test_a_program_that_cannot_start_is_an_error(tmp_path):
     r = run_python("pass\n", python=str(tmp_path / "no-such-python"))
     assert r.status == "error" and r.returncode is None and "cannot start" in r.output
+
+
+def test_builtin_code_task_reference_bodies_pass_and_wrong_ones_fail():
+    """The suite's `code` task is scorable: every reference body passes its asserts through the
+    task's own scoring (prompt as rendered + completion + tests), and an empty body fails."""
+    from plinth.eval.scoring import score_generation
+    from plinth.eval.tasks import load_tasks
+
+    task = load_tasks(["code"])[0]
+    assert len(task.rows) == 24 and task.generation.metric == "code_exec"
+    for row in task.rows:
+        assert score_generation(task, row["solution"], row) == {"code_exec": 1.0}, row["prompt"]
+    assert score_generation(task, "\n    pass", task.rows[0]) == {"code_exec": 0.0}
+    assert task.context(1, 2).count("    return ") == 2  # two worked examples precede the row

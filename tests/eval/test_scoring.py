@@ -186,7 +186,7 @@ def test_ref_smollm2_suite_prints_a_table(capsys, tmp_path):
     shown = capsys.readouterr().out
     with capsys.disabled():  # the table is the point of this test: show it
         print("\n" + shown)
-    for name in ("arithmetic", "capitals", "facts", "json_answer"):
+    for name in ("arithmetic", "capitals", "code", "facts", "json_answer"):
         assert name in shown
     record = json.loads(out.read_text())
     by_task = {t["task"]: t["metrics"] for t in record["tasks"]}

@@ -59,7 +59,7 @@ def test_answer_given_as_choice_text_and_fewshot_file(tmp_path):
 
 
 def test_builtin_suite_loads_and_its_generator_reproduces_the_files(tmp_path):
-    assert {"arithmetic", "capitals", "facts", "json_answer"} <= set(builtin_tasks())
+    assert {"arithmetic", "capitals", "code", "facts", "json_answer"} <= set(builtin_tasks())
     tasks = load_tasks(["suite"])
     assert {t.type for t in tasks} == {"multiple_choice", "generation"}
     for t in tasks:

@@ -4,7 +4,8 @@
 
 Everything here was written for plinth (no third-party data set): arithmetic problems drawn
 with a fixed seed, capitals and simple facts typed by hand, and instruction-following
-questions built from those. Re-running it reproduces the committed files byte for byte.
+questions built from those, and small Python functions to complete (checked by running their
+tests in plinth's sandbox). Re-running it reproduces the committed files byte for byte.
 """
 
 from __future__ import annotations
@@ -72,6 +73,87 @@ OPPOSITES = [
 ]
 
 
+# (function header with docstring, a reference body, test lines): completions are checked by
+# running them; the reference bodies pass (a test checks) and serve as the few-shot examples
+CODE = [
+    ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n",
+     "    return a + b\n",
+     ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]),
+    ("def square(x):\n    \"\"\"Return x squared.\"\"\"\n",
+     "    return x * x\n",
+     ["assert square(4) == 16", "assert square(-3) == 9"]),
+    ("def is_even(n):\n    \"\"\"Return True when n is even.\"\"\"\n",
+     "    return n % 2 == 0\n",
+     ["assert is_even(4)", "assert not is_even(7)", "assert is_even(0)"]),
+    ("def maximum(xs):\n    \"\"\"Return the largest number in the list xs.\"\"\"\n",
+     "    return max(xs)\n",
+     ["assert maximum([1, 5, 3]) == 5", "assert maximum([-4, -2]) == -2"]),
+    ("def reverse_string(s):\n    \"\"\"Return the string s reversed.\"\"\"\n",
+     "    return s[::-1]\n",
+     ["assert reverse_string('abc') == 'cba'", "assert reverse_string('') == ''"]),
+    ("def count_vowels(s):\n    \"\"\"Return how many vowels (a, e, i, o, u) are in s.\"\"\"\n",
+     "    return sum(1 for c in s if c in 'aeiou')\n",
+     ["assert count_vowels('hello') == 2", "assert count_vowels('xyz') == 0"]),
+    ("def factorial(n):\n    \"\"\"Return n factorial.\"\"\"\n",
+     "    return 1 if n == 0 else n * factorial(n - 1)\n",
+     ["assert factorial(0) == 1", "assert factorial(5) == 120"]),
+    ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number, with fibonacci(0) == 0 and "
+     "fibonacci(1) == 1.\"\"\"\n",
+     "    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+     ["assert fibonacci(0) == 0", "assert fibonacci(1) == 1", "assert fibonacci(10) == 55"]),
+    ("def is_palindrome(s):\n    \"\"\"Return True when s reads the same backwards.\"\"\"\n",
+     "    return s == s[::-1]\n",
+     ["assert is_palindrome('level')", "assert not is_palindrome('hello')"]),
+    ("def average(xs):\n    \"\"\"Return the mean of the numbers in xs.\"\"\"\n",
+     "    return sum(xs) / len(xs)\n",
+     ["assert average([1, 2, 3]) == 2", "assert average([4]) == 4"]),
+    ("def celsius_to_fahrenheit(c):\n    \"\"\"Convert a temperature from Celsius to "
+     "Fahrenheit.\"\"\"\n",
+     "    return c * 9 / 5 + 32\n",
+     ["assert celsius_to_fahrenheit(0) == 32", "assert celsius_to_fahrenheit(100) == 212"]),
+    ("def count_words(s):\n    \"\"\"Return the number of words in s, split on whitespace.\"\"\"\n",
+     "    return len(s.split())\n",
+     ["assert count_words('a b c') == 3", "assert count_words('') == 0"]),
+    ("def first_char(s):\n    \"\"\"Return the first character of the string s.\"\"\"\n",
+     "    return s[0]\n",
+     ["assert first_char('plinth') == 'p'"]),
+    ("def absolute(x):\n    \"\"\"Return the absolute value of x.\"\"\"\n",
+     "    return x if x >= 0 else -x\n",
+     ["assert absolute(-5) == 5", "assert absolute(3) == 3"]),
+    ("def sum_list(xs):\n    \"\"\"Return the sum of the numbers in xs.\"\"\"\n",
+     "    return sum(xs)\n",
+     ["assert sum_list([1, 2, 3]) == 6", "assert sum_list([]) == 0"]),
+    ("def to_upper(s):\n    \"\"\"Return s in upper case.\"\"\"\n",
+     "    return s.upper()\n",
+     ["assert to_upper('abc') == 'ABC'"]),
+    ("def minimum(a, b):\n    \"\"\"Return the smaller of a and b.\"\"\"\n",
+     "    return min(a, b)\n",
+     ["assert minimum(2, 7) == 2", "assert minimum(5, -1) == -1"]),
+    ("def last_element(xs):\n    \"\"\"Return the last element of the list xs.\"\"\"\n",
+     "    return xs[-1]\n",
+     ["assert last_element([1, 2, 3]) == 3"]),
+    ("def double_all(xs):\n    \"\"\"Return a new list with every number in xs doubled.\"\"\"\n",
+     "    return [2 * x for x in xs]\n",
+     ["assert double_all([1, 2]) == [2, 4]", "assert double_all([]) == []"]),
+    ("def is_positive(x):\n    \"\"\"Return True when x is greater than zero.\"\"\"\n",
+     "    return x > 0\n",
+     ["assert is_positive(3)", "assert not is_positive(0)", "assert not is_positive(-2)"]),
+    ("def string_length(s):\n    \"\"\"Return the number of characters in s.\"\"\"\n",
+     "    return len(s)\n",
+     ["assert string_length('abc') == 3", "assert string_length('') == 0"]),
+    ("def contains(xs, x):\n    \"\"\"Return True when x is in the list xs.\"\"\"\n",
+     "    return x in xs\n",
+     ["assert contains([1, 2], 2)", "assert not contains([1, 2], 5)"]),
+    ("def repeat(s, n):\n    \"\"\"Return the string s repeated n times.\"\"\"\n",
+     "    return s * n\n",
+     ["assert repeat('ab', 3) == 'ababab'", "assert repeat('x', 0) == ''"]),
+    ("def sort_list(xs):\n    \"\"\"Return the numbers in xs sorted from smallest to "
+     "largest.\"\"\"\n",
+     "    return sorted(xs)\n",
+     ["assert sort_list([3, 1, 2]) == [1, 2, 3]"]),
+]
+
+
 def arithmetic(rng: random.Random, n: int = 48) -> list[dict]:
     """Two-operand problems with whole, non-negative answers (the sign never matters)."""
     rows = []
@@ -123,6 +205,16 @@ def json_answer(rng: random.Random) -> list[dict]:
     return rows
 
 
+def code() -> list[dict]:
+    # the prompt stops at the docstring's quotes: BPE vocabularies fuse "\n" with the indent
+    # that follows, so a prompt ending in a bare "\n" is a token split the model never saw
+    return [
+        {"prompt": header.rstrip("\n"), "solution": "\n" + body.rstrip("\n"),
+         "tests": "\n".join(tests) + "\n"}
+        for header, body, tests in CODE
+    ]
+
+
 def write(name: str, rows: list[dict]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     (HERE / f"{name}.jsonl").write_text(text, encoding="utf-8")
@@ -133,6 +225,7 @@ def main() -> None:
     write("capitals", capitals(random.Random(2)))
     write("facts", facts(random.Random(3)))
     write("json_answer", json_answer(random.Random(4)))
+    write("code", code())
 
 
 if __name__ == "__main__":
