@@ -259,6 +259,8 @@ BAD = [
      "at most 8 per request"),
     ("completions", {"prompt": "w1", "temperature": 3}, None, 422, "invalid_value",
      "temperature", "less than or equal to 2"),
+    ("completions", {"prompt": "w1", "seed": 2**70}, None, 422, "invalid_value", "seed",
+     "less than 9223372036854775808"),
     ("completions", {"prompt": "w1", "logit_bias": {"5": 10}}, None, 400, "unsupported",
      "logit_bias", "not supported"),
     ("completions", {"prompt": "w1 " * 7000}, None, 413, "body_too_large", None,
@@ -443,6 +445,51 @@ def test_metrics_in_prometheus_format(server, client):
     assert metric(server, "plinth_tokens_per_second") > 0
     assert metric(server, "plinth_request_latency_seconds_count") >= 1
     assert "plinth_queue_depth 0" in text and 'plinth_model_info{model="tiny-llama"} 1' in text
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(engine):
+    """The scheduler on its own: a job the engine refuses (a token id outside the vocabulary,
+    which the HTTP layer would have caught) shares a batch with a good one; the batch is
+    retried job by job, so only the bad job gets the error."""
+    from plinth.infer.scheduler import Job, Scheduler
+
+    sched = Scheduler(engine, max_batch=8, batch_wait_s=0.5)  # long wait: one batch of both
+    sched.start()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        good = Job(prompts=[engine.encode(PROMPTS[0])], params=[SamplingParams(6)], loop=loop)
+        bad = Job(prompts=[[5, 10_000]], params=[SamplingParams(6)], loop=loop)
+        sched.submit(good)
+        sched.submit(bad)
+
+        async def last(job):
+            while True:
+                ev = await job.events.get()
+                if ev[0] != "token":
+                    return ev
+
+        return await last(good), await last(bad)
+
+    try:
+        good, bad = asyncio.run(scenario())
+    finally:
+        sched.stop()
+    assert sched.metrics.batch_rows_max == 2  # they did share a batch first
+    assert good[0] == "done" and good[1][0].text == greedy(engine, PROMPTS[0], 6).text
+    assert bad[0] == "error" and isinstance(bad[1], UsageError)
+    assert "token id 10000 outside the vocabulary" in str(bad[1])
+
+
+def test_a_stopped_worker_answers_503(engine):
+    app = create_app(engine)
+    with BackgroundServer(app) as srv:
+        app.state.scheduler.stop()  # what shutdown does; a crashed worker looks the same
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert "batching worker is not running" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------------------ the command
