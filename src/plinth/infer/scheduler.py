@@ -184,9 +184,14 @@ class Metrics:
                 f"plinth_request_latency_seconds_count {self.latency_count}",
                 "# HELP plinth_model_info The model being served.",
                 "# TYPE plinth_model_info gauge",
-                f'plinth_model_info{{model="{model}"}} 1',
+                f'plinth_model_info{{model="{_label(model)}"}} 1',
             ]
         return "\n".join(out) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Scheduler:

@@ -586,7 +586,8 @@ class _Render:
                 "usage": self.usage(outs)}
 
     def token_text(self, tid: int) -> str:
-        t = self.engine.tokenizer.id_to_token(tid)
+        tok = getattr(self.engine, "tokenizer", None)
+        t = tok.id_to_token(tid) if tok is not None else None
         return t if t is not None else self.engine.decode([tid])
 
     async def stream(self, job: Job, deadline: float) -> AsyncIterator[str]:
