@@ -54,6 +54,23 @@ def test_int8_linear_is_within_the_rounding_bound():
     assert ((qw.float() * sc[:, None] - w).abs() <= sc[:, None] / 2 + 1e-7).all()
 
 
+def test_int8_cpu_kernel_equals_the_dequantised_product():
+    """plinth's AVX2 kernel (where it builds) against float64 dequantise-then-matmul, on shapes
+    that exercise every tail: K not a multiple of 16, N not a multiple of 4, M of 1 to 9."""
+    from plinth.infer.quant import cpu_kernel
+
+    kernel = cpu_kernel()
+    if kernel is None:
+        pytest.skip("no AVX2 CPU or no compiler: Int8Linear uses torch's kernel")
+    g = torch.Generator().manual_seed(0)
+    for M, N, K in [(1, 64, 96), (3, 7, 37), (9, 130, 200), (2, 4, 16)]:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+        s = torch.rand(N, generator=g) / 100
+        x = torch.randn(M, K, generator=g)
+        ref = x.double() @ (q.double() * s.double()[:, None]).t()
+        torch.testing.assert_close(kernel.int8_mm(x, q, s).double(), ref, atol=1e-4, rtol=1e-5)
+
+
 def test_int8_model_logits_close_to_fp32():
     ref = tiny_model()
     q8 = tiny_model()
