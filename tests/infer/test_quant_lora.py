@@ -54,8 +54,8 @@ def test_int8_linear_is_within_the_rounding_bound():
     assert ((qw.float() * sc[:, None] - w).abs() <= sc[:, None] / 2 + 1e-7).all()
 
 
-def test_int8_cpu_kernel_equals_the_dequantised_product():
-    """plinth's AVX2 kernel (where it builds) against float64 dequantise-then-matmul, on shapes
+def test_cpu_kernels_equal_float64_products():
+    """plinth's AVX2 kernels (where they build) against float64 products (int8: dequantised), on shapes
     that exercise every tail: K not a multiple of 16, N not a multiple of 4, M of 1 to 9."""
     from plinth.infer.quant import cpu_kernel
 
@@ -69,6 +69,9 @@ def test_int8_cpu_kernel_equals_the_dequantised_product():
         x = torch.randn(M, K, generator=g)
         ref = x.double() @ (q.double() * s.double()[:, None]).t()
         torch.testing.assert_close(kernel.int8_mm(x, q, s).double(), ref, atol=1e-4, rtol=1e-5)
+        w = torch.randn(N, K, generator=g)  # and the fp32 product the fast path uses
+        torch.testing.assert_close(kernel.f32_mm(x, w).double(), x.double() @ w.double().t(),
+                                   atol=1e-4, rtol=1e-5)
 
 
 def test_int8_model_logits_close_to_fp32():

@@ -6,8 +6,11 @@ overhead taken out, for decoding where every step is a handful of matrix-vector 
 At batch 1 a decode step reads every weight once and does little else, so its speed is the
 memory bandwidth's, minus what Python and the framework add per operation. This path:
 - concatenates q/k/v and gate/up weights ONCE (the model's own layers keep views into the fused
-  tensors, so nothing is stored twice) instead of on every call, one GEMV each, and stores every
-  weight transposed, the layout MKL's matrix-vector product streams fastest (see `_fused`);
+  tensors, so nothing is stored twice) instead of on every call, one product each;
+- runs decode steps' products (up to 16 rows) through plinth's CPU kernel (int8_gemv.cpp,
+  `f32_mm`): MKL's sgemm computes batch 8 at ~half the memory bandwidth, the kernel at ~the
+  bandwidth, so batch-8 steps cost ~0.6x MKL's; at batch 1 it is ~5-10% slower than MKL on
+  transposed weights, the layout used when the kernel is unavailable (PLINTH_F32_KERNEL=0);
 - computes logits for the last position only (prefill never builds (B, T, V) logits);
 - keeps the per-step attention mask as a slice of one per-batch tensor (padding is fixed for a
   batch), and runs without autograd or module hooks;
@@ -157,8 +160,27 @@ def _fused(*lins: nn.Module):
     MKL on one thread), and at batch 1 decoding is nothing but such products."""
     if type(lins[0]) is Int8Linear:
         return fuse_int8(list(lins)).forward if len(lins) > 1 else lins[0].forward
-    wt = torch.cat([m.weight.detach().t() for m in lins], dim=1).contiguous()  # (in, out)
     b = None if lins[0].bias is None else torch.cat([m.bias.detach() for m in lins])
+    kernel = _f32_kernel(lins[0].weight)
+    if kernel is not None:  # plinth's kernel: (out, in) rows, fast at batch 1 and batch 8
+        w = torch.cat([m.weight.detach() for m in lins])
+        start = 0
+        for m in lins:
+            n = m.out_features
+            m.weight.data = w[start : start + n]
+            if b is not None:
+                m.bias.data = b[start : start + n]
+            start += n
+
+        def run(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] > 16:  # prefill: MKL's GEMM is the faster one for many rows
+                return F.linear(x, w, b)
+            y = kernel.f32_mm(x2, w).view(*x.shape[:-1], w.shape[0])
+            return y if b is None else y + b
+
+        return run
+    wt = torch.cat([m.weight.detach().t() for m in lins], dim=1).contiguous()  # (in, out)
     start = 0
     for m in lins:
         n = m.out_features
@@ -174,6 +196,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """layers.apply_rope in fewer operations (cos/sin already in x's dtype)."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)
+
+
+def _f32_kernel(w: torch.Tensor):
+    """plinth's CPU kernel module for fp32 weights (plinth.infer.quant.cpu_kernel), or None:
+    not on CPU, not fp32, not built, or PLINTH_F32_KERNEL=0."""
+    import os
+
+    from plinth.infer.quant import cpu_kernel
+
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    if os.environ.get("PLINTH_F32_KERNEL", "1") == "0":
+        return None
+    k = cpu_kernel()
+    return k if k is not None and hasattr(k, "f32_mm") else None
 
 
 def _norm(norm: nn.Module | None):
