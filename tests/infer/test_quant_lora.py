@@ -55,8 +55,9 @@ def test_int8_linear_is_within_the_rounding_bound():
 
 
 def test_cpu_kernels_equal_float64_products():
-    """plinth's AVX2 kernels (where they build) against float64 products (int8: dequantised), on shapes
-    that exercise every tail: K not a multiple of 16, N not a multiple of 4, M of 1 to 9."""
+    """plinth's AVX2 kernels (where they build) against float64 products (int8: dequantised),
+    on shapes that exercise every tail: K not a multiple of 16, N not a multiple of 4, M of 1
+    to 9."""
     from plinth.infer.quant import cpu_kernel
 
     kernel = cpu_kernel()
