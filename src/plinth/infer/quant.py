@@ -46,8 +46,11 @@ def cpu_kernel():
                 from torch.utils.cpp_extension import load
 
                 src = Path(__file__).with_name("int8_gemv.cpp")
+                # -fopenmp: at::parallel_for splits rows over torch's threads only when the
+                # extension itself is compiled with OpenMP (else it runs on one thread)
                 _KERNEL = load("plinth_int8_gemv", [str(src)], verbose=False,
-                               extra_cflags=["-O3", "-mavx2", "-mfma"])
+                               extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"])
             except Exception as e:  # no compiler, no ninja, ...: torch's kernel instead
                 warnings.warn(f"plinth: the int8 CPU kernel could not be built ({type(e).__name__}"
                               f": {str(e)[:200]}); using torch's _weight_int8pack_mm", stacklevel=2)
