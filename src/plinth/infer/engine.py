@@ -9,8 +9,8 @@ cache (each row's padding is masked and its positions start after it, so a row c
 would alone). Every row carries its own `SamplingParams`: the sampler works on (rows, vocab)
 tensors of per-row temperatures, top-k/top-p/min-p limits and penalties, and draws each row's
 token from the row's own `torch.Generator`, so a seeded row's output does not depend on its
-batch-mates. Finished rows leave the sampler at once and leave the batch (the cache is compacted)
-when enough of them have finished. Text is detokenised incrementally, and text that could still
+batch-mates. A row that finishes leaves the sampler and the batch at once (its cache rows are
+dropped: one cache copy per finished row, cheaper than decoding dead rows to the end). Text is detokenised incrementally, and text that could still
 become a stop string is held back from streaming until it cannot.
 """
 
