@@ -54,6 +54,10 @@ def test_encoder_decoder_equals_uncached_reference():
     assert [c.token_ids for c in out] == ref
     alone = eng.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12))
     assert alone[0].token_ids == ref[1]
+    # rows finishing at different steps leave the batch (memory and cache compacted)
+    mixed = eng.generate(PROMPTS, [SamplingParams(max_new_tokens=n) for n in (3, 12, 7, 1)])
+    assert [c.token_ids for c in mixed] == [r[:n] for r, n in zip(ref, (3, 12, 7, 1),
+                                                                   strict=True)]
 
 
 MIXED = [
