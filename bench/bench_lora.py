@@ -92,13 +92,14 @@ def plinth_side(model_dir: Path, device: str):
     return model, tok, cfg, summary
 
 
-def hf_side(gguf: Path, device: str):
+def hf_side(source: Path, device: str):
     import transformers
 
     import peft
 
+    kw = {"gguf_file": source.name} if source.suffix == ".gguf" else {}
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
+        source.parent if kw else source, dtype=torch.float32, attn_implementation="sdpa", **kw
     ).to(device)
     lcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGETS,
                            bias="none", task_type="CAUSAL_LM")
@@ -181,6 +182,9 @@ def main() -> None:
     ap.add_argument("--no-fused", dest="fused", action="store_false",
                     help="foreach AdamW instead of fused (both sides)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", choices=["ref-smollm2", "random"], default="ref-smollm2",
+                    help="random: SmolLM2-135M's shapes with random weights (bench/models.py), "
+                    "where the reference GGUF is not at hand (a GPU machine)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the peak-memory step")
@@ -191,8 +195,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
-    gguf = reference_path("ref-smollm2")
     tmp = Path(tempfile.mkdtemp(prefix="bench-lora-"))
+    if args.model == "random":
+        from models import random_smollm2
+
+        gguf = random_smollm2(tmp / "hf")
+    else:
+        gguf = reference_path("ref-smollm2")
     t0 = time.perf_counter()
     import_model(gguf, tmp / "model")
     model, tok, cfg, summary = plinth_side(tmp / "model", dev)
