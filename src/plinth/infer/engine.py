@@ -10,8 +10,9 @@ would alone). Every row carries its own `SamplingParams`: the sampler works on (
 tensors of per-row temperatures, top-k/top-p/min-p limits and penalties, and draws each row's
 token from the row's own `torch.Generator`, so a seeded row's output does not depend on its
 batch-mates. A row that finishes leaves the sampler and the batch at once (its cache rows are
-dropped: one cache copy per finished row, cheaper than decoding dead rows to the end). Text is detokenised incrementally, and text that could still
-become a stop string is held back from streaming until it cannot.
+dropped: one cache copy per finished row, cheaper than decoding dead rows to the end). Text
+is detokenised incrementally, and text that could still become a stop string is held back from
+streaming until it cannot.
 """
 
 from __future__ import annotations
