@@ -64,15 +64,20 @@ class FastDecoder:
         self.layers = []
         for blk in model.layers:
             a, m = blk.attn, blk.mlp
-            qkv = _fused(a.q_proj, a.k_proj, a.v_proj)
-            gate_up = _fused(m.gate_proj, m.up_proj) if m.gate_proj is not None else None
+            # each takes the block's input and applies its norm itself (fused into the
+            # product where the kernel can)
+            qkv = _fused(a.q_proj, a.k_proj, a.v_proj, norm=blk.attn_norm)
+            gate_up = None
+            if m.gate_proj is not None:
+                gate_up = _fused(m.gate_proj, m.up_proj, norm=blk.mlp_norm)
+            n2 = _norm(blk.mlp_norm)
+            up = _call(m.up_proj)
             self.layers.append((
-                _norm(blk.attn_norm), qkv, _norm(a.q_norm), _norm(a.k_norm), _call(a.o_proj),
-                _norm(blk.mlp_norm), gate_up, _call(m.up_proj), _call(m.down_proj),
+                qkv, _norm(a.q_norm), _norm(a.k_norm), _call(a.o_proj),
+                gate_up, (lambda h, n2=n2, up=up: up(n2(h))), _call(m.down_proj),
             ))
-        self.norm = _norm(model.norm)
-        # the head reads the tied embedding matrix transposed too; lookups gather strided rows
-        self.head = _call(model.lm_head)
+        # the final norm fused into the head where the kernel can
+        self.head = _fused(model.lm_head, norm=model.norm)
         self._mask_src = None  # (pad tensor, (B, max_len) keep mask) of the current batch
         self._views_of = None  # (cache.k, per-layer views)
 
@@ -97,8 +102,8 @@ class FastDecoder:
         if end > cache.max_len:
             raise ValueError(f"KV cache full: {end} positions needed, {cache.max_len} allocated")
         views = self._views(cache)
-        for i, (n1, qkv, qn, kn, o, n2, gate_up, up, down) in enumerate(self.layers):
-            h = qkv(n1(x))
+        for i, (qkv, qn, kn, o, gate_up, up, down) in enumerate(self.layers):
+            h = qkv(x)
             if qn is None and rope is not None:  # q and k rotated together: one set of ops
                 qk = _rope(h[..., : (H + K) * E].view(B, T, H + K, E), *rope)
                 q, k = qk[:, :, :H], qk[:, :, H:]
@@ -118,17 +123,16 @@ class FastDecoder:
                 q.transpose(1, 2), k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.gqa
             )  # (B, H, T, E)
             x = x + o(y.transpose(1, 2).reshape(B, T, H * E))
-            h = n2(x)
             if gate_up is not None:
-                g, u = gate_up(h).chunk(2, dim=-1)
+                g, u = gate_up(x).chunk(2, dim=-1)
                 h = F.silu(g) * u
             elif self.activation in ("gelu", "gelu_tanh"):
-                h = F.gelu(up(h), approximate="tanh" if self.activation == "gelu_tanh" else "none")
+                h = F.gelu(up(x), approximate="tanh" if self.activation == "gelu_tanh" else "none")
             else:  # relu2
-                h = F.relu(up(h)).square()
+                h = F.relu(up(x)).square()
             x = x + down(h)
         cache.advance(T)
-        return self.head(self.norm(x[:, -1])).float()  # (B, V): the last position only
+        return self.head(x[:, -1]).float()  # (B, V): the last position only
 
     def _views(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer (keys, values) views of the cache, made once per cache tensor (the
@@ -152,14 +156,16 @@ def _call(lin: nn.Module):
     return _fused(lin)
 
 
-def _fused(*lins: nn.Module):
-    """One projection for several linears of the same input, with the weights stored
-    transposed: (in, out) row-major. The linears keep working, their weights now (out, in) views
-    into the one tensor (nothing is stored twice). Why transposed: a matrix-vector product
-    x @ W.T streams W at ~1.3-1.8x the bandwidth when W.T is the contiguous one (measured with
-    MKL on one thread), and at batch 1 decoding is nothing but such products."""
+def _fused(*lins: nn.Module, norm: nn.Module | None = None):
+    """One projection for several linears of the same input (after `norm`, when given). The
+    linears keep working, their weights now views into the one tensor (nothing is stored twice).
+    With plinth's kernel the weights stay (out, in) and an RMSNorm runs inside the kernel call;
+    without it they are stored transposed, (in, out) row-major: MKL's matrix-vector product
+    streams W at ~1.3-1.8x the bandwidth when W.T is the contiguous one (one thread)."""
+    pre = _norm(norm) if norm is not None else (lambda x: x)
     if type(lins[0]) is Int8Linear:
-        return fuse_int8(list(lins)).forward if len(lins) > 1 else lins[0].forward
+        f = fuse_int8(list(lins)).forward if len(lins) > 1 else lins[0].forward
+        return lambda x: f(pre(x))
     b = None if lins[0].bias is None else torch.cat([m.bias.detach() for m in lins])
     kernel = _f32_kernel(lins[0].weight)
     if kernel is not None:  # plinth's kernel: (out, in) rows, fast at batch 1 and batch 8
@@ -172,11 +178,16 @@ def _fused(*lins: nn.Module):
                 m.bias.data = b[start : start + n]
             start += n
 
+        g, eps = None, 0.0
+        if isinstance(norm, nn.RMSNorm) and norm.weight is not None and norm.eps is not None:
+            g, eps = norm.weight.detach(), float(norm.eps)
+
         def run(x):
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] > 16:  # prefill: MKL's GEMM is the faster one for many rows
-                return F.linear(x, w, b)
-            y = kernel.f32_mm(x2, w).view(*x.shape[:-1], w.shape[0])
+                return F.linear(pre(x), w, b)
+            y = kernel.f32_mm(x2, w, g, eps) if g is not None else kernel.f32_mm(pre(x2), w)
+            y = y.view(*x.shape[:-1], w.shape[0])
             return y if b is None else y + b
 
         return run
@@ -189,7 +200,7 @@ def _fused(*lins: nn.Module):
             m.bias.data = b[start : start + n]
         start += n
     w = wt.t()
-    return lambda x: F.linear(x, w, b)
+    return lambda x: F.linear(pre(x), w, b)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

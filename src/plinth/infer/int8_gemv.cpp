@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 
 static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -195,10 +196,29 @@ static inline void f32_row1x4(const float* xr, const float* w0, int64_t K, float
   }
 }
 
-torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w) {
+// RMSNorm of each row of x (M, K) with weight g: x * g / sqrt(mean(x^2) + eps), as F.rms_norm.
+static torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& g, double eps) {
+  auto out = torch::empty_like(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < M; ++i) {
+    double ss = 0;
+    for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(xp[i * K + k]) * xp[i * K + k];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / K + eps));
+    for (int64_t k = 0; k < K; ++k) op[i * K + k] = xp[i * K + k] * r * gp[k];
+  }
+  return out;
+}
+
+// y = norm(x) @ w.T, the norm (RMSNorm with weight g) fused in when g is given: one call per
+// projection instead of five small operations.
+torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> g,
+                     double eps) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "f32_mm: shapes");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "f32_mm: dtypes");
   x = x.contiguous();
+  if (g.has_value()) x = rms_norm_rows(x, g->contiguous(), eps);
   w = w.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = torch::empty({M, N}, x.options());
@@ -227,5 +247,6 @@ torch::Tensor f32_mm(torch::Tensor x, torch::Tensor w) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { 
   m.def("int8_mm", &int8_mm, "int8 weight-only matmul");
-  m.def("f32_mm", &f32_mm, "fp32 matmul for a few activation rows");
+  m.def("f32_mm", &f32_mm, "fp32 matmul for a few activation rows (RMSNorm fused when g)",
+        py::arg("x"), py::arg("w"), py::arg("g") = py::none(), py::arg("eps") = 1e-6);
 }
