@@ -49,14 +49,21 @@ def stdlib_text(n_chars: int) -> str:
     return out[:n_chars]
 
 
-def bandwidth(reps: int = 5) -> float:
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth(reps: int = 5, device: str = "cpu") -> float:
     """Read bandwidth (bytes/s): best time to sum a 512 MB fp32 tensor."""
-    a = torch.ones(2**27)
+    a = torch.ones(2**27, device=device)
     a.sum()
     best = float("inf")
     for _ in range(reps):
+        sync(device)
         t = time.perf_counter()
         a.sum()
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return a.numel() * 4 / best
 
@@ -84,9 +91,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+DEVICE = "cpu"
+
+
 def timed(fn) -> float:
+    sync(DEVICE)
     t = time.perf_counter()
     fn()
+    sync(DEVICE)
     return time.perf_counter() - t
 
 
@@ -98,8 +110,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="rows of the batched measurement")
     ap.add_argument("--skip-int8", action="store_true")
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="weights and activations of both sides (bf16: GPU)")
+    ap.add_argument("--model", choices=["ref-smollm2", "random"], default="ref-smollm2",
+                    help="random: SmolLM2-135M's shapes with random weights and random prompt "
+                    "ids (bench/models.py), where the reference GGUF is not at hand (a GPU "
+                    "machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = dev = args.device
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     import transformers
 
@@ -107,19 +129,32 @@ def main() -> None:
     from plinth.infer.engine import Engine, SamplingParams
 
     N = args.new_tokens
-    eng = Engine.load("ref-smollm2")
-    q8 = None if args.skip_int8 else Engine.load("ref-smollm2", quantize="int8")
-    gguf = reference_path("ref-smollm2")
+    if args.model == "random":
+        import tempfile
+
+        from models import random_smollm2
+
+        src = random_smollm2(Path(tempfile.mkdtemp(prefix="bench-gen-")) / "hf")
+        spec, kw = str(src), {}
+    else:
+        src = reference_path("ref-smollm2")
+        spec, kw = "ref-smollm2", {"gguf_file": src.name}
+    eng = Engine.load(spec, device=dev, dtype=None if args.dtype == "fp32" else dtype)
+    q8 = None if args.skip_int8 else Engine.load(spec, device=dev, quantize="int8")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+        src.parent if kw else src, dtype=dtype, attn_implementation="sdpa", **kw
+    ).to(dev).eval()
     hf.generation_config.eos_token_id = None  # exactly N tokens on both sides
     hf.generation_config.pad_token_id = 0
 
-    one = eng.encode(PROMPT)
-    text = stdlib_text(4000)
     lens = [6 + 9 * i for i in range(args.batch)]  # different prompt lengths
-    all_ids = eng.encode(text)
+    if args.model == "random":
+        g = torch.Generator().manual_seed(0)
+        all_ids = torch.randint(3, 49152, (4000,), generator=g).tolist()
+        one = all_ids[:8]
+    else:
+        one = eng.encode(PROMPT)
+        all_ids = eng.encode(stdlib_text(4000))
     batch = [all_ids[100 * i : 100 * i + n] for i, n in enumerate(lens)]
 
     def sp(n):
@@ -130,8 +165,8 @@ def main() -> None:
 
     def hf_gen(prompts, n):
         T = max(len(p) for p in prompts)
-        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
         return out[:, T:].tolist()
@@ -169,14 +204,15 @@ def main() -> None:
             bs = [("plinth", lambda: plinth_gen(eng, batch, N)), ("hf", lambda: hf_gen(batch, N))]
             for name, fn in (bs if r % 2 == 0 else bs[::-1]):
                 add(f"{name}_b{args.batch}", args.batch * N / timed(fn))
-    bw = max(bandwidth(), bandwidth())
+    bw = max(bandwidth(device=dev), bandwidth(device=dev))
     med = {k: statistics.median(v) for k, v in res.items()}
     wb = weight_bytes(eng.model)
     roof = bw / wb
-    print(f"threads: {args.threads}  new tokens: {N}  rounds: {args.rounds}")
-    print(f"read bandwidth: {bw / 1e9:.1f} GB/s   fp32 weight bytes/token: {wb / 1e6:.1f} MB   "
-          f"roofline: {roof:.1f} tokens/s")
-    print(f"batch-1 fp32 decode: plinth {med['plinth_b1']:.1f} tokens/s "
+    print(f"device: {dev} ({args.dtype})  model: {args.model}  threads: {args.threads}  "
+          f"new tokens: {N}  rounds: {args.rounds}")
+    print(f"read bandwidth: {bw / 1e9:.1f} GB/s   {args.dtype} weight bytes/token: "
+          f"{wb / 1e6:.1f} MB   roofline: {roof:.1f} tokens/s")
+    print(f"batch-1 {args.dtype} decode: plinth {med['plinth_b1']:.1f} tokens/s "
           f"({med['plinth_b1'] / roof:.0%} of roofline; goal >= 95%), "
           f"HF {med['hf_b1']:.1f} tokens/s ({med['hf_b1'] / roof:.0%}); "
           f"plinth/HF {med['plinth_b1'] / med['hf_b1']:.2f}x")
