@@ -107,7 +107,11 @@ class Int8Linear(nn.Module):
         kdtype = torch.bfloat16 if x2.device.type == "cpu" else dtype
         if self._scale_bf16 is None or self._scale_bf16.dtype != kdtype:
             self._scale_bf16 = self.scale.to(kdtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(kdtype), self.qweight, self._scale_bf16)
+        # the kernel reads its operands as dense row-major: strided views (attention output,
+        # a fused weight's row slice) must be made contiguous first
+        y = torch.ops.aten._weight_int8pack_mm(
+            x2.to(kdtype).contiguous(), self.qweight.contiguous(), self._scale_bf16
+        )
         return y.to(dtype)
 
     def extra_repr(self) -> str:
