@@ -10,8 +10,8 @@ import itertools
 
 import pytest
 import torch
+from infer_helpers import tiny_engine
 
-from conftest import tiny_engine
 from plinth.errors import UsageError
 from plinth.infer.engine import Engine, SamplingParams
 

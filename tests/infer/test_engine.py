@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import V, tiny_engine
 
-from conftest import V, tiny_engine
 from plinth.errors import UsageError
 from plinth.infer.engine import SamplingParams, apply_penalties, draw, filter_logits
 from plinth.infer.sampling import generate as reference_generate

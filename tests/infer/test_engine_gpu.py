@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import tiny_model, word_tokenizer
 
-from conftest import tiny_model, word_tokenizer
 from plinth.config.schema import Config
 from plinth.infer.engine import Engine, SamplingParams
 from plinth.infer.quant import Int8Linear, quantize_model

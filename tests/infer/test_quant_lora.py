@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_helpers import tiny_engine, tiny_model, word_tokenizer
 
-from conftest import tiny_engine, tiny_model, word_tokenizer
 from plinth.config.schema import Config
 from plinth.errors import UsageError
 from plinth.infer.engine import Engine, SamplingParams

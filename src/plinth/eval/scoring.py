@@ -67,19 +67,9 @@ def load_eval_model(
     prompts are wrapped in the model's chat template (its own, or its fine-tuning base's)."""
     import json
 
-    from plinth.finetune.base import resolve_base
-    from plinth.hf.convert import REFERENCES
-    from plinth.recipes.generate import find_run, load_trained
+    from plinth.recipes.generate import find_run, load_trained, resolve_model
 
-    p = Path(spec).expanduser()
-    if spec not in REFERENCES and not p.exists():
-        raise UsageError(
-            f"model {spec!r}: no such file or directory. Give a plinth run or checkpoint "
-            "directory, a `plinth import` output, a Hugging Face model directory, a .gguf file, "
-            f"or a reference model: {', '.join(REFERENCES)}."
-        )
-    path = resolve_base(spec) if (spec in REFERENCES or p.suffix == ".gguf" or (
-        (p / "config.json").is_file() and not (p / "config.yaml").is_file())) else p
+    path = resolve_model(spec)
     run, explicit = find_run(path)
     net, tok, cfg = load_trained(path, device=device)
     if cfg.model.arch != "decoder":

@@ -138,21 +138,12 @@ class Engine:
         model directory, a .gguf file, or a reference model name ("ref-smollm2"). `adapter`: a
         LoRA/IA3 adapter directory put on the model; adapters (given or from a fine-tune run)
         are folded into the weights unless merge_adapter=False (then applied on the fly)."""
-        from plinth.finetune.base import chat_template_for, resolve_base, token_text
+        from plinth.finetune.base import chat_template_for, token_text
         from plinth.hf.convert import REFERENCES
-        from plinth.recipes.generate import find_run, load_trained
+        from plinth.recipes.generate import find_run, load_trained, resolve_model
 
         spec = str(path)
-        p = Path(spec).expanduser()
-        if spec not in REFERENCES and not p.exists():
-            raise UsageError(
-                f"model {spec!r}: no such file or directory. Give a plinth run or checkpoint "
-                "directory, a `plinth import` output, a Hugging Face model directory, a .gguf "
-                f"file, or a reference model: {', '.join(REFERENCES)}."
-            )
-        hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
-        resolved = resolve_base(spec) if (spec in REFERENCES or p.suffix == ".gguf" or hf_dir) \
-            else p
+        resolved = resolve_model(spec)
         run, _ = find_run(resolved)
         net, tok, cfg = load_trained(resolved, device=device)
         if adapter is not None:
@@ -182,7 +173,7 @@ class Engine:
         except UsageError:
             template = None
         return cls(net, tok, cfg, device=device, chat_template=template, eos_ids=sorted(eos),
-                   name=spec if spec in REFERENCES else p.name)
+                   name=spec if spec in REFERENCES else Path(spec).expanduser().name)
 
     # ------------------------------------------------------------------------------ text
 

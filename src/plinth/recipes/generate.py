@@ -29,6 +29,25 @@ def find_run(path: Path) -> tuple[Path, Path | None]:
     )
 
 
+def resolve_model(spec: str | Path) -> Path:
+    """The local directory for a model argument: a run / checkpoint / `plinth import` directory
+    as is; a Hugging Face directory, a .gguf file or a reference name (ref-smollm2) imported
+    once into $PLINTH_HOME/models. UsageError naming the accepted forms when it does not exist."""
+    from plinth.finetune.base import resolve_base
+    from plinth.hf.convert import REFERENCES
+
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if spec not in REFERENCES and not p.exists():
+        raise UsageError(
+            f"model {spec!r}: no such file or directory. Give a plinth run or checkpoint "
+            "directory, a `plinth import` output, a Hugging Face model directory, a .gguf file, "
+            f"or a reference model: {', '.join(REFERENCES)}."
+        )
+    hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+    return resolve_base(spec) if (spec in REFERENCES or p.suffix == ".gguf" or hf_dir) else p
+
+
 def load_trained(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run, checkpoint or imported directory."""
     import torch
