@@ -252,31 +252,18 @@ class Engine:
             sp.check()
         ids = self._ids(prompts)
         self._check_length(ids, [sp.max_new_tokens for sp in params])
-        runner = self._runner(ids, max(sp.max_new_tokens for sp in params))
-        rows = [_Row(self, i, p, sp, on_token) for i, (p, sp) in enumerate(zip(ids, params,
-                                                                                strict=True))]
-        sampler = _Sampler(rows, self.vocab_size, self.model_device)
-        logits = runner.prefill()  # (B, V) at the last prompt position
-        active = list(range(len(rows)))  # rows still generating, in batch order
-        while True:
-            toks = sampler.sample(logits, active)  # (A,) for the active rows
-            toks_list = toks.tolist()
-            still, keep_batch = [], []
-            for j, (r, t) in enumerate(zip(active, toks_list, strict=True)):
-                if rows[r].push(t, sampler.logprob_info(j)):
-                    still.append(r)
-                    keep_batch.append(j)
-            sampler.done_step()
-            if not still:
-                break
-            if len(still) < len(active):
-                sel = torch.tensor(keep_batch, device=self.model_device)
-                toks = toks.index_select(0, sel)
-                runner.keep(sel)
-                sampler.keep(still)
-                active = still
-            logits = runner.step(toks)
-        return [r.completion() for r in rows]
+        session = DecodeSession(self)
+        for p, sp in zip(ids, params, strict=True):
+            session._append(p, sp, on_token)
+        done: dict[int, Completion] = {}
+        while session.live:
+            done.update(session.step())
+        return [done[i] for i in range(len(ids))]
+
+    def session(self, max_rows: int | None = None) -> DecodeSession:
+        """A decode loop that rows join and leave between steps (continuous batching): see
+        `DecodeSession`."""
+        return DecodeSession(self, max_rows)
 
     @torch.inference_mode()
     def beam_search(
@@ -403,6 +390,123 @@ class Engine:
         return self._fast
 
 
+# ------------------------------------------------------------------------------------ sessions
+
+
+class DecodeSession:
+    """A running decode loop that rows join and leave between steps (continuous batching).
+
+        s = engine.session(max_rows=8)
+        h = s.add(ids, SamplingParams(16), on_token)   # a row handle (its on_token row index)
+        while s.live:
+            for handle, completion in s.step(): ...    # rows that finished this step
+
+    `add` validates the row (UsageError as `generate` gives) and queues it; the next `step`
+    prefills the queued rows, each on its own, and merges them into the batch cache, then
+    advances every live row by one token with the same per-row sampling, penalties, seeds,
+    logprobs, stop strings, streaming and cancelling as `generate` (which is this loop with all
+    rows added before the first step). A decoder's rows are left-padded to one cache position:
+    when rows join, the cache is laid out afresh with the real tokens of every row ending at
+    max(row lengths) (a prompt longer than the running position shifts the others right; a
+    shorter one gets more padding), and its length is what the rows can still write. Every
+    row's positions count from its own first token, so a row decodes what it would alone. An
+    encoder-decoder's rows can join only an empty session (`joinable`)."""
+
+    def __init__(self, engine: Engine, max_rows: int | None = None):
+        self.engine, self.max_rows = engine, max_rows
+        self.pending: list[_Row] = []
+        self.active: list[int] = []  # live rows in batch order
+        self.rows: dict[int, _Row] = {}
+        self.sampler = _Sampler([], engine.vocab_size, engine.model_device)
+        self.runner: _Runner | None = None
+        self.logits: torch.Tensor | None = None  # (A, V) next-token logits of the active rows
+        self._next = 0
+
+    @property
+    def live(self) -> int:
+        """Rows generating or queued to join at the next step."""
+        return len(self.active) + len(self.pending)
+
+    @property
+    def joinable(self) -> bool:
+        return self.engine.arch == "decoder" or not self.active
+
+    def add(self, prompt: str | list[int], params: SamplingParams,
+            on_token: Callable[[int, int, str], bool | None] | None = None) -> int:
+        """Queue a row to join at the next step; its handle (the row index on_token gets)."""
+        if self.max_rows is not None and self.live >= self.max_rows:
+            raise UsageError(f"the session is full ({self.max_rows} rows)")
+        if not self.joinable:
+            raise NotSupportedError("an encoder-decoder session cannot be joined while it runs")
+        params.check()
+        ids = self.engine._ids([prompt])[0]
+        self.engine._check_length([ids], [params.max_new_tokens])
+        return self._append(ids, params, on_token)
+
+    def _append(self, ids: list[int], params: SamplingParams, on_token) -> int:
+        row = _Row(self.engine, self._next, ids, params, on_token)
+        self._next += 1
+        self.pending.append(row)
+        return row.index
+
+    def discard(self, handle: int) -> bool:
+        """Drop a row that has not joined yet (True when it was queued)."""
+        for i, r in enumerate(self.pending):
+            if r.index == handle:
+                del self.pending[i]
+                return True
+        return False
+
+    def _admit(self) -> None:
+        new, self.pending = self.pending, []
+        eng = self.engine
+        ids = [r.prompt for r in new]
+        max_new = [r.params.max_new_tokens for r in new]
+        if self.runner is None:
+            self.runner = eng._runner(ids, max(max_new))
+            logits = self.runner.prefill()
+        else:
+            logits = self.runner.admit(ids, max_new)
+        for r in new:
+            self.rows[r.index] = r
+        self.sampler.add(new)
+        self.active = self.active + [r.index for r in new]
+        self.sampler.keep(self.active)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, Completion]]:
+        """Admit the queued rows, advance every live row by one token; (handle, Completion)
+        of the rows that finished."""
+        if self.pending:
+            self._admit()
+        if not self.active:
+            return []
+        sampler, active = self.sampler, self.active
+        toks = sampler.sample(self.logits, active)  # (A,) for the active rows
+        still, keep_batch, done = [], [], []
+        for j, (r, t) in enumerate(zip(active, toks.tolist(), strict=True)):
+            if self.rows[r].push(t, sampler.logprob_info(j)):
+                still.append(r)
+                keep_batch.append(j)
+            else:
+                done.append(r)
+        sampler.done_step()
+        finished = [(r, self.rows.pop(r).completion()) for r in done]
+        if not still:
+            self.active, self.logits, self.runner = [], None, None  # free the cache
+            sampler.keep([])
+            return finished
+        if len(still) < len(active):
+            sel = torch.tensor(keep_batch, device=self.engine.model_device)
+            toks = toks.index_select(0, sel)
+            self.runner.keep(sel)
+            sampler.keep(still)
+            self.active = still
+        self.logits = self.runner.step(toks)
+        return finished
+
+
 # ------------------------------------------------------------------------------------ runners
 
 
@@ -412,48 +516,72 @@ class _Runner:
 
 
 class _DecoderRunner(_Runner):
+    """Rows left-padded to one cache position; `admit` merges new rows between steps (see
+    DecodeSession)."""
+
     def __init__(self, model, ids, max_new, fast=None):
         self.model, self.fast = model, fast
-        device = model.embed_tokens.weight.device
-        lengths = [len(p) for p in ids]
-        T = max(lengths)
-        pad = torch.tensor([T - n for n in lengths], device=device)
-        self.idx = torch.tensor([[0] * (T - len(p)) + p for p in ids], device=device)
-        self.cache = model.new_cache(len(ids), T + max_new, pad=pad)
+        self.device = model.embed_tokens.weight.device
+        self._first = (ids, max_new)
+        self.cache: KVCache | None = None
+        self.until: list[int] = []  # per batch row: the cache position it may write up to
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
+    def _forward(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.fast is not None:
+            return self.fast.forward(idx, cache)
+        h = self.model.encode(idx, cache)
         return self.model.lm_head(h[:, -1]).float()  # only the last position gets logits
 
     def prefill(self) -> torch.Tensor:
-        if self.fast is not None and self.cache.pad is not None:
-            return self._ragged_prefill()
-        if self.fast is not None:
-            return self.fast.forward(self.idx, self.cache)
-        return self._head(self.model.encode(self.idx, self.cache))
+        ids, max_new = self._first
+        return self.admit(ids, [max_new] * len(ids))
 
-    def _ragged_prefill(self) -> torch.Tensor:
-        """Prefill each prompt at its own length (no compute on padding: a batch of prompts of
-        6..69 tokens does 300 token-passes instead of 8 x 69 = 552), each into a cache of its
-        own, then copied into its row of the shared cache after its padding slots. Positions
-        count from each row's first token in both, so decoding continues exactly."""
-        cache, pads = self.cache, self.cache.pad.tolist()
-        T = self.idx.shape[1]
+    def admit(self, ids: list[list[int]], max_new: list[int]) -> torch.Tensor:
+        """Add rows (prompts, each with its max_new_tokens) after the current ones; logits
+        (len(ids), V) at their last prompt positions.
+
+        The cache is laid out afresh: every row's real tokens end at P = the longest row (old
+        rows' tokens so far, new prompts), old rows shifted by P - pos, and its length is what
+        the rows may still write. Each new prompt is prefilled at its own length into a cache
+        of its own (no compute on padding; positions count from the row's first token) and
+        copied in after its padding, so the row decodes exactly as it would alone."""
+        old, dev = self.cache, self.device
+        lens = [len(p) for p in ids]
+        if old is None and len(set(lens)) == 1:  # a fresh batch of equal lengths: one pass
+            self.cache = self.model.new_cache(len(ids), lens[0] + max(max_new))
+            self.until = [lens[0] + m for m in max_new]
+            return self._forward(torch.tensor(ids, device=dev), self.cache)
+        A = 0 if old is None else old.k.shape[1]
+        pos = 0 if old is None else old.pos
+        pads = [] if old is None else (
+            old.pad.tolist() if old.pad is not None else [0] * A)
+        P = max([pos - p for p in pads] + lens)
+        delta = P - pos
+        until = [u + delta for u in self.until] + [P + m for m in max_new]
+        pad = torch.tensor([p + delta for p in pads] + [P - n for n in lens], device=dev)
+        cache = self.model.new_cache(A + len(ids), max(until), pad=pad)
+        if old is not None:
+            if cache.k.dtype != old.k.dtype:
+                cache.k, cache.v = cache.k.to(old.k.dtype), cache.v.to(old.v.dtype)
+            src, dst = max(0, -delta), max(0, delta)
+            cache.k[:, :A, :, dst:P] = old.k[:, :, :, src:pos]
+            cache.v[:, :A, :, dst:P] = old.v[:, :, :, src:pos]
         logits = []
-        for b, pad in enumerate(pads):
-            one = self.model.new_cache(1, T - pad)
-            logits.append(self.fast.forward(self.idx[b : b + 1, pad:], one))
-            cache.k[:, b, :, pad:T] = one.k[:, 0]
-            cache.v[:, b, :, pad:T] = one.v[:, 0]
-        cache.advance(T)
+        for i, p in enumerate(ids):
+            one = self.model.new_cache(1, len(p))
+            logits.append(self._forward(torch.tensor([p], device=dev), one))
+            cache.k[:, A + i, :, P - len(p):P] = one.k[:, 0]
+            cache.v[:, A + i, :, P - len(p):P] = one.v[:, 0]
+        cache.pos = P
+        self.cache, self.until = cache, until
         return torch.cat(logits)
 
     def step(self, toks: torch.Tensor) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast.forward(toks[:, None], self.cache)
-        return self._head(self.model.encode(toks[:, None], self.cache))
+        return self._forward(toks[:, None], self.cache)
 
     def keep(self, idx: torch.Tensor) -> None:
         _compact_cache(self.cache, idx)
+        self.until = [self.until[i] for i in idx.tolist()]
 
 
 class _Seq2SeqRunner(_Runner):
@@ -474,6 +602,9 @@ class _Seq2SeqRunner(_Runner):
     def step(self, toks: torch.Tensor) -> torch.Tensor:
         out = self.model.decode(toks[:, None], self.memory, self.src_mask, self.cache)
         return out[:, -1].float()
+
+    def admit(self, ids, max_new) -> torch.Tensor:
+        raise NotSupportedError("an encoder-decoder batch cannot be joined while it runs")
 
     def keep(self, idx: torch.Tensor) -> None:
         _compact_cache(self.cache, idx)
@@ -500,12 +631,20 @@ class _Sampler:
     (A,) tensors, so one set of tensor operations serves all rows."""
 
     def __init__(self, rows: list[_Row], vocab: int, device: torch.device):
-        self.rows, self.V, self.device = rows, vocab, device
-        self._set(list(range(len(rows))))
+        self.V, self.device = vocab, device
+        self.rows: dict[int, _Row] = {}
         # penalty state for every row (kept by row index; only rows that use it cost anything)
         self.counts: dict[int, torch.Tensor] = {}  # generated-token counts (V,)
         self.seen: dict[int, torch.Tensor] = {}  # prompt + generated tokens (bool V,)
+        self.add(rows)
+        self._set([r.index for r in rows])
+        self._info = None
+
+    def add(self, rows: list[_Row]) -> None:
+        """Take on new rows (their penalty state); `keep` makes them active."""
+        vocab, device = self.V, self.device
         for r in rows:
+            self.rows[r.index] = r
             sp = r.params
             if sp.repetition_penalty != 1.0:
                 seen = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -513,7 +652,6 @@ class _Sampler:
                 self.seen[r.index] = seen
             if sp.frequency_penalty or sp.presence_penalty:
                 self.counts[r.index] = torch.zeros(vocab, device=device)
-        self._info = None
 
     def _set(self, active: list[int]) -> None:
         self.active = active
@@ -533,6 +671,11 @@ class _Sampler:
             self.min_p = [p.min_p for p in sp]
 
     def keep(self, active: list[int]) -> None:
+        """Make `active` the rows sampled, in batch order; the others are forgotten."""
+        live = set(active)
+        for d in (self.rows, self.seen, self.counts):
+            for r in [r for r in d if r not in live]:
+                del d[r]
         self._set(active)
 
     def done_step(self) -> None:
