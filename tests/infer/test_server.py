@@ -353,14 +353,56 @@ async def _post_all(url, bodies, concurrency, headers=None):
 
 def test_concurrent_requests_share_a_batch_with_unchanged_outputs(engine, server):
     batches0 = metric(server, "plinth_batch_size_count")
+    rows0 = metric(server, "plinth_batch_size_sum")
     bodies = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
               for p in PROMPTS]
     rs = asyncio.run(_post_all(server.url + "/v1/completions", bodies, 8, auth()))
     texts = [r.json()["choices"][0]["text"] for r in rs]
     assert texts == [greedy(engine, p, 24, ignore_eos=True).text for p in PROMPTS]
     assert metric(server, "plinth_batch_size_max") > 1
-    # 8 requests ran in fewer than 8 engine calls
-    assert metric(server, "plinth_batch_size_count") - batches0 < len(PROMPTS)
+    # decode steps ran more than one row on average (plinth_batch_size: live rows per step)
+    rows = metric(server, "plinth_batch_size_sum") - rows0
+    assert rows / (metric(server, "plinth_batch_size_count") - batches0) > 1
+
+
+def test_a_request_sent_mid_batch_joins_it_and_finishes_first(engine, server):
+    """Continuous batching: while a long request decodes, short ones (a prompt shorter and one
+    longer than the running row's position) join the running loop and finish before it ends;
+    every text equals its solo greedy text."""
+    long_prompt = "w5 w6 w7"
+    shorts = ["w10 w11", " ".join(f"w{10 + i}" for i in range(40))]
+    ref_long = greedy(engine, long_prompt, 200, ignore_eos=True).text
+    ref_short = [greedy(engine, p, 8, ignore_eos=True).text for p in shorts]
+    finished: dict[str, float] = {}
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60, headers=auth()) as c:
+            started = asyncio.Event()
+
+            async def long():
+                body = {"prompt": long_prompt, "max_tokens": 200, "ignore_eos": True,
+                        "temperature": 0, "stream": True}
+                text = ""
+                async with c.stream("POST", server.url + "/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                            started.set()
+                finished["long"] = time.monotonic()
+                return text
+
+            async def short(i):
+                await started.wait()  # the long request is decoding
+                r = await c.post(server.url + "/v1/completions", json={
+                    "prompt": shorts[i], "max_tokens": 8, "ignore_eos": True, "temperature": 0})
+                finished[f"short{i}"] = time.monotonic()
+                return r.json()["choices"][0]["text"]
+
+            return await asyncio.gather(long(), short(0), short(1))
+
+    text_long, *texts = asyncio.run(scenario())
+    assert text_long == ref_long and texts == ref_short
+    assert finished["short0"] < finished["long"] and finished["short1"] < finished["long"]
 
 
 def test_queue_flood_gets_429s_and_the_server_stays_healthy(engine):
@@ -449,8 +491,8 @@ def test_metrics_in_prometheus_format(server, client):
 
 def test_a_failing_request_does_not_fail_its_batch_mates(engine):
     """The scheduler on its own: a job the engine refuses (a token id outside the vocabulary,
-    which the HTTP layer would have caught) shares a batch with a good one; the batch is
-    retried job by job, so only the bad job gets the error."""
+    which the HTTP layer would have caught) is taken in one round with a good one; it is
+    refused as it joins the decode loop, so only the bad job gets the error."""
     from plinth.infer.scheduler import Job, Scheduler
 
     sched = Scheduler(engine, max_batch=8, batch_wait_s=0.5)  # long wait: one batch of both
@@ -475,7 +517,6 @@ def test_a_failing_request_does_not_fail_its_batch_mates(engine):
         good, bad = asyncio.run(scenario())
     finally:
         sched.stop()
-    assert sched.metrics.batch_rows_max == 2  # they did share a batch first
     assert good[0] == "done" and good[1][0].text == greedy(engine, PROMPTS[0], 6).text
     assert bad[0] == "error" and isinstance(bad[1], UsageError)
     assert "token id 10000 outside the vocabulary" in str(bad[1])

@@ -247,20 +247,22 @@ class Scheduler:
             self._cond.notify()
 
     # -- the worker thread -----------------------------------------------------------------
-    def _take(self) -> list[Job]:
-        """The next batch: waiting jobs in order while their rows fit in max_batch (a job with
-        more rows than that runs alone); cancelled jobs are dropped unrun."""
+    def _take(self, free: int, running: bool) -> list[Job]:
+        """Waiting jobs in order while their rows fit in `free` rows (a job with more rows than
+        max_batch runs alone); cancelled jobs are dropped unrun. With nothing `running` it
+        waits for a job, then `batch_wait_s` for more; while rows decode it does not wait."""
         with self._cond:
-            while not self._queue and not self._stop:
-                self._cond.wait()
+            if not running:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while sum(j.rows for j in self._queue) < free and not self._stop:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
             if self._stop:
                 return []
-            deadline = time.monotonic() + self.batch_wait_s
-            while sum(j.rows for j in self._queue) < self.max_batch and not self._stop:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
             batch: list[Job] = []
             rows = 0
             while self._queue:
@@ -268,7 +270,7 @@ class Scheduler:
                 if job.cancelled:
                     self._queue.popleft()
                     continue
-                if batch and rows + job.rows > self.max_batch:
+                if rows + job.rows > free and (batch or running):
                     break
                 batch.append(self._queue.popleft())
                 rows += job.rows
@@ -278,59 +280,75 @@ class Scheduler:
 
     def _worker(self) -> None:
         try:
-            while not self._stop:
-                batch = self._take()
-                if batch:
-                    self._run(batch)
+            session = self.engine.session()
+            owners: dict[int, tuple[Job, int]] = {}  # session row -> (job, choice index)
+            results: dict[Job, list] = {}  # running job -> its completions so far
+            while not self._stop or session.live:
+                if not self._stop and session.joinable:
+                    free = self.max_batch - session.live
+                    if free > 0:
+                        for job in self._take(free, running=session.live > 0):
+                            self._admit(session, job, owners, results)
+                if not session.live:
+                    continue
+                try:
+                    self._step(session, owners, results)
+                except Exception as e:  # the step failed every row in it
+                    log.warning("a decode step of %d rows failed (%r)", session.live, e)
+                    for job in results:
+                        job.push("error", e)
+                    owners.clear()
+                    results.clear()
+                    session = self.engine.session()
         except BaseException as e:  # never leave requests hanging on a dead worker
             self.error = e
             log.exception("the batching worker failed")
             self.stop(timeout=0)
+        finally:
+            with self.metrics.lock:
+                self.metrics.active_rows = 0
 
-    def _run(self, batch: list[Job]) -> None:
-        try:
-            self._generate(batch)
-        except Exception as e:
-            if len(batch) == 1:
-                batch[0].push("error", e)
-                return
-            # one bad request must not fail its neighbours: run each job alone; a job that
-            # already streamed tokens cannot be replayed and gets the error
-            log.warning("a batch of %d requests failed (%r); running them one by one",
-                        len(batch), e)
-            for job in batch:
-                if job.emitted or job.cancelled:
-                    job.push("error", e)
-                    continue
-                try:
-                    self._generate([job])
-                except Exception as e1:
-                    job.push("error", e1)
-
-    def _generate(self, batch: list[Job]) -> None:
-        owners: list[tuple[Job, int]] = [(job, i) for job in batch for i in range(job.rows)]
-        prompts = [p for job in batch for p in job.prompts]
-        params = [p for job in batch for p in job.params]
+    def _admit(self, session, job: Job, owners: dict, results: dict) -> None:
+        """The job's rows join the session at the next step; a row the engine refuses fails
+        the job alone (its other rows are withdrawn)."""
         metrics = self.metrics
 
         def on_token(row: int, token_id: int, text: str) -> bool | None:
-            job, i = owners[row]
-            if job.cancelled:
+            owner, i = owners[row]
+            if owner.cancelled:
                 return False
             metrics.tokens(1)
-            job.emitted = True
-            job.push("token", i, token_id, text)
+            owner.emitted = True
+            owner.push("token", i, token_id, text)
             return None
 
-        metrics.batch(len(prompts), sum(len(p) for p in prompts))
-        with metrics.lock:
-            metrics.active_rows = len(prompts)
+        handles = []
         try:
-            outs = self.engine.generate(prompts, params, on_token=on_token)
-        finally:
-            with metrics.lock:
-                metrics.active_rows = 0
-        start = 0
-        for job in batch:
-            job.push("done", outs[start:start + job.rows])
-            start += job.rows
+            for prompt, params in zip(job.prompts, job.params, strict=True):
+                handles.append(session.add(prompt, params, on_token))
+        except Exception as e:
+            for h in handles:
+                session.discard(h)
+            job.push("error", e)
+            return
+        for i, h in enumerate(handles):
+            owners[h] = (job, i)
+        results[job] = [None] * job.rows
+        with metrics.lock:
+            metrics.prompt_tokens += sum(len(p) for p in job.prompts)
+
+    def _step(self, session, owners: dict, results: dict) -> None:
+        metrics = self.metrics
+        rows = session.live
+        metrics.batch(rows, 0)
+        with metrics.lock:
+            metrics.active_rows = rows
+        for handle, completion in session.step():
+            job, i = owners.pop(handle)
+            outs = results[job]
+            outs[i] = completion
+            if all(c is not None for c in outs):
+                del results[job]
+                job.push("done", outs)
+        with metrics.lock:
+            metrics.active_rows = session.live
