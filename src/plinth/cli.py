@@ -65,7 +65,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "serve": (
         "plinth.recipes.serve:serve",
-        "OpenAI-compatible HTTP server (completions, chat, streaming) with dynamic batching",
+        "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching",
     ),
     "eval": (
         "plinth.eval.commands:eval_cmd",

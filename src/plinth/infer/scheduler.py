@@ -1,22 +1,27 @@
-"""Dynamic batching for the server: one worker thread owns the model and runs waiting requests
-together as one `Engine.generate` call.
+"""Continuous batching for the server: one worker thread owns the model and one running
+`Engine.session` decode loop, which requests join and leave between decode steps.
 
     sched = Scheduler(engine, max_batch=8, max_queue=64); sched.start()
     job = Job(prompts=[ids], params=[SamplingParams(max_new_tokens=16)], loop=loop)
     sched.submit(job)            # QueueFull when max_queue jobs already wait
     kind, *data = await job.events.get()   # ("token", choice, id, text) ... ("done", [Completion])
 
-Policy: the worker takes the waiting jobs in arrival order, up to `max_batch` rows (sequences)
-in all, and decodes them in one batched loop with per-row sampling parameters. Jobs that arrive
-while a batch runs wait for the next one: the engine decodes a fixed set of rows per call, so
-a running batch cannot be joined. When the worker wakes to a short queue it waits `batch_wait_s`
-(a few milliseconds, small next to one decode step) for more jobs, so a burst of requests that
-arrive together shares a batch instead of the first one running alone.
+Policy (iteration-level batching, as vLLM and TGI): before every decode step the worker moves
+waiting jobs, in arrival order, into the session while their rows fit in the `max_batch` rows
+(sequences) it decodes together; a job that does not fit waits (and holds the ones behind it)
+until rows finish. A new row is prefilled on its own and joins at the next step, so a request
+that arrives while others decode starts within one step instead of waiting for the batch to
+end, and a row leaves the batch the step it finishes, freeing its place. A job with more rows
+than max_batch runs alone. When the worker is idle and wakes to a short queue it waits
+`batch_wait_s` (a few milliseconds) for more jobs, so a burst of requests that arrive together
+is prefilled together. (An encoder-decoder session takes new rows only when it is empty.)
 
 Tokens travel from the worker thread to each job's asyncio queue with
 `loop.call_soon_threadsafe`. A job marked `cancelled` (client gone, timeout) stops its rows at
 their next token (`on_token` returns False) while the other rows go on; a cancelled job that is
-still waiting never runs.
+still waiting never runs. A job the engine refuses as it joins (UsageError) fails alone; a
+decode step that raises fails the jobs running in it, and the worker goes on with a new
+session.
 """
 
 from __future__ import annotations
@@ -153,7 +158,7 @@ class Metrics:
                 "# HELP plinth_tokens_per_second Generated tokens per second, last minute.",
                 "# TYPE plinth_tokens_per_second gauge",
                 f"plinth_tokens_per_second {rate:.3f}",
-                "# HELP plinth_queue_depth Requests waiting for a batch.",
+                "# HELP plinth_queue_depth Requests waiting to join the decode loop.",
                 "# TYPE plinth_queue_depth gauge",
                 f"plinth_queue_depth {queue_depth}",
                 "# HELP plinth_active_batch_size Rows in the batch decoding now.",
@@ -162,7 +167,7 @@ class Metrics:
                 "# HELP plinth_batch_size_max Most rows decoded together so far.",
                 "# TYPE plinth_batch_size_max gauge",
                 f"plinth_batch_size_max {self.batch_rows_max}",
-                "# HELP plinth_batch_size Rows per batch (one Engine.generate call).",
+                "# HELP plinth_batch_size Rows per decode step (live rows of the running batch).",
                 "# TYPE plinth_batch_size histogram",
             ]
             for le, n in zip(self.BATCH_BUCKETS, itertools.accumulate(self.batch_hist),

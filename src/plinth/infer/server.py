@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP server over an `Engine`, with dynamic batching.
+"""An OpenAI-compatible HTTP server over an `Engine`, with continuous batching.
 
     from plinth.infer.engine import Engine
     from plinth.infer.server import create_app, BackgroundServer
@@ -21,7 +21,7 @@ wrong types and out-of-range values are refused (422) with the field named; malf
 400; limits answer 400 (prompt longer than the context or --max-prompt-tokens), 413 (body), 429
 (queue full, with Retry-After) and 504 (timeout). Errors use OpenAI's body:
 {"error": {"message", "type", "param", "code"}}. Generation itself runs in the one worker
-thread of `plinth.infer.scheduler.Scheduler`.
+thread of `plinth.infer.scheduler.Scheduler`, one decode loop that requests join between steps.
 """
 
 from __future__ import annotations
