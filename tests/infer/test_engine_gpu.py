@@ -62,3 +62,22 @@ def test_cuda_bf16_greedy_close_to_fp32():
     b = engine("cuda", dtype=torch.bfloat16).generate(PROMPTS, sp)
     same = sum(x.token_ids[:3] == y.token_ids[:3] for x, y in zip(a, b, strict=True))
     assert same >= 2
+
+
+def test_cuda_rows_joining_a_session_equal_their_solo_generation():
+    eng = engine("cuda")
+    sp = SamplingParams(max_new_tokens=16, logprobs=0)
+    long = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7]  # longer than the running position
+    solo = [eng.generate([p], sp)[0] for p in [*PROMPTS, long]]
+    s = eng.session()
+    hs = [s.add(PROMPTS[0], sp)]
+    done = {}
+    for _ in range(3):
+        done.update(s.step())
+    hs += [s.add(p, sp) for p in [*PROMPTS[1:], long]]
+    while s.live:
+        done.update(s.step())
+    for h, ref in zip(hs, solo, strict=True):
+        assert done[h].token_ids == ref.token_ids
+        torch.testing.assert_close(torch.tensor(done[h].logprobs), torch.tensor(ref.logprobs),
+                                   atol=1e-5, rtol=0)
