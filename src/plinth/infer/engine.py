@@ -13,6 +13,11 @@ batch-mates. A row that finishes leaves the sampler and the batch at once (its c
 dropped: one cache copy per finished row, cheaper than decoding dead rows to the end). Text
 is detokenised incrementally, and text that could still become a stop string is held back from
 streaming until it cannot.
+
+The loop is a `DecodeSession` (`Engine.session`): rows can also join it between steps
+(continuous batching, what `plinth serve` runs); each joining prompt is prefilled on its own and
+merged into the batch cache, so it decodes exactly as it would alone. `generate` is a session
+with every row added before the first step.
 """
 
 from __future__ import annotations
