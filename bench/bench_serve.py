@@ -13,8 +13,10 @@ thread, loopback port); --requests distinct short prompts sent to /v1/completion
 Prints requests/s and generated tokens/s of both modes and their ratio (goal: > 1; the
 server batches concurrent requests, so the ratio grows with --concurrency until the model's
 per-step cost stops being flat in the batch size), the mean batch size the server reported in
-/metrics, and whether the greedy texts are identical in both modes (they should be: a row
-computes what it would alone; float rounding across batch shapes can, rarely, flip a near-tie).
+/metrics (plinth_batch_size: live rows per decode step; before continuous batching, rows per
+Engine.generate call), and whether the greedy texts are identical in both modes (they should
+be: a row computes what it would alone; float rounding across batch shapes can, rarely, flip
+a near-tie).
 Absolute numbers on a shared machine move with the other jobs' load; compare the ratio.
 
     python bench/bench_serve.py --staggered --interval-ms 100 --requests 24 --threads 1
