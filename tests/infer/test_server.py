@@ -522,6 +522,53 @@ def test_a_failing_request_does_not_fail_its_batch_mates(engine):
     assert "token id 10000 outside the vocabulary" in str(bad[1])
 
 
+def test_a_failing_decode_step_fails_its_jobs_and_the_worker_goes_on(engine):
+    """A decode step that raises fails the jobs running in it; the worker starts a fresh
+    decode loop and the next job is answered normally."""
+    from plinth.infer.scheduler import Job, Scheduler
+
+    class Flaky:  # the engine, whose first session step raises
+        fail = True
+
+        def session(self, max_rows=None):
+            s = engine.session(max_rows)
+            step = s.step
+
+            def flaky_step():
+                if Flaky.fail:
+                    Flaky.fail = False
+                    raise RuntimeError("device lost")
+                return step()
+
+            s.step = flaky_step
+            return s
+
+    sched = Scheduler(Flaky(), max_batch=8)
+    sched.start()
+
+    async def last(job):
+        while True:
+            ev = await job.events.get()
+            if ev[0] != "token":
+                return ev
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        first = Job(prompts=[engine.encode(PROMPTS[0])], params=[SamplingParams(6)], loop=loop)
+        sched.submit(first)
+        a = await last(first)
+        second = Job(prompts=[engine.encode(PROMPTS[1])], params=[SamplingParams(6)], loop=loop)
+        sched.submit(second)
+        return a, await last(second)
+
+    try:
+        a, b = asyncio.run(scenario())
+    finally:
+        sched.stop()
+    assert a[0] == "error" and "device lost" in str(a[1])
+    assert b[0] == "done" and b[1][0].text == greedy(engine, PROMPTS[1], 6).text
+
+
 def test_a_stopped_worker_answers_503(engine):
     app = create_app(engine)
     with BackgroundServer(app) as srv:
