@@ -49,6 +49,7 @@ from plinth.data import sources as srcs
 from plinth.data import tokenizer as tkz
 from plinth.data.shards import ShardWriter, itemsize_for
 from plinth.errors import UsageError
+from plinth.track.progress import TaskProgress
 
 if TYPE_CHECKING:
     from plinth.config.schema import Config
@@ -121,55 +122,6 @@ def is_current(out: Path, fingerprint: str) -> bool:
 
 
 # ------------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """A rich progress display on stderr, or nothing (progress=False)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._p = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.console = Console(stderr=True)
-            self._p = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
-                TimeElapsedColumn(),
-                console=self.console,
-            )
-
-    def __enter__(self):
-        if self._p:
-            self._p.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self._p:
-            self._p.stop()
-
-    def task(self, description: str, total: int | None = None):
-        if not self._p:
-            return None
-        return self._p.add_task(description, total=total, info="")
-
-    def update(self, task, **kw):
-        if self._p and task is not None:
-            self._p.update(task, **kw)
-
-    def log(self, message: str):
-        if self._p:
-            self._p.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------- workers
@@ -392,7 +344,7 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
     fingerprint = config_fingerprint(cfg)
     if not force and is_current(out, fingerprint):
         if progress:
-            _Progress(True).log(f"dataset in {out} is up to date (config {fingerprint}); reused")
+            TaskProgress(True).log(f"dataset in {out} is up to date (config {fingerprint}); reused")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _lock(out):  # several processes (e.g. torchrun ranks) may prepare the same dir
@@ -411,14 +363,14 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
         tmp.mkdir()
         runner = _Runner(data.workers)
         try:
-            with _Progress(progress) as prog:
+            with TaskProgress(progress) as prog:
                 manifest = _build(cfg, tmp, names, settings, fingerprint, runner, prog)
             _publish(tmp, out)
         finally:
             runner.close()
             shutil.rmtree(tmp, ignore_errors=True)
     if progress:
-        _Progress(True).log(
+        TaskProgress(True).log(
             f"prepared {out}: {manifest['splits']['train']['tokens']:,} train / "
             f"{manifest['splits']['val']['tokens']:,} val tokens, fingerprint "
             f"{manifest['fingerprint']}"

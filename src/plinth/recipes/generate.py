@@ -295,40 +295,27 @@ def _logprob_fields(eng, c) -> dict:
 
 
 class _Bar:
-    """A rich progress bar on stderr: prompts done, generated tokens/s."""
+    """A progress bar on stderr: prompts done, generated tokens/s."""
 
     def __init__(self, total: int, enabled: bool):
         import time
 
-        self.p, self.tokens, self.t0 = None, 0, time.perf_counter()
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+        from plinth.track.progress import TaskProgress
 
-            self.p = Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                              console=Console(stderr=True))
-            self.task = self.p.add_task("generate", total=total, info="")
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.prog = TaskProgress(enabled)
+        self.task = self.prog.task("generate", total)
 
     def __enter__(self):
-        if self.p:
-            self.p.start()
+        self.prog.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.p:
-            self.p.stop()
+        self.prog.__exit__(*exc)
 
     def advance(self, n: int, tokens: int) -> None:
         import time
 
         self.tokens += tokens
-        if self.p:
-            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-            self.p.update(self.task, advance=n, info=f"{rate:.1f} tokens/s")
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.prog.update(self.task, advance=n, info=f"{rate:.1f} tokens/s")

@@ -1,4 +1,5 @@
-"""A live progress bar for training: step, loss, tokens/s and ETA (plain lines when piped)."""
+"""Live progress: a bar for training (step, loss, tokens/s and ETA; plain lines when piped) and
+bars of counted work for the other commands."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class TrainProgress:
@@ -64,3 +72,45 @@ class TrainProgress:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+class TaskProgress:
+    """Bars of counted work (data preparation stages, batch generation) on stderr, or nothing
+    when disabled: `task(description, total)` adds a bar, `update(task, advance=, info=)`
+    moves it, `log(message)` prints above the bars."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._p = None
+        if enabled:
+            self.console = Console(stderr=True)
+            self._p = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+
+    def __enter__(self):
+        if self._p:
+            self._p.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._p:
+            self._p.stop()
+
+    def task(self, description: str, total: int | None = None):
+        if not self._p:
+            return None
+        return self._p.add_task(description, total=total, info="")
+
+    def update(self, task, **kw):
+        if self._p and task is not None:
+            self._p.update(task, **kw)
+
+    def log(self, message: str):
+        if self._p:
+            self._p.console.print(message, markup=False, highlight=False, soft_wrap=True)
