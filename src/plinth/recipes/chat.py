@@ -50,7 +50,8 @@ def chat_cmd(
         adapter: LoRA/IA3 adapter directory to put on the model (merged)
         device: cpu, cuda, ...
     """
-    from plinth.infer.engine import Engine, SamplingParams
+    from plinth.infer.engine import Engine
+    from plinth.recipes.generate import sampling_params
 
     eng = Engine.load(model, device=device, quantize=quantize, adapter=adapter)
     if eng.chat_template is None:
@@ -59,18 +60,16 @@ def chat_cmd(
             "tokenizer_config.json's chat_template, in it or its fine-tuning base's). Use "
             "`plinth generate` for plain text continuation, or fine-tune with a template."
         )
-    inf = eng.cfg.inference
-    params = SamplingParams(
+    params = sampling_params(
+        eng.cfg.inference,
         max_new_tokens=max_new_tokens,
-        temperature=inf.temperature if temperature is None else temperature,
-        top_k=inf.top_k if top_k is None else top_k,
-        top_p=inf.top_p if top_p is None else top_p,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         min_p=min_p,
-        repetition_penalty=inf.repetition_penalty if repetition_penalty is None
-        else repetition_penalty,
+        repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    params.check()
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     tty = sys.stdin.isatty()

@@ -80,6 +80,25 @@ def load_trained(path: str | Path, device: str = "cpu"):
     return model, Tokenizer.from_file(str(tok_path)), cfg
 
 
+def sampling_params(inf, *, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
+                    repetition_penalty=None, **rest):
+    """SamplingParams from command-line flags; a flag left at None takes the run's `inference`
+    default (max_new_tokens, temperature, top_k, top_p, repetition_penalty). Checked."""
+    from plinth.infer.engine import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=inf.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        temperature=inf.temperature if temperature is None else temperature,
+        top_k=inf.top_k if top_k is None else top_k,
+        top_p=inf.top_p if top_p is None else top_p,
+        repetition_penalty=inf.repetition_penalty if repetition_penalty is None
+        else repetition_penalty,
+        **rest,
+    )
+    params.check()
+    return params
+
+
 def generate_cmd(
     model: str,
     *,
@@ -158,7 +177,7 @@ def generate_cmd(
     import json
     import sys
 
-    from plinth.infer.engine import Engine, SamplingParams
+    from plinth.infer.engine import Engine
 
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
@@ -167,15 +186,14 @@ def generate_cmd(
     rows = _read_prompts(Path(prompts_file)) if prompts_file is not None else None
     eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                       merge_adapter=not no_merge_adapter)
-    inf = eng.cfg.inference
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens or inf.max_new_tokens,
-        temperature=inf.temperature if temperature is None else temperature,
-        top_k=inf.top_k if top_k is None else top_k,
-        top_p=inf.top_p if top_p is None else top_p,
+    params = sampling_params(
+        eng.cfg.inference,
+        max_new_tokens=max_new_tokens or None,  # 0 too means the run's default
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
         min_p=min_p,
-        repetition_penalty=inf.repetition_penalty if repetition_penalty is None
-        else repetition_penalty,
+        repetition_penalty=repetition_penalty,
         frequency_penalty=frequency_penalty,
         presence_penalty=presence_penalty,
         stop=list(stop),
@@ -184,7 +202,6 @@ def generate_cmd(
         seed=seed,
         logprobs=logprobs,
     )
-    params.check()
     if chat and eng.chat_template is None:
         raise UsageError(
             f"--chat: {model} has no chat template (chat_template.jinja or tokenizer_config."
