@@ -218,7 +218,6 @@ def test_prepared_dataset_split_every_token_scored_once(tiny_data_dir):
 
 
 def test_code_exec_metric_runs_the_rows_tests(tmp_path):
-    pytest.importorskip("plinth.eval.sandbox")
     from plinth.eval.scoring import score_generation
 
     row = {"prompt": "def add(a, b):\n", "tests": "assert add(2, 3) == 5\n"}
