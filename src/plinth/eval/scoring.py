@@ -456,13 +456,8 @@ def score_generation(task: Task, prediction: str, row: dict) -> dict[str, float]
             "format": float(found),
         }
     if gen.metric == "code_exec":  # the row's `tests` run against prompt + completion
-        try:
-            from plinth.eval.sandbox import score_code_completion
-        except ImportError:
-            raise NotSupportedError(
-                f"task {task.name} uses generation.metric=code_exec, which needs the code "
-                "sandbox (plinth.eval.sandbox); it is not available in this plinth"
-            ) from None
+        from plinth.eval.sandbox import score_code_completion
+
         res = score_code_completion(
             task.render(row), prediction, str(row["tests"]), entry_point=row.get("entry_point")
         )
