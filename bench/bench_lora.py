@@ -15,7 +15,7 @@ and the same fused setting on both sides, seq 512, the same token batches: the P
 library's source (DESIGN.md's default corpus) tokenized with the model's tokenizer and packed to
 rows of 513 ids (`--data random` for random ids).
 
-- plinth: `import_model` + `load_trained`, `apply_method(FinetuneConfig(method="lora", ...))`,
+- plinth: `import_model` + `load_trained` (plinth.load), `apply_method(FinetuneConfig(method="lora", ...))`,
   the decoder's fused head + loss `model(ids[:, :-1], labels=ids[:, 1:])`, mean over tokens.
 - HF: `AutoModelForCausalLM.from_pretrained(..., gguf_file=..., attn_implementation="sdpa")`,
   `peft.get_peft_model(LoraConfig(...))`, `model(input_ids=..., labels=..., shift_labels=...)`
@@ -81,8 +81,8 @@ def autocast(device: str, precision: str):
 
 def plinth_side(model_dir: Path, device: str):
     from plinth.config.schema import FinetuneConfig
+    from plinth.load import load_trained
     from plinth.peft import apply_method
-    from plinth.recipes.generate import load_trained
 
     model, tok, cfg = load_trained(model_dir, device=device)
     model.train()

@@ -50,7 +50,7 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture
 def tiny_run(tiny_hf, tmp_path):
     """A plinth run directory (config, tokenizer, checkpoint at step 7) of the tiny model."""
-    from plinth.recipes.generate import load_trained
+    from plinth.load import load_trained
     from plinth.train.state import save_checkpoint
 
     _, imported = tiny_hf

@@ -264,7 +264,7 @@ def test_shipped_smollm2_lora_recipe_learns_the_json_style(tmp_path):
 def test_generate_chat_wraps_prompts_in_the_template(base_run, tmp_path, capsys):
     """--chat sends the prompt as a user turn (SmolLM2's ChatML here); without a template it is
     refused with the reason."""
-    from plinth.finetune.base import resolve_base
+    from plinth.load import resolve as resolve_base
 
     smol = resolve_base("ref-smollm2")
     assert main(["generate", str(smol), "--chat", "--prompt", "What is the capital of France?",

@@ -111,9 +111,9 @@ def test_int8_greedy_text_mostly_agrees_on_smollm2():
 def lora_adapter(tiny_hf, tmp_path):
     """A LoRA adapter (rank 4 on q, v and down, non-zero B) for the tiny imported Llama."""
     from plinth.config.schema import FinetuneConfig
+    from plinth.load import load_trained
     from plinth.peft import apply_method
     from plinth.peft.save import save_adapter
-    from plinth.recipes.generate import load_trained
 
     _, path = tiny_hf
     net, _, _ = load_trained(path)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from plinth.errors import UsageError
 from plinth.hf import fingerprint, import_model, reference_path
+from plinth.load import load_trained
 from plinth.peft import base_fingerprint
-from plinth.recipes.generate import load_trained
 
 GOLDEN = "sampled-sha256:db66d861cbe6e32b09397cf82afa768634678bd5c43ae89bfd94e91fa6509f59"
 

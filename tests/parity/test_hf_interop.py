@@ -22,7 +22,7 @@ from plinth.cli import main
 from plinth.errors import UsageError
 from plinth.hf import export_model, fingerprint, import_model, reference_path
 from plinth.infer.sampling import generate
-from plinth.recipes.generate import load_trained
+from plinth.load import load_trained
 
 transformers = pytest.importorskip("transformers")
 

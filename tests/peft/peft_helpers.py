@@ -96,7 +96,7 @@ def hf_imported(kind: str, path, seed: int = 0):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from plinth.hf import import_model
-    from plinth.recipes.generate import load_trained
+    from plinth.load import load_trained
 
     torch.manual_seed(seed)
     if kind == "gpt2":

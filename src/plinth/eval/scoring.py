@@ -65,46 +65,28 @@ def load_eval_model(
     """A run / checkpoint / `plinth import` directory, Hugging Face directory, .gguf file or
     reference model name (ref-smollm2; imported once into $PLINTH_HOME/models). With `chat`,
     prompts are wrapped in the model's chat template (its own, or its fine-tuning base's)."""
-    import json
+    from plinth.load import eval_eos_id, load_model, no_chat_template
 
-    from plinth.recipes.generate import find_run, load_trained, resolve_model
-
-    path = resolve_model(spec)
-    run, explicit = find_run(path)
-    net, tok, cfg = load_trained(path, device=device)
+    m = load_model(spec, device=device, chat=chat)
+    cfg = m.cfg
     if cfg.model.arch != "decoder":
         raise NotSupportedError(
             f"{spec} is an {cfg.model.arch} model; task and perplexity evaluation score a "
             "decoder's next-token predictions (a causal language model)"
         )
-    eos_text = cfg.data.tokenizer.special_tokens[0] if cfg.data.tokenizer.special_tokens else None
-    rec = run / "import.json"
-    if rec.is_file():
-        eos_text = json.loads(rec.read_text()).get("special_tokens", {}).get("eos", eos_text)
-    eos = tok.token_to_id(eos_text) if eos_text else None
-    is_run = explicit != run
-    step = None
-    ck = explicit if explicit is not None and explicit != run else _latest(run)
-    if is_run and ck is not None and ck.name.startswith("step_"):
-        step = int(ck.name.removeprefix("step_"))
-    from plinth.finetune.base import chat_template_for
-
+    if chat and m.chat_template is None:
+        raise no_chat_template(spec)
     return EvalModel(
-        chat=chat_template_for(spec, run, cfg) if chat else None,
-        model=net,
-        tokenizer=tok,
+        chat=m.chat_template,
+        model=m.model,
+        tokenizer=m.tokenizer,
         max_len=min(max_len or cfg.model.max_seq_len, cfg.model.max_seq_len),
-        eos_id=eos,
+        eos_id=eval_eos_id(m.run_dir, m.tokenizer, cfg),
         name=spec,
-        run_dir=run if is_run else None,
-        step=step,
+        run_dir=m.run_dir if m.is_run else None,
+        step=m.step if m.is_run else None,
         cfg=cfg,
     )
-
-
-def _latest(run: Path) -> Path | None:
-    cks = sorted((run / "checkpoints").glob("step_*"))
-    return cks[-1] if cks else None
 
 
 # ---- log-likelihood -----------------------------------------------------------------------

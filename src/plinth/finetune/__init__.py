@@ -1,7 +1,7 @@
 """Fine-tuning: a pretrained base (plinth.finetune.base), its data as rows
-(plinth.finetune.data), task heads (plinth.finetune.heads) and the task the training loop runs
+(plinth.finetune.data), task heads (plinth.models.heads) and the task the training loop runs
 (plinth.finetune.task). The command is `plinth finetune` (plinth.recipes.finetune)."""
 
-from plinth.finetune.task import FinetuneTask, build_finetune_model, build_task
+from plinth.finetune.task import FinetuneTask, build_task
 
-__all__ = ["FinetuneTask", "build_finetune_model", "build_task"]
+__all__ = ["FinetuneTask", "build_task"]

@@ -9,7 +9,6 @@ loss on answer tokens (task lm) or the head's cross-entropy / MSE, times the tas
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 
 from plinth.config.schema import Config, TaskSpec
+from plinth.config.tasks import MAIN, head_sizes, task_specs
 from plinth.distributed.env import DistEnv, all_reduce_sum
 from plinth.errors import UsageError
-from plinth.finetune.base import chat_template_source, load_base_weights, token_text
 from plinth.finetune.data import (
     MixLoader,
     RowLoader,
@@ -30,13 +29,13 @@ from plinth.finetune.data import (
     labelled_rows,
     sft_rows,
 )
-from plinth.finetune.heads import add_heads, head_loss, head_outputs, resolve_pooling
-from plinth.models import build_model, unwrap
+from plinth.load import build_finetune_model, chat_template_source, token_roles, token_text
+from plinth.models import unwrap
+from plinth.models.heads import head_loss, head_outputs, resolve_pooling
 from plinth.models.layers import matmul_params
 from plinth.train.objectives import LossOutput, _mean
 from plinth.train.task import Task
 
-MAIN = "main"  # name of the single task the top-level finetune fields describe
 N_SAMPLES = 3  # validation prompts answered at each sampling step
 
 
@@ -55,99 +54,6 @@ class TaskData:
     @property
     def kind(self) -> str:
         return self.spec.task
-
-
-def task_specs(cfg: Config) -> list[TaskSpec]:
-    """`finetune.tasks`, or the single task of the top-level fields."""
-    ft = cfg.finetune
-    if ft.tasks:
-        return list(ft.tasks)
-    if ft.dataset is None:
-        raise UsageError(
-            "finetune.dataset is not set: give the training JSONL (e.g. "
-            "finetune.dataset=configs/data/json_answers.train.jsonl), or list several tasks in "
-            "finetune.tasks."
-        )
-    return [
-        TaskSpec(
-            name=MAIN,
-            task=ft.task,
-            dataset=ft.dataset,
-            val_dataset=ft.val_dataset,
-            labels=ft.labels,
-            num_labels=ft.num_labels,
-            text_field=ft.text_field,
-            label_field=ft.label_field,
-        )
-    ]
-
-
-def head_sizes(cfg: Config) -> dict[str, int]:
-    """Task name -> outputs of its head (classification: num_labels or len(labels))."""
-    sizes = {}
-    for spec in task_specs_or_empty(cfg):
-        if spec.task == "regression":
-            sizes[spec.name] = spec.num_labels or 1
-        elif spec.task == "classification":
-            n = spec.num_labels or len(spec.labels)
-            key = "finetune" if spec.name == MAIN else f"finetune.tasks[{spec.name}]"
-            if n == 0:
-                raise UsageError(
-                    f"{key}: a classification task needs its classes: set {key}.labels to the "
-                    f"class names (e.g. [negative, positive]) or {key}.num_labels for integer "
-                    "labels."
-                )
-            if spec.labels and spec.num_labels and spec.num_labels != len(spec.labels):
-                raise UsageError(
-                    f"{key}.num_labels={spec.num_labels} but {key}.labels names "
-                    f"{len(spec.labels)} classes; drop num_labels (it follows the labels)."
-                )
-            sizes[spec.name] = n
-    return sizes
-
-
-def task_specs_or_empty(cfg: Config) -> list[TaskSpec]:
-    try:
-        return task_specs(cfg)
-    except UsageError:  # no data configured: a model without heads (e.g. loading for generate)
-        return []
-
-
-def build_finetune_model(cfg: Config, base_dir: Path | None, device=None) -> nn.Module:
-    """Base (weights from base_dir, or as initialised) + method + heads, on `device`."""
-    from plinth.peft import apply_method
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model)
-    if base_dir is not None:
-        load_base_weights(model, base_dir)
-    summary = apply_method(model, cfg.finetune)
-    sizes = head_sizes(cfg)
-    if sizes:
-        from plinth.peft.apply import count_parameters
-
-        add_heads(model, sizes, cfg.seed)
-        summary.trainable, summary.total = count_parameters(model)
-        summary.modules = [*summary.modules, *(f"heads.{n}" for n in sizes)]
-    model.peft_summary = summary
-    return model.to(device) if device is not None else model
-
-
-def token_roles(base_dir: Path, tokenizer) -> dict[str, int]:
-    """Role (eos, pad, bos) -> id: from import.json for imported models, else plinth's own
-    special tokens."""
-    names = {"eos": "<|endoftext|>", "pad": "<|pad|>", "bos": "<|bos|>"}
-    rec, manifest = base_dir / "import.json", base_dir / "manifest.json"
-    if rec.is_file():
-        names = json.loads(rec.read_text()).get("special_tokens", {})
-    elif manifest.is_file():  # a fine-tune run being resumed: its base's roles
-        names = json.loads(manifest.read_text()).get("base", {}).get("special_tokens") or names
-    out = {}
-    for role, text in names.items():
-        tid = tokenizer.token_to_id(text) if text else None
-        if tid is not None:
-            out[role] = tid
-    return out
 
 
 def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:

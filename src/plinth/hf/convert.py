@@ -557,7 +557,7 @@ def _write_config(path: Path, conv: Converted, specials: dict[str, str], source)
 
 def export_model(model: str | Path, out: str | Path, format: str = "hf", force: bool = False):
     """Write a run, checkpoint or imported directory as a Hugging Face model directory."""
-    from plinth.recipes.generate import find_run, load_trained
+    from plinth.load import find_run, load_trained
 
     if format != "hf":
         raise UsageError(f"export format {format!r} is not supported; use --format hf")

@@ -22,15 +22,14 @@ with every row added before the first step.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from plinth.errors import NotSupportedError, UsageError
+from plinth.load import first_special_id
 from plinth.models import unwrap
 from plinth.models.layers import KVCache
 
@@ -113,7 +112,7 @@ class Engine:
                 "an encoder-only model cannot generate; use a decoder or encoder_decoder model"
             )
         if eos_ids is _DERIVE:
-            eos_ids = _special_ids(tokenizer, cfg)
+            eos_ids = [i for i in [first_special_id(tokenizer, cfg)] if i is not None]
         self.eos_ids = sorted({int(i) for i in (eos_ids or [])})
         self.name = name or "model"
         self.max_context = int(cfg.model.max_seq_len)
@@ -143,14 +142,10 @@ class Engine:
         model directory, a .gguf file, or a reference model name ("ref-smollm2"). `adapter`: a
         LoRA/IA3 adapter directory put on the model; adapters (given or from a fine-tune run)
         are folded into the weights unless merge_adapter=False (then applied on the fly)."""
-        from plinth.finetune.base import chat_template_for, token_text
-        from plinth.hf.convert import REFERENCES
-        from plinth.recipes.generate import find_run, load_trained, resolve_model
+        from plinth.load import load_model
 
-        spec = str(path)
-        resolved = resolve_model(spec)
-        run, _ = find_run(resolved)
-        net, tok, cfg = load_trained(resolved, device=device)
+        m = load_model(path, device=device)
+        net = m.model
         if adapter is not None:
             from plinth.peft.save import load_adapter
 
@@ -164,21 +159,8 @@ class Engine:
             from plinth.infer.quant import quantize_model
 
             quantize_model(net, quantize)
-        eos = set(_special_ids(tok, cfg))
-        rec = run / "import.json"
-        if rec.is_file():
-            t = json.loads(rec.read_text()).get("special_tokens", {}).get("eos")
-            if t is not None and tok.token_to_id(t) is not None:
-                eos.add(tok.token_to_id(t))
-        t = token_text(run, "eos_token")
-        if t and tok.token_to_id(t) is not None:
-            eos.add(tok.token_to_id(t))
-        try:
-            template = chat_template_for(spec, run, cfg)
-        except UsageError:
-            template = None
-        return cls(net, tok, cfg, device=device, chat_template=template, eos_ids=sorted(eos),
-                   name=spec if spec in REFERENCES else Path(spec).expanduser().name)
+        return cls(net, m.tokenizer, m.cfg, device=device, chat_template=m.chat_template,
+                   eos_ids=m.eos_ids, name=m.name)
 
     # ------------------------------------------------------------------------------ text
 
@@ -199,11 +181,10 @@ class Engine:
         """The conversation rendered by the model's chat template, ending with the assistant's
         turn opened (add_generation_prompt)."""
         if self.chat_template is None:
-            raise UsageError(
-                f"{self.name} has no chat template (chat_template.jinja or tokenizer_config."
-                "json's chat_template in its directory or its fine-tuning base's); send plain "
-                "prompts (completions) instead of chat messages"
-            )
+            from plinth.load import no_chat_template
+
+            raise no_chat_template(self.name, None, "send plain prompts (completions) instead "
+                                   "of chat messages")
         return self.chat_template.render(messages, add_generation_prompt=True)
 
     def _ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -930,24 +911,14 @@ def _partial_stop(text: str, stops: list[str]) -> int:
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _special_ids(tok, cfg) -> list[int]:
-    specials = list(cfg.data.tokenizer.special_tokens or [])
-    ids = []
-    if specials:
-        i = tok.token_to_id(specials[0])  # plinth's convention: the first special is eos
-        if i is not None:
-            ids.append(i)
-    return ids
-
-
 def _decoder_start(tok, cfg) -> int:
     """The token an encoder-decoder's output starts from: bos (or the first special)."""
     for t in ("<bos>", "<s>", "<|bos|>"):
         i = tok.token_to_id(t) if tok is not None else None
         if i is not None:
             return i
-    ids = _special_ids(tok, cfg) if tok is not None else []
-    return ids[0] if ids else 0
+    i = first_special_id(tok, cfg)
+    return 0 if i is None else i
 
 
 def _dtype(d) -> torch.dtype:

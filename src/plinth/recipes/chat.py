@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import sys
 
-from plinth.errors import UsageError
-
 HELP = "/reset starts over, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
 
@@ -51,15 +49,12 @@ def chat_cmd(
         device: cpu, cuda, ...
     """
     from plinth.infer.engine import Engine
+    from plinth.load import no_chat_template
     from plinth.recipes.generate import sampling_params
 
     eng = Engine.load(model, device=device, quantize=quantize, adapter=adapter)
     if eng.chat_template is None:
-        raise UsageError(
-            f"plinth chat: {model} has no chat template (chat_template.jinja or "
-            "tokenizer_config.json's chat_template, in it or its fine-tuning base's). Use "
-            "`plinth generate` for plain text continuation, or fine-tune with a template."
-        )
+        raise no_chat_template(model, "plinth chat")
     params = sampling_params(
         eng.cfg.inference,
         max_new_tokens=max_new_tokens,

@@ -68,7 +68,7 @@ def finetune(
         print_summary(result)
         if resolved.config.model.arch == "decoder" and resolved.config.finetune.task == "lm" \
                 and not resolved.config.finetune.tasks:
-            from plinth.finetune.base import chat_template_source
+            from plinth.load import chat_template_source
 
             templated = resolved.config.finetune.chat_template != "none" and \
                 chat_template_source("auto", Path(result.run_dir)) is not None
@@ -87,7 +87,8 @@ def load_finetune_config(
     files: list, overrides: list[str] = ()
 ) -> tuple[Resolved, Path]:
     """Config of a new fine-tune: the base's model and tokenizer as the lowest layer."""
-    from plinth.finetune.base import base_defaults, check_architecture, resolve_base
+    from plinth.finetune.base import base_defaults, check_architecture
+    from plinth.load import resolve
 
     first = load_config(files, overrides)
     base = first.config.finetune.base
@@ -97,7 +98,7 @@ def load_finetune_config(
             "`plinth import` directory, a Hugging Face directory or .gguf file, or ref-smollm2 / "
             "ref-minilm), e.g. finetune.base=ref-smollm2."
         )
-    base_dir = resolve_base(base)
+    base_dir = resolve(base, "finetune.base")
     defaults = base_defaults(base_dir)
     resolved = load_config(
         files, overrides, defaults=defaults, defaults_source=f"{BASE_SOURCE} {base_dir}"
@@ -138,8 +139,9 @@ def run_finetuning(
     """Read the data, create (or reopen) the run directory and train. Returns a TrainResult.
     On resume (`run_path` given) the weights come from the run's checkpoints, not the base."""
     from plinth.distributed.env import barrier, destroy_process_group, init_process_group
-    from plinth.finetune.base import base_info, resolve_base
+    from plinth.finetune.base import base_info
     from plinth.finetune.task import build_task
+    from plinth.load import resolve
     from plinth.recipes.pretrain import open_run, start
     from plinth.track.run import build_manifest
     from plinth.train.loop import train
@@ -148,7 +150,7 @@ def run_finetuning(
     env, device, strategy = start(resolved, UNSUPPORTED, "finetune")
     resuming = run_path is not None
     if base_dir is None:
-        base_dir = Path(run_path) if resuming else resolve_base(cfg.finetune.base)
+        base_dir = Path(run_path) if resuming else resolve(cfg.finetune.base, "finetune.base")
     task = build_task(cfg, base_dir)
     if any(t.kind != "lm" for t in task.tasks.values()) and strategy != "none":
         raise UsageError(

@@ -12,74 +12,6 @@ from pathlib import Path
 from plinth.errors import UsageError
 
 
-def find_run(path: Path) -> tuple[Path, Path | None]:
-    """(run directory, explicit weights directory or None) for a run dir, a checkpoint dir or
-    an imported model dir (`plinth import`: config.yaml and model.safetensors side by side,
-    plus import.json; it is its own weights directory)."""
-    if (path / "config.yaml").is_file():
-        if (path / "import.json").is_file() and (path / "model.safetensors").is_file():
-            return path, path
-        return path, None
-    if (path / "model.safetensors").is_file() and (path.parent.parent / "config.yaml").is_file():
-        return path.parent.parent, path
-    raise UsageError(
-        f"{path} is neither a plinth run directory (with config.yaml), a checkpoint "
-        "directory (with model.safetensors, under RUN/checkpoints/) nor an imported model "
-        "(`plinth import`). `plinth runs` lists runs."
-    )
-
-
-def resolve_model(spec: str | Path) -> Path:
-    """The local directory for a model argument: a run / checkpoint / `plinth import` directory
-    as is; a Hugging Face directory, a .gguf file or a reference name (ref-smollm2) imported
-    once into $PLINTH_HOME/models. UsageError naming the accepted forms when it does not exist."""
-    from plinth.finetune.base import resolve_base
-    from plinth.hf.convert import REFERENCES
-
-    spec = str(spec)
-    p = Path(spec).expanduser()
-    if spec not in REFERENCES and not p.exists():
-        raise UsageError(
-            f"model {spec!r}: no such file or directory. Give a plinth run or checkpoint "
-            "directory, a `plinth import` output, a Hugging Face model directory, a .gguf file, "
-            f"or a reference model: {', '.join(REFERENCES)}."
-        )
-    hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
-    return resolve_base(spec) if (spec in REFERENCES or p.suffix == ".gguf" or hf_dir) else p
-
-
-def load_trained(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, tokenizer, config) from a run, checkpoint or imported directory."""
-    import torch
-    from safetensors.torch import load_file
-    from tokenizers import Tokenizer
-
-    from plinth.config.load import load_config
-    from plinth.models import build_model
-    from plinth.train import state as ckpt
-
-    run, explicit = find_run(Path(path))
-    cfg = load_config([run / "config.yaml"]).config
-    if cfg.finetune.base is not None and explicit != run:  # a fine-tune: method + heads first
-        from plinth.finetune import build_finetune_model
-
-        model = build_finetune_model(cfg, None)
-    else:
-        model = build_model(cfg.model)
-    if explicit == run:  # an imported model: plain weights, no training state
-        ckpt.load_weights(model, load_file(str(run / ckpt.MODEL_FILE)))
-    else:
-        loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(
-            run / "checkpoints"
-        )
-        loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
-    model.to(torch.device(device)).eval()
-    tok_path = run / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UsageError(f"{run} has no tokenizer.json; was it written by an older plinth?")
-    return model, Tokenizer.from_file(str(tok_path)), cfg
-
-
 def sampling_params(inf, *, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
                     repetition_penalty=None, **rest):
     """SamplingParams from command-line flags; a flag left at None takes the run's `inference`
@@ -178,6 +110,7 @@ def generate_cmd(
     import sys
 
     from plinth.infer.engine import Engine
+    from plinth.load import no_chat_template
 
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
@@ -203,10 +136,7 @@ def generate_cmd(
         logprobs=logprobs,
     )
     if chat and eng.chat_template is None:
-        raise UsageError(
-            f"--chat: {model} has no chat template (chat_template.jinja or tokenizer_config."
-            "json's chat_template, in it or its fine-tuning base); run without --chat"
-        )
+        raise no_chat_template(model)
     if rows is None:  # --prompt (or the run's sample prompts): printed
         prompts = list(prompt) or list(eng.cfg.tracking.sample_prompts)
         texts = [eng.apply_chat_template([{"role": "user", "content": p}]) if chat else p

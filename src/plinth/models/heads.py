@@ -15,8 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plinth.finetune.base import seeded_head
 from plinth.models import unwrap
+
+
+def seeded_head(in_features: int, out_features: int, seed: int) -> nn.Linear:
+    """A task head initialised from its own seed (independent of how many heads exist)."""
+    head = nn.Linear(in_features, out_features)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+        head.bias.zero_()
+    return head
 
 
 def resolve_pooling(pooling: str, arch: str) -> str:
