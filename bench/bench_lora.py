@@ -15,7 +15,7 @@ and the same fused setting on both sides, seq 512, the same token batches: the P
 library's source (DESIGN.md's default corpus) tokenized with the model's tokenizer and packed to
 rows of 513 ids (`--data random` for random ids).
 
-- plinth: `import_model` + `load_trained` (plinth.load), `apply_method(FinetuneConfig(method="lora", ...))`,
+- plinth: `import_model` + `plinth.load.load_trained`, `apply_method(FinetuneConfig(...))`,
   the decoder's fused head + loss `model(ids[:, :-1], labels=ids[:, 1:])`, mean over tokens.
 - HF: `AutoModelForCausalLM.from_pretrained(..., gguf_file=..., attn_implementation="sdpa")`,
   `peft.get_peft_model(LoraConfig(...))`, `model(input_ids=..., labels=..., shift_labels=...)`
