@@ -7,6 +7,7 @@ plinth generate ref-smollm2 --prompts-file prompts.jsonl --output out.jsonl --qu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from plinth.errors import UsageError
@@ -106,8 +107,6 @@ def generate_cmd(
         dtype: fp32, bf16 or fp16 weights (default: as stored)
         no_progress: no progress bar for --prompts-file
     """
-    import json
-    import sys
 
     from plinth.infer.engine import Engine
     from plinth.load import no_chat_template
@@ -137,23 +136,48 @@ def generate_cmd(
     )
     if chat and eng.chat_template is None:
         raise no_chat_template(model)
+    beams = Beams(num_beams, length_penalty, early_stopping, num_return_sequences)
     if rows is None:  # --prompt (or the run's sample prompts): printed
         prompts = list(prompt) or list(eng.cfg.tracking.sample_prompts)
         texts = [eng.apply_chat_template([{"role": "user", "content": p}]) if chat else p
                  for p in prompts]
-        results = _run(eng, texts, params, num_beams, length_penalty, early_stopping,
-                       num_return_sequences, batch_size, progress=False)
-        for p, outs in zip(prompts, results, strict=True):
-            for i, c in enumerate(outs):
-                beam = f" [beam {i + 1}, score {c.score:.4f}]" if num_beams > 1 else ""
-                print(f"--- {p!r}{beam}\n{c.text}" if chat else f"--- {p!r}{beam}\n{p}{c.text}")
-                if c.logprobs is not None:
-                    print(json.dumps(_logprob_fields(eng, c)))
+        results = _run(eng, texts, params, beams, batch_size, progress=False)
+        _print_results(eng, prompts, results, chat, num_beams > 1)
         return 0
     texts = [eng.apply_chat_template(r["messages"]) if "messages" in r else r["prompt"]
              for r in rows]
-    results = _run(eng, texts, params, num_beams, length_penalty, early_stopping,
-                   num_return_sequences, batch_size, progress=not no_progress)
+    results = _run(eng, texts, params, beams, batch_size, progress=not no_progress)
+    _write_results(eng, rows, results, output, num_return_sequences > 1)
+    return 0
+
+
+@dataclass
+class Beams:
+    """Beam-search settings of a generate command (num_beams == 1: no beam search)."""
+
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    num_return_sequences: int = 1
+
+
+def _print_results(eng, prompts: list[str], results, chat: bool, beam: bool) -> None:
+    """Each prompt's completions on stdout (the prompt repeated unless it was a chat turn)."""
+    import json
+
+    for p, outs in zip(prompts, results, strict=True):
+        for i, c in enumerate(outs):
+            label = f" [beam {i + 1}, score {c.score:.4f}]" if beam else ""
+            print(f"--- {p!r}{label}\n{c.text}" if chat else f"--- {p!r}{label}\n{p}{c.text}")
+            if c.logprobs is not None:
+                print(json.dumps(_logprob_fields(eng, c)))
+
+
+def _write_results(eng, rows: list[dict], results, output: str | None, all_beams: bool) -> None:
+    """One JSONL row per input row (its fields plus the completion) to `output` or stdout."""
+    import json
+    import sys
+
     out = open(output, "w") if output else sys.stdout  # noqa: SIM115
     try:
         for row, outs in zip(rows, results, strict=True):
@@ -161,7 +185,7 @@ def generate_cmd(
                     "completion_tokens": len(c.token_ids), **_logprob_fields(eng, c),
                     **({"score": c.score} if c.score is not None else {})} for c in outs]
             rec = {**row, **res[0], "prompt_tokens": outs[0].prompt_tokens}
-            if num_return_sequences > 1:
+            if all_beams:
                 rec["beams"] = res
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
     finally:
@@ -169,7 +193,6 @@ def generate_cmd(
             out.close()
     if output:
         print(f"wrote {len(rows)} rows to {output}", file=sys.stderr)
-    return 0
 
 
 def _read_prompts(path: Path) -> list[dict]:
@@ -203,13 +226,13 @@ def _read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def _run(eng, texts, params, num_beams, length_penalty, early_stopping, num_return_sequences,
-         batch_size, progress: bool):
+def _run(eng, texts, params, beams: Beams, batch_size: int, progress: bool):
     """Completions (a list per prompt) in batches of prompts of similar length (less padding),
     returned in the input order."""
-    if num_beams < 1 or batch_size < 1:
-        raise UsageError(f"--num-beams ({num_beams}) and --batch-size ({batch_size}) need >= 1")
-    if num_beams == 1 and num_return_sequences != 1:
+    if beams.num_beams < 1 or batch_size < 1:
+        raise UsageError(f"--num-beams ({beams.num_beams}) and --batch-size ({batch_size}) "
+                         "need >= 1")
+    if beams.num_beams == 1 and beams.num_return_sequences != 1:
         raise UsageError("--num-return-sequences needs beam search (--num-beams > 1)")
     ids = [eng.encode(t) for t in texts]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -219,11 +242,12 @@ def _run(eng, texts, params, num_beams, length_penalty, early_stopping, num_retu
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             batch = [ids[i] for i in chunk]
-            if num_beams > 1:
-                outs = eng.beam_search(batch, num_beams=num_beams, length_penalty=length_penalty,
-                                       early_stopping=early_stopping,
+            if beams.num_beams > 1:
+                outs = eng.beam_search(batch, num_beams=beams.num_beams,
+                                       length_penalty=beams.length_penalty,
+                                       early_stopping=beams.early_stopping,
                                        max_new_tokens=params.max_new_tokens,
-                                       num_return_sequences=num_return_sequences)
+                                       num_return_sequences=beams.num_return_sequences)
             else:
                 outs = [[c] for c in eng.generate(batch, params)]
             for i, o in zip(chunk, outs, strict=True):
