@@ -1,6 +1,6 @@
 """Model behaviour: exact parameter counts, init, causality, padding, KV cache, FLOPs.
 
-    python -m pytest tests/unit/test_models.py -q
+    python -m pytest tests/models/test_models.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Optimizers and schedules: parameter groups, exact schedule values, Muon, state round trip.
 
-    python -m pytest tests/unit/test_optim.py -q
+    python -m pytest tests/train/test_optim.py -q
 """
 
 from __future__ import annotations

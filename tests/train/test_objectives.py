@@ -1,6 +1,6 @@
 """Objectives: masking statistics, ignored labels, z-loss, determinism, and that losses fall.
 
-    python -m pytest tests/unit/test_objectives.py -q
+    python -m pytest tests/train/test_objectives.py -q
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Generation: KV-cache decoding equals full-forward decoding; sampling is seeded and bounded.
 
-    python -m pytest tests/unit/test_generate.py -q
+    python -m pytest tests/infer/test_generate.py -q
 """
 
 from __future__ import annotations
