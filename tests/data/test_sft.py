@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from plinth.data.sft import IGNORE, ChatTemplate, SFTOptions, load_sft
+from plinth.data.sft import ChatTemplate, SFTOptions, load_sft
 from plinth.errors import UsageError
+from plinth.models.layers import IGNORE_INDEX
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -41,7 +42,7 @@ def write(tmp_path, records, name="d.jsonl"):
 
 def answer_text(tok, ids, labels) -> str:
     """Tokens the loss covers (labels[t] is the target of position t)."""
-    return tok.decode([int(x) for x in labels if x != IGNORE], skip_special_tokens=False)
+    return tok.decode([int(x) for x in labels if x != IGNORE_INDEX], skip_special_tokens=False)
 
 
 def test_prompt_completion_trains_only_on_the_completion(tok, tmp_path):
@@ -49,10 +50,10 @@ def test_prompt_completion_trains_only_on_the_completion(tok, tmp_path):
     data = load_sft(p, tok, eos_token="<eos>")
     assert data.format == "prompt_completion" and len(data) == 1
     ids, labels = data.ids[0], data.labels[0]
-    assert len(ids) == len(labels) and labels[-1] == IGNORE
+    assert len(ids) == len(labels) and labels[-1] == IGNORE_INDEX
     assert answer_text(tok, ids, labels).replace(" ", "") == "Four.<eos>"
     n_prompt = len(tok.encode("What is two plus two? ").ids)
-    assert (labels[: n_prompt - 1] == IGNORE).all()  # no loss on predicting prompt tokens
+    assert (labels[: n_prompt - 1] == IGNORE_INDEX).all()  # no loss on predicting prompt tokens
     assert labels[n_prompt - 1] == ids[n_prompt]  # the first answer token is a target
 
 
@@ -123,7 +124,7 @@ def test_packing_keeps_examples_whole_with_their_own_positions(tok, tmp_path):
             found.append((tuple(packed["input_ids"][r, where]), tuple(packed["labels"][r, where])))
     assert sorted(found) == sorted((tuple(i), tuple(lab)) for i, lab in
                                    zip(data.ids, data.labels, strict=True))  # fmt: skip
-    assert (packed["labels"][seg == 0] == IGNORE).all()
+    assert (packed["labels"][seg == 0] == IGNORE_INDEX).all()
 
 
 def test_bad_files_say_where(tok, tmp_path):

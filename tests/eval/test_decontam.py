@@ -7,14 +7,9 @@ import re
 
 import pytest
 
+from plinth.data.decontam import NgramIndex, load_eval_sets, words
 from plinth.errors import UsageError
-from plinth.eval.decontam import (
-    NgramIndex,
-    contamination,
-    format_reports,
-    load_eval_sets,
-    words,
-)
+from plinth.eval.decontam import contamination, format_reports
 
 QUESTION = (
     "Which river flows through the ancient city of Avalon before it reaches the northern sea "

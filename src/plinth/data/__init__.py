@@ -8,8 +8,10 @@
     loader = PackedLoader(ds, "train", seq_len=256, batch_size=8, seed=cfg.seed)
 
 Modules: sources (readers), filters (cleaning and quality checks), dedup (exact + MinHash LSH),
-tokenizer (train/load), shards (binary format), prepare (the pipeline and manifest), dataset
-(read access), loader (packing, mixtures, ranks, resume), commands (CLI functions).
+decontam (n-gram index of evaluation sets), tokenizer (train/load), shards (binary format),
+layout (files of a dataset directory), prepare (the pipeline: stages clean -> tokenizer ->
+encode -> manifest, through store and workers), dataset (read access), loader (packing,
+mixtures, ranks, resume), sft (instruction data), commands (CLI functions).
 Names are imported lazily so `import plinth.data.commands` stays light (no torch).
 """
 

@@ -140,11 +140,7 @@ def tokenizer_train(
 
 
 def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
-    import numpy as np
     from rich.console import Console
-    from rich.panel import Panel
-    from rich.table import Table
-    from rich.text import Text
 
     from plinth.data.dataset import open_dataset
 
@@ -156,6 +152,21 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
         f"{m['config_fingerprint']}  created {m['created']}  plinth {m['plinth_version']}"
         + ("  [green]shards verified[/]" if verify else "")
     )
+    _print_splits(c, m)
+    _print_sources(c, m)
+    _print_drop_reasons(c, m)
+    _print_dedup_tokenizer_pii(c, m)
+    lengths = ds.doc_table("train").length
+    if len(lengths):
+        _print_length_histogram(c, lengths)
+    if samples and len(lengths):
+        _print_samples(c, ds, lengths, samples)
+    for w in m.get("warnings", []):
+        c.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def _print_splits(c, m: dict) -> None:
+    from rich.table import Table
 
     t = Table(title="splits", title_justify="left")
     for col in ("split", "docs", "tokens", "MB", "bytes/token", "shards", "dtype"):
@@ -172,6 +183,10 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
             f"uint{8 * d['itemsize']}",
         )
     c.print(t)
+
+
+def _print_sources(c, m: dict) -> None:
+    from rich.table import Table
 
     t = Table(title="sources (documents)", title_justify="left")
     cols = ("source", "read", "bad input", "filtered", "dups", "kept", "train tokens", "weight")
@@ -192,6 +207,11 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
     for s in m["sources"]:
         cap = f", capped by data.{s['capped_by']}" if s["capped_by"] else ""
         c.print(f"  {s['name']}: content sha256 {s['content_sha256'][:16]}{cap}", highlight=False)
+
+
+def _print_drop_reasons(c, m: dict) -> None:
+    """The ten most common reasons documents were dropped, with their stage and an example."""
+    from rich.table import Table
 
     reasons: Counter = Counter()
     stage: dict[str, str] = {}
@@ -217,6 +237,9 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
         for r, n in reasons.most_common(10):
             t.add_row(r, stage[r], f"{n:,}", example.get(r, ""))
         c.print(t)
+
+
+def _print_dedup_tokenizer_pii(c, m: dict) -> None:
     dd, tk = m["dedup"], m["tokenizer"]
     near = dd["near"]
     c.print(
@@ -240,35 +263,44 @@ def _print_overview(path, samples: int = 3, verify: bool = False) -> None:
     if pii:
         c.print(f"PII scrubbed: {dict(pii)}")
 
-    lengths = ds.doc_table("train").length
-    if len(lengths):
-        edges = [0] + [2**k for k in range(4, 25)]
-        hist, _ = np.histogram(lengths, bins=[*edges, np.inf])
-        t = Table(title="train document length (tokens)", title_justify="left")
-        t.add_column("tokens", justify="right")
-        t.add_column("docs", justify="right")
-        t.add_column("")
-        top = hist.max()
-        for lo, hi, n in zip(edges, [*edges[1:], None], hist, strict=False):
-            if n:
-                label = f"{lo:,}-{hi - 1:,}" if hi else f">={lo:,}"
-                t.add_row(label, f"{n:,}", "█" * max(1, round(40 * n / top)))
-        c.print(t)
+
+def _print_length_histogram(c, lengths) -> None:
+    """Training documents per power-of-two length bucket, as a bar chart."""
+    import numpy as np
+    from rich.table import Table
+
+    edges = [0] + [2**k for k in range(4, 25)]
+    hist, _ = np.histogram(lengths, bins=[*edges, np.inf])
+    t = Table(title="train document length (tokens)", title_justify="left")
+    t.add_column("tokens", justify="right")
+    t.add_column("docs", justify="right")
+    t.add_column("")
+    top = hist.max()
+    for lo, hi, n in zip(edges, [*edges[1:], None], hist, strict=False):
+        if n:
+            label = f"{lo:,}-{hi - 1:,}" if hi else f">={lo:,}"
+            t.add_row(label, f"{n:,}", "█" * max(1, round(40 * n / top)))
+    c.print(t)
+    c.print(
+        f"median {int(np.median(lengths)):,} tokens, mean {lengths.mean():,.0f}, "
+        f"max {lengths.max():,}"
+    )
+
+
+def _print_samples(c, ds, lengths, samples: int) -> None:
+    """`samples` training documents chosen with a fixed seed, decoded (first 400 tokens)."""
+    import numpy as np
+    from rich.panel import Panel
+    from rich.text import Text
+
+    rng = np.random.default_rng(0)
+    for i in sorted(rng.choice(len(lengths), size=min(samples, len(lengths)), replace=False)):
+        text = ds.decode(ds.doc_tokens("train", int(i))[:400])
+        src = ds.source_names[int(ds.doc_table("train").source[i])]
         c.print(
-            f"median {int(np.median(lengths)):,} tokens, mean {lengths.mean():,.0f}, "
-            f"max {lengths.max():,}"
-        )
-    if samples and len(lengths):
-        rng = np.random.default_rng(0)
-        for i in sorted(rng.choice(len(lengths), size=min(samples, len(lengths)), replace=False)):
-            text = ds.decode(ds.doc_tokens("train", int(i))[:400])
-            src = ds.source_names[int(ds.doc_table("train").source[i])]
-            c.print(
-                Panel(
-                    Text(text[:1200]),
-                    title=f"train doc {i} ({src}, {lengths[i]:,} tokens)",
-                    title_align="left",
-                )
+            Panel(
+                Text(text[:1200]),
+                title=f"train doc {i} ({src}, {lengths[i]:,} tokens)",
+                title_align="left",
             )
-    for w in m.get("warnings", []):
-        c.print(f"[yellow]warning:[/] {w}", highlight=False)
+        )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plinth.data.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER
+from plinth.data.layout import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, TOKENIZER
 from plinth.data.shards import Shard, file_sha256
 from plinth.errors import PlinthError, UsageError
 

@@ -12,11 +12,14 @@ minimise false positives + false negatives at the threshold, like datasketch); e
 is verified by comparing signatures, so a collision never merges two distinct documents.
 Clustering is greedy in corpus order: a document joins the first earlier representative it
 matches, otherwise it becomes a representative itself. Memory: num_perm*4 bytes per kept doc.
+`CorpusDedup` runs both in the order `plinth data prepare` uses: exact first, then near.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain
 
@@ -168,3 +171,47 @@ class NearDedup:
             "largest_cluster": int(dup.max()) if len(dup) else 1,
             "candidates_checked": self.candidates_checked,
         }
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    """What deduplication of a corpus found (the manifest's `dedup` counts)."""
+
+    exact_clusters: int  # documents of which at least one exact copy was dropped
+    near: dict = field(default_factory=dict)  # NearDedup.stats() when near dedup ran
+
+
+class CorpusDedup:
+    """Exact, then near deduplication of documents seen one at a time in corpus order; the
+    first document of every cluster is kept.
+
+        dedup = CorpusDedup(exact=True, near=True, threshold=0.8, num_perm=128)
+        bands = dedup.band_keys(sigs)                      # once per batch of signatures
+        verdict = dedup.check(exact_key(text), sigs[i], bands[i])   # None | "exact" | "near"
+    """
+
+    def __init__(self, exact: bool, near: bool, threshold: float, num_perm: int):
+        self.exact = exact
+        self.near = NearDedup(threshold, num_perm) if near else None
+        self._first: dict[bytes, int] = {}  # exact key -> cluster id
+        self._copies: Counter = Counter()  # cluster id -> dropped copies
+
+    def band_keys(self, sigs: np.ndarray | None) -> np.ndarray | None:
+        """LSH band keys of a batch of signatures (None without near dedup or signatures)."""
+        return self.near.band_keys(sigs) if self.near is not None and len(sigs) else None
+
+    def check(self, key: bytes | None, sig: np.ndarray | None, band_keys) -> str | None:
+        """Record one document; "exact" or "near" when it duplicates an earlier one, else None.
+        `key` is its exact_key (None without exact dedup), `sig`/`band_keys` its MinHash
+        signature and band keys (None without near dedup)."""
+        if self.exact:
+            if key in self._first:
+                self._copies[self._first[key]] += 1
+                return "exact"
+            self._first[key] = len(self._first)
+        if self.near is not None and self.near.add_with_keys(sig, band_keys) is not None:
+            return "near"
+        return None
+
+    def result(self) -> DedupResult:
+        return DedupResult(len(self._copies), self.near.stats() if self.near is not None else {})

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from plinth.errors import UsageError
+from plinth.models.layers import IGNORE_INDEX
 
-IGNORE = -100
 FORMATS = ("prompt_completion", "alpaca", "messages")
 ROLES = ("system", "user", "assistant")
 
@@ -52,7 +52,7 @@ class SFTOptions:
 
 @dataclass
 class SFTData:
-    """Tokenized examples: ids and labels (IGNORE where the loss does not count)."""
+    """Tokenized examples: ids and labels (IGNORE_INDEX where the loss does not count)."""
 
     ids: list[np.ndarray]
     labels: list[np.ndarray]
@@ -61,9 +61,6 @@ class SFTData:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def answer_tokens(self) -> int:
-        return int(sum((lab != IGNORE).sum() for lab in self.labels))
 
     def pack(self, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
         """Rows (N, length) of whole examples, first-fit in order: input_ids, labels,
@@ -83,7 +80,7 @@ class SFTData:
                 used.append(n)
         out = {
             k: np.full((len(rows), length), v, dtype=np.int64)
-            for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("segment_ids", 0))
+            for k, v in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("segment_ids", 0))
         }
         out["position_ids"] = np.zeros((len(rows), length), dtype=np.int64)
         for r, members in enumerate(rows):
@@ -259,19 +256,19 @@ def load_sft(
         for text, answer in pieces:
             piece = tokenizer.encode(text, add_special_tokens=False).ids if text else []
             ids += piece
-            labels += piece if answer else [IGNORE] * len(piece)
+            labels += piece if answer else [IGNORE_INDEX] * len(piece)
         if len(ids) > opt.max_length:
             if opt.overlong == "drop":
                 data.counts["dropped"] += 1
                 continue
             data.counts["truncated"] += 1
             ids, labels = ids[: opt.max_length], labels[: opt.max_length]
-        if all(lab == IGNORE for lab in labels[1:]):  # nothing left to learn (prompt too long)
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):  # nothing to learn (prompt too long)
             data.counts["dropped"] += 1
             continue
         # labels are the next token: predict ids[t+1] at t
         data.ids.append(np.asarray(ids, dtype=np.int64))
-        data.labels.append(np.asarray([*labels[1:], IGNORE], dtype=np.int64))
+        data.labels.append(np.asarray([*labels[1:], IGNORE_INDEX], dtype=np.int64))
     data.counts["kept"] = len(data.ids)
     if not data.ids:
         raise UsageError(

@@ -10,15 +10,27 @@ then the learned vocabulary. Special tokens are never matched inside document te
 corpus that contains the string "<|endoftext|>" cannot inject a separator
 (`encode_special_tokens` is switched on while documents are encoded; the saved tokenizer
 leaves it off so prompts and chat templates can still name special tokens).
+
+`dataset_tokenizer` is the tokenizer stage of `plinth data prepare`: it trains on a seeded
+sample of the training documents (or loads `data.tokenizer.path`) and saves the result into
+the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from plinth.data.layout import TOKENIZER
 from plinth.errors import PlinthError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from plinth.data.store import Corpus
 
 # GPT-4's split pattern (as in nanochat): letters, 1-3 digit numbers, punctuation runs and
 # whitespace runs are pre-tokens, so merges never glue words to punctuation or long numbers
@@ -198,3 +210,76 @@ def token_roles(tok, special_tokens: list[str]) -> dict:
 
 def tokenizer_hash(tok) -> str:
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------- dataset stage
+
+
+@dataclass(frozen=True)
+class TokenizerResult:
+    """The tokenizer stage's output: the tokenizer, where it was saved, its manifest section."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    path: Path
+    info: dict  # the manifest's `tokenizer` section
+    warnings: list[str] = field(default_factory=list)
+
+
+def dataset_tokenizer(cfg, corpus: Corpus, is_val: np.ndarray, out: Path, prog) -> TokenizerResult:
+    """Load `data.tokenizer.path`, or train on a seeded sample of the training documents of
+    `corpus` (at most `data.tokenizer.train_max_bytes`); saved as `out`/tokenizer.json."""
+    tc = cfg.data.tokenizer
+    warnings: list[str] = []
+    info: dict[str, Any] = {"kind": tc.kind}
+    if tc.path:
+        tok, added = load_tokenizer(tc.path, tc.special_tokens)
+        info.update(loaded_from=str(tc.path), added_special_tokens=added)
+        if added:
+            warnings.append(
+                f"tokenizer {tc.path} lacked {added}; they were added with new ids (set "
+                "data.tokenizer.special_tokens to tokens it has to avoid this)"
+            )
+        if tok.get_vocab_size() > cfg.model.vocab_size:
+            warnings.append(
+                f"tokenizer has {tok.get_vocab_size()} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}; raise model.vocab_size to at least the tokenizer's"
+            )
+    else:
+        task = prog.task("train tokenizer")
+        sample = _training_sample(corpus, is_val, cfg.seed, tc.train_max_bytes)
+        tok = train_for_config(corpus.texts(sample), cfg)
+        info["trained_on"] = {"docs": len(sample), "bytes": int(corpus.sizes[sample].sum())}
+        prog.update(task, total=1, completed=1, info=f"vocab {tok.get_vocab_size()}")
+        n_sent = sentinel_count(
+            tc.kind, cfg.tokenizer_vocab_size, len(tc.special_tokens), tc.sentinels
+        )
+        if n_sent < tc.sentinels:
+            warnings.append(
+                f"only {n_sent} of data.tokenizer.sentinels={tc.sentinels} sentinel tokens fit "
+                f"a vocab of {cfg.tokenizer_vocab_size}"
+            )
+    path = out / TOKENIZER
+    tok.save(str(path))
+    roles = token_roles(tok, tc.special_tokens)
+    info.update(
+        file=TOKENIZER,
+        vocab_size=tok.get_vocab_size(),
+        sha256=tokenizer_hash(tok),
+        special_tokens=list(tc.special_tokens),
+        sentinels=len(roles["sentinel_ids"]),
+        roles=roles,
+    )
+    return TokenizerResult(tok, path, info, warnings)
+
+
+def _training_sample(corpus: Corpus, is_val, seed: int, max_bytes: int | None) -> np.ndarray:
+    """Training documents in a seeded random order, cut at `max_bytes`, then sorted so the
+    store is read front to back."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 0x70C])
+    sample = rng.permutation(np.flatnonzero(~is_val))
+    if max_bytes:
+        sizes = corpus.sizes[sample]
+        sample = sample[: int(np.searchsorted(np.cumsum(sizes), max_bytes)) + 1]
+    return np.sort(sample)

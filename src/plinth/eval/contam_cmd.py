@@ -5,7 +5,7 @@
 
 Prints one row per evaluation set (examples, too short to check, contaminated, fraction, training
 documents involved) and, per set, a few contaminated examples with the shared n-gram and the
-training documents that hold it. See plinth.eval.decontam for the matching rules;
+training documents that hold it. See plinth.data.decontam for the matching rules;
 `data.decontaminate` in a data config drops such documents when the dataset is prepared.
 """
 
@@ -41,7 +41,8 @@ def contamination_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from plinth.eval.decontam import contamination_of_dataset, load_eval_sets
+    from plinth.data.decontam import load_eval_sets
+    from plinth.eval.decontam import contamination_of_dataset
     from plinth.eval.tasks import builtin_tasks
 
     if n < 1:

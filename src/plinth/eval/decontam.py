@@ -1,122 +1,23 @@
-"""Decontamination: word n-gram overlap between training documents and evaluation sets.
+"""Contamination reports: which evaluation examples share a word n-gram with training documents.
 
-    python -c "from plinth.eval.decontam import contamination_of_dataset, load_eval_sets, \
-format_reports; print(format_reports(contamination_of_dataset('data/default', \
-load_eval_sets(['src/plinth/eval/suite']))))"
+    python -c "from plinth.eval.decontam import contamination_of_dataset, format_reports; \
+from plinth.data.decontam import load_eval_sets; print(format_reports(contamination_of_dataset(\
+'data/default', load_eval_sets(['src/plinth/eval/suite']))))"
 
-An evaluation example counts as contaminated when it shares at least one word n-gram (n=13 by
-default, GPT-3's choice) with a training document. Text is normalised before comparing:
-lower-cased, every run of characters that are not letters, digits or `_` (punctuation,
-symbols, whitespace) acts as one separator, so `Hello,  World!` and `hello world` have the
-same words. Examples with fewer than n words cannot be checked this way; they are counted as
-`too_short` in the report (lower n to cover them, at the price of more chance matches).
-
-The evaluation side is held in memory as an index: a vocabulary of the words that occur in any
-evaluation n-gram and the set of n-grams as tuples of word ids. A training document is scanned
-once; a window is looked up only when all its n words are in the evaluation vocabulary, which
-skips most of a corpus at the cost of one dict lookup per word.
-
-Evaluation sets are JSONL files (every string value of a row, nested lists included, joined in
-order, is the example's text; or only `fields`), plinth task YAML files (their `data:` JSONL),
-plain text files (one example per non-blank line) or directories of those. The same index
-drives `data.decontaminate` in `plinth data prepare`, which drops training documents that
-contain any evaluation n-gram and counts them as `contaminated`.
+An evaluation example counts as contaminated when it shares at least one word n-gram with a
+training document. The matching rules (word normalisation, n, examples too short to check) and
+the evaluation-set formats live with the n-gram index in plinth.data.decontam, which also
+drives `data.decontaminate` in `plinth data prepare`; this module scans training text against
+that index and reports per evaluation set (`plinth data contamination`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from plinth.errors import UsageError
-
-DEFAULT_N = 13
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """Normalised words: lower-case runs of letters/digits/underscore."""
-    return _WORD.findall(text.lower())
-
-
-# ------------------------------------------------------------------------------------ index
-
-
-class NgramIndex:
-    """The n-grams of a collection of evaluation sets, each mapped to the examples it is in."""
-
-    def __init__(self, n: int = DEFAULT_N):
-        if n < 1:
-            raise UsageError(f"the n-gram length must be at least 1, got {n}")
-        self.n = n
-        self.vocab: dict[str, int] = {}
-        self.grams: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self.set_names: list[str] = []
-        self.set_sizes: list[int] = []
-        self.too_short: list[int] = []
-
-    @classmethod
-    def build(cls, eval_sets: dict[str, list[str]], n: int = DEFAULT_N) -> NgramIndex:
-        index = cls(n)
-        for name, examples in eval_sets.items():
-            index.add_set(name, examples)
-        return index
-
-    def add_set(self, name: str, examples: Iterable[str]) -> None:
-        s = len(self.set_names)
-        self.set_names.append(name)
-        self.set_sizes.append(0)
-        self.too_short.append(0)
-        n, vocab = self.n, self.vocab
-        for e, text in enumerate(examples):
-            self.set_sizes[s] += 1
-            ws = words(text)
-            if len(ws) < n:
-                self.too_short[s] += 1
-                continue
-            ids = [vocab.setdefault(w, len(vocab)) for w in ws]
-            for i in range(len(ids) - n + 1):
-                refs = self.grams.setdefault(tuple(ids[i : i + n]), [])
-                if not refs or refs[-1] != (s, e):
-                    refs.append((s, e))
-
-    def __len__(self) -> int:
-        return len(self.grams)
-
-    def matches(self, text: str) -> Iterator[tuple[tuple[int, ...], list[tuple[int, int]]]]:
-        """Each window of `text` that is an evaluation n-gram: (gram, [(set, example), ...])."""
-        get, n, grams = self.vocab.get, self.n, self.grams
-        ids = [get(w, -1) for w in _WORD.findall(text.lower())]
-        run = 0
-        for i, t in enumerate(ids):
-            if t < 0:
-                run = 0
-                continue
-            run += 1
-            if run >= n:
-                gram = tuple(ids[i - n + 1 : i + 1])
-                refs = grams.get(gram)
-                if refs is not None:
-                    yield gram, refs
-
-    def first_match(self, text: str) -> str | None:
-        """A description of the first evaluation n-gram found in `text`, or None (the filter)."""
-        for gram, refs in self.matches(text):
-            s, e = refs[0]
-            return f"{self.set_names[s]} example {e}: '{self.gram_text(gram)}'"
-        return None
-
-    def gram_text(self, gram: tuple[int, ...]) -> str:
-        if not hasattr(self, "_words"):
-            self._words = sorted(self.vocab, key=self.vocab.__getitem__)
-        return " ".join(self._words[i] for i in gram)
-
-
-# ----------------------------------------------------------------------------------- report
+from plinth.data.decontam import DEFAULT_N, NgramIndex
 
 
 @dataclass
@@ -235,99 +136,3 @@ def format_reports(reports: dict[str, Report]) -> str:
         )
     return "\n".join(lines)
 
-
-# ------------------------------------------------------------------------------- eval files
-
-
-def eval_files(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
-    """(set name, file) for every evaluation file `paths` names: JSONL and text files as
-    given, a task YAML as its `data:` file, a directory as its task YAMLs (or, without any,
-    its *.jsonl files). UsageError for a path that does not exist."""
-    out: list[tuple[str, Path]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) or sorted(p.glob("*.jsonl"))
-            if not found:
-                raise UsageError(f"evaluation set directory {p} has no *.yaml or *.jsonl files")
-            out.extend(eval_files(found))
-        elif p.suffix in (".yaml", ".yml") and p.is_file():
-            out.append(_task_data(p))
-        elif p.is_file():
-            out.append((p.stem, p))
-        else:
-            raise UsageError(
-                f"evaluation set {p} does not exist; give JSONL or text files, task YAML "
-                "files or directories of them"
-            )
-    return out
-
-
-def _task_data(path: Path) -> tuple[str, Path]:
-    import yaml
-
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read the task file {path}: {e}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
-        raise UsageError(f"task file {path} has no `data:` JSONL file to check for overlap")
-    data = (path.parent / spec["data"]).resolve()
-    if not data.is_file():
-        raise UsageError(f"task file {path} names data {spec['data']}, which does not exist")
-    return str(spec.get("name") or path.stem), data
-
-
-def _strings(value) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-
-
-def load_eval_file(path: str | Path, fields: list[str] | None = None) -> list[str]:
-    """The examples of one evaluation file as texts (see the module doc for the formats)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the evaluation set {p}: {e}") from None
-    if p.suffix != ".jsonl":
-        return [line for line in text.splitlines() if line.strip()]
-    examples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{p}:{lineno} is not valid JSON ({e})") from None
-        if fields is not None:
-            if not isinstance(row, dict) or not all(f in row for f in fields):
-                raise UsageError(f"{p}:{lineno} lacks one of the fields {fields}")
-            row = [row[f] for f in fields]
-        examples.append(" ".join(_strings(row)))
-    return examples
-
-
-def load_eval_sets(
-    paths: Iterable[str | Path], fields: list[str] | None = None
-) -> dict[str, list[str]]:
-    """{set name: example texts} for files, task YAMLs and directories; a name that repeats
-    gets its file path instead."""
-    sets: dict[str, list[str]] = {}
-    for name, p in eval_files(paths):
-        sets[str(p) if name in sets else name] = load_eval_file(p, fields)
-    return sets
-
-
-def files_digest(paths: Iterable[str | Path]) -> str:
-    """Hash of the contents of every evaluation file `paths` names (for dataset fingerprints)."""
-    h = hashlib.sha256()
-    for name, p in eval_files(paths):
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()[:16]

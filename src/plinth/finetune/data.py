@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plinth.data.sft import IGNORE, read_jsonl
+from plinth.data.sft import read_jsonl
 from plinth.errors import UsageError
+from plinth.models.layers import IGNORE_INDEX
 
 
 class Batch(dict):
@@ -260,7 +261,7 @@ def sft_rows(sft, max_length: int, packing: bool, pad_id: int) -> Rows:
         n = len(sft.ids)
         arrays = {
             k: np.full((n, max_length), v, dtype=np.int64)
-            for k, v in (("input_ids", pad_id), ("labels", IGNORE), ("segment_ids", 0))
+            for k, v in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("segment_ids", 0))
         }
         arrays["position_ids"] = np.zeros((n, max_length), dtype=np.int64)
         for i, (ids, lab) in enumerate(zip(sft.ids, sft.labels, strict=True)):
