@@ -55,8 +55,8 @@ def write_synthetic_run(
     end_time: wall-clock time of the last record (default: a day ago, so an unfinished run
     reads as crashed; pass time.time() for a run that is still going).
     """
-    from plinth.config.commands import render_yaml
     from plinth.config.load import load_config
+    from plinth.config.render import render_yaml
 
     rng = random.Random(seed)
     nan_steps, spike_steps = set(nan_steps), set(spike_steps)
