@@ -80,22 +80,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "export a run, checkpoint or imported model in the Hugging Face layout",
     ),
     "config explain": (
-        "plinth.config.commands:explain",
+        "plinth.recipes.config:explain",
         "what an option does, its default and source",
     ),
     "config show": (
-        "plinth.config.commands:show",
+        "plinth.recipes.config:show",
         "print a resolved config with where each value came from",
     ),
     "config validate": (
-        "plinth.config.commands:validate",
+        "plinth.recipes.config:validate",
         "check config files without running anything",
     ),
     "config schema": (
-        "plinth.config.commands:schema",
+        "plinth.recipes.config:schema",
         "write the JSON Schema of the config (for editors)",
     ),
-    "config presets": ("plinth.config.commands:presets", "list the named presets and their sizes"),
+    "config presets": ("plinth.recipes.config:presets", "list the named presets and their sizes"),
     "report": ("plinth.report.report:report", "write a self-contained HTML overview of a run"),
     "compare": (
         "plinth.report.compare:compare",

@@ -6,8 +6,8 @@ import os
 import subprocess
 import sys
 
-from plinth.config.commands import render_yaml
 from plinth.config.load import load_config
+from plinth.config.render import render_yaml
 from plinth.track.run import read_jsonl
 
 # dropout off and a constant schedule: runs of different lengths agree step for step

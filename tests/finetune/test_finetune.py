@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from plinth.cli import main
 from plinth.config.load import load_config
-from plinth.recipes.finetune import finetune, load_finetune_config, run_finetuning
+from plinth.finetune.config import load_finetune_config
+from plinth.recipes.finetune import finetune, run_finetuning
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "configs" / "data"

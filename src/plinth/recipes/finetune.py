@@ -16,17 +16,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from plinth.config.commands import render_yaml
-from plinth.config.load import Resolved, load_config, split_args
+from plinth.config.load import Resolved, split_args
+from plinth.config.render import render_yaml
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
+from plinth.finetune.config import load_finetune_config
 
 UNSUPPORTED = {
     "compress.quantization": "quantisation is applied to a trained model, not during training",
     "compress.pruning": "pruning is applied to a trained model, not during training",
     "compress.distill_teacher": "distillation is its own recipe",
 }
-BASE_SOURCE = "base model"
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "chat_template.jinja")
 
@@ -81,52 +81,6 @@ def finetune(
             "Lower optim.lr or check the data, then resume or restart."
         )
     return 0
-
-
-def load_finetune_config(
-    files: list, overrides: list[str] = ()
-) -> tuple[Resolved, Path]:
-    """Config of a new fine-tune: the base's model and tokenizer as the lowest layer."""
-    from plinth.finetune.base import base_defaults, check_architecture
-    from plinth.load import resolve
-
-    first = load_config(files, overrides)
-    base = first.config.finetune.base
-    if base is None:
-        raise UsageError(
-            "finetune.base is not set: name the pretrained model to start from (a plinth run, a "
-            "`plinth import` directory, a Hugging Face directory or .gguf file, or ref-smollm2 / "
-            "ref-minilm), e.g. finetune.base=ref-smollm2."
-        )
-    base_dir = resolve(base, "finetune.base")
-    defaults = base_defaults(base_dir)
-    resolved = load_config(
-        files, overrides, defaults=defaults, defaults_source=f"{BASE_SOURCE} {base_dir}"
-    )
-    check_architecture(resolved, defaults, base_dir)
-    relative_to_config(resolved)
-    return resolved, base_dir
-
-
-def relative_to_config(resolved: Resolved) -> None:
-    """Data paths a config file gives that do not exist from here are read next to that file
-    (so `plinth finetune sft-smollm2-lora` finds the recipe's data from any directory)."""
-    ft = resolved.config.finetune
-
-    def fix(value: str | None, key: str) -> str | None:
-        src = resolved.source(key)
-        if value is None or Path(value).is_absolute() or Path(value).exists():
-            return value
-        if not src.startswith("file "):
-            return value
-        cand = Path(src[len("file "):]).parent / value
-        return str(cand) if cand.exists() else value
-
-    for key in ("dataset", "val_dataset", "chat_template"):
-        setattr(ft, key, fix(getattr(ft, key), f"finetune.{key}"))
-    for t in ft.tasks:
-        t.dataset = fix(t.dataset, "finetune.tasks")
-        t.val_dataset = fix(t.val_dataset, "finetune.tasks")
 
 
 def run_finetuning(

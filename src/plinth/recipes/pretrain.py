@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from plinth.config.checks import environment_warnings, reject_unsupported
-from plinth.config.commands import render_yaml
 from plinth.config.load import Resolved, get_value, leaf_fields, load_config, split_args
+from plinth.config.render import render_yaml
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 

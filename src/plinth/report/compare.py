@@ -432,7 +432,9 @@ def _color(i: int) -> str:
     return PALETTE[i % len(PALETTE)]
 
 
-def chart_specs(runs: list[Run], names: list[str], max_points: int) -> list[dict]:
+def overlay_chart_specs(runs: list[Run], names: list[str], max_points: int) -> list[dict]:
+    """The comparison's charts as JSON-able specs: each metric with every run overlaid, one
+    colour per run, plus each run's train-loss gap to the baseline (the first run)."""
     axes = [Axes(r) for r in runs]
     specs = []
     for key, title, smooth in _CHARTS:
@@ -518,7 +520,7 @@ def _evals_html(names: list[str], evals: list) -> str:
 
 def render_compare(runs: list[Run], result: dict, *, max_points: int = MAX_POINTS) -> str:
     names = result["labels"]
-    specs = chart_specs(runs, names, max_points)
+    specs = overlay_chart_specs(runs, names, max_points)
     markers = []
     for name, run in zip(names, runs, strict=True):
         ms = markers_payload(run, Axes(run), label_prefix=f"{name}: ")

@@ -99,7 +99,7 @@ def system_points(run: Run, axes: Axes, key: str) -> list[dict]:
     ]
 
 
-def chart_specs(run: Run, axes: Axes, max_points: int = MAX_POINTS) -> tuple[list[dict], dict]:
+def run_chart_specs(run: Run, axes: Axes, max_points: int = MAX_POINTS) -> tuple[list[dict], dict]:
     """The report's charts as JSON-able specs, plus notes shown in chart headers."""
     keep = keep_steps(run)
     notes: dict[str, str] = {}
@@ -477,7 +477,7 @@ def render_report(run: Run, *, max_points: int = MAX_POINTS, now: float | None =
     """The report page as one HTML string."""
     axes = Axes(run)
     summary = summarize(run, now)
-    specs, notes = chart_specs(run, axes, max_points)
+    specs, notes = run_chart_specs(run, axes, max_points)
     payload = {
         "kind": "report",
         "axes": ["step", "tokens", "time"],

@@ -16,7 +16,9 @@ import random
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from plinth.track.run import RunDir
 
@@ -55,221 +57,53 @@ def write_synthetic_run(
     end_time: wall-clock time of the last record (default: a day ago, so an unfinished run
     reads as crashed; pass time.time() for a run that is still going).
     """
-    from plinth.config.commands import render_yaml
     from plinth.config.load import load_config
+    from plinth.config.render import render_yaml
 
     rng = random.Random(seed)
-    nan_steps, spike_steps = set(nan_steps), set(spike_steps)
     path = Path(path)
     run = RunDir(path)
-    resolved = load_config([], list(overrides))
+    overrides = list(overrides)
+    resolved = load_config([], overrides)
     run.write_config(render_yaml(resolved) + "\n")
-    cfg = resolved.config
-    total = steps
 
-    # the order in which steps are executed, with the downtime before each segment
-    segments: list[tuple[list[int], float]] = []
-    if crash_at is not None:
-        segments.append((list(range(1, crash_at + 1)), 0.0))
-        if resume:
-            ckpt = (crash_at // checkpoint_every) * checkpoint_every
-            segments.append((list(range(ckpt + 1, total + 1)), 3600.0))
-    elif rollback is not None:
-        at, to = rollback
-        segments.append((list(range(1, at + 1)) + list(range(to + 1, total + 1)), 0.0))
-    else:
-        segments.append((list(range(1, total + 1)), 0.0))
+    segments = _segments(steps, crash_at, resume, rollback, checkpoint_every)
     n_exec = sum(len(s) for s, _ in segments)
     downtime = sum(d for _, d in segments)
     last = end_time if end_time is not None else time.time() - 86400
     t = last - n_exec * step_seconds - downtime - 5.0
-    created = t - 30
+    run.write_manifest(_manifest(t - 30, overrides, seed, git_sha, data_fingerprint))
 
-    run.write_manifest(
-        {
-            "created": created,
-            "git": {"sha": git_sha, "dirty": False, "diff": ""},
-            "command": ["plinth", "pretrain", "configs/synthetic.yaml", *overrides],
-            "python": sys.version.split()[0],
-            "packages": {"plinth": "0.1.0", "torch": "2.13.0"},
-            "hardware": {"host": "synthetic", "device": "cpu", "gpu": None, "cpu_count": 2},
-            "world_size": 1,
-            "seed": seed,
-            "data": {"dir": "data/synthetic", "fingerprint": data_fingerprint},
-        }
+    writer = _Writer(
+        path=path,
+        run=run,
+        rng=rng,
+        t=t,
+        lr=resolved.config.optim.lr,
+        grad_clip=resolved.config.optim.grad_clip,
+        total=steps,
+        log_every=log_every,
+        eval_every=eval_every,
+        checkpoint_every=checkpoint_every,
+        nan_steps=set(nan_steps),
+        spike_steps=set(spike_steps),
+        stall=stall,
+        offset=offset,
+        noise=noise,
+        step_seconds=step_seconds,
+        tokens_per_step=tokens_per_step,
+        system=system,
     )
-
-    def event(step: int, kind: str, **details) -> None:
-        run.events.write({"step": step, "time": t, "event": kind, **details})
-
-    def loss_at(step: int) -> float:
-        base = 2.0 + 6.0 * (1 + step / 60) ** -0.5
-        if offset and step >= offset[0]:
-            base += offset[1]
-        return base * (1 + noise * rng.gauss(0, 1))
-
-    kept: list[int] = []
     ended = True
     for seg_index, (seg_steps, gap) in enumerate(segments):
-        t += gap
-        event(seg_steps[0] - 1, "start", total_steps=total, params=1_234_567, device="cpu")
-        if seg_index:
-            event(
-                seg_steps[0] - 1,
-                "resume",
-                checkpoint=f"step_{seg_steps[0] - 1:07d}",
-                tokens=(seg_steps[0] - 1) * tokens_per_step,
-            )
+        writer.t += gap
+        writer.start(seg_steps[0] - 1, resumed=seg_index > 0)
         prev = seg_steps[0] - 1
         for step in seg_steps:
             if step <= prev:  # a rollback: the guard restored an earlier checkpoint
-                event(
-                    prev,
-                    "anomaly",
-                    type="blowup",
-                    metric="anomalies",
-                    value=4.0,
-                    threshold=4.0,
-                    window_mean=None,
-                    window_std=None,
-                    z=None,
-                    action="rollback",
-                )
-                event(
-                    prev,
-                    "rollback",
-                    to_step=step - 1,
-                    checkpoint=f"step_{step - 1:07d}",
-                    skipped_batches=prev - step + 1,
-                )
+                writer.roll_back(prev, step)
             prev = step
-            t += step_seconds
-            lr = (
-                cfg.optim.lr
-                * min(1.0, step / 50)
-                * (0.55 + 0.45 * math.cos(math.pi * step / total))
-            )
-            loss = loss_at(step)
-            grad = 0.4 + 2.0 * math.exp(-step / 80) + 0.05 * abs(rng.gauss(0, 1))
-            if step in spike_steps:
-                loss += 4.0
-                grad *= 12
-                event(
-                    step,
-                    "anomaly",
-                    type="spike",
-                    metric="loss",
-                    value=loss,
-                    threshold=loss - 1.0,
-                    window_mean=loss - 4.0,
-                    window_std=0.1,
-                    z=40.0,
-                    action="skip_step",
-                )
-            if step in nan_steps:
-                loss, grad = math.nan, math.inf
-                event(
-                    step,
-                    "anomaly",
-                    type="nonfinite",
-                    metric="loss",
-                    value=loss,
-                    threshold=None,
-                    window_mean=None,
-                    window_std=None,
-                    z=None,
-                    action="skip_step",
-                )
-            tps = 8192.0 * (1 + 0.02 * rng.gauss(0, 1))
-            if stall and stall[0] <= step <= stall[1]:
-                tps /= 10
-                if step == stall[0]:
-                    event(
-                        step,
-                        "anomaly",
-                        type="stall",
-                        metric="tokens_per_s",
-                        value=tps,
-                        threshold=2048.0,
-                        window_mean=8192.0,
-                        window_std=150.0,
-                        z=None,
-                        action="log",
-                    )
-            if step % log_every == 0:
-                run.metrics.write(
-                    {
-                        "step": step,
-                        "time": t,
-                        "tokens": step * tokens_per_step,
-                        "train/loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad,
-                        "clipped": grad > (cfg.optim.grad_clip or math.inf),
-                        "tokens_per_s": tps,
-                        "step_time": tokens_per_step / tps,
-                        "data_share": 0.04 + 0.01 * rng.random(),
-                        "mfu": 0.31 * tps / 8192,
-                        "mem_mb": 1800.0 + 20 * math.sin(step / 30),
-                    }
-                )
-            if system and step % 10 == 0:
-                sample = {
-                    "time": t,
-                    "cpu_percent": 180 + 10 * rng.random(),
-                    "sys_cpu_percent": 92.0,
-                    "rss_mb": 950 + step * 0.05,
-                    "ram_used_mb": 6000.0,
-                    "ram_percent": 40.0,
-                }
-                with open(path / "system.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(sample) + "\n")
-            if step % eval_every == 0 or step == total:
-                val = loss_at(step) * 0.98 if not math.isnan(loss) else 3.0
-                metrics = {
-                    "val/loss": val,
-                    "val/ppl": math.exp(val),
-                    "val/bpb": val / 2.7,
-                    "val/tokens": 81920,
-                }
-                run.metrics.write(
-                    {"step": step, "time": t, "tokens": step * tokens_per_step, **metrics}
-                )
-                event(step, "eval", **metrics)
-                for prompt in ("def ", "The "):
-                    run.samples.write(
-                        {
-                            "step": step,
-                            "time": t,
-                            "prompt": prompt,
-                            "text": prompt + f"sample text at step {step} <&>",
-                        }
-                    )
-            if step % checkpoint_every == 0 or step == total:
-                name = f"step_{step:07d}"
-                d = path / "checkpoints" / name
-                d.mkdir(parents=True, exist_ok=True)
-                (d / "model.safetensors").write_bytes(b"\0" * 2048)
-                (d / "train_state.pt").write_bytes(b"\0" * 1024)
-                (d / "meta.json").write_text(
-                    json.dumps(
-                        {
-                            "tokens": step * tokens_per_step,
-                            "step": step,
-                            "files": {
-                                "model.safetensors": {"bytes": 2048, "sha256": "x"},
-                                "train_state.pt": {"bytes": 1024, "sha256": "y"},
-                            },
-                        }
-                    )
-                )
-                event(step, "checkpoint", path=name, tokens=step * tokens_per_step)
-                kept.append(step)
-                for old in kept[:-2]:  # keep_last=2
-                    for f in (path / "checkpoints" / f"step_{old:07d}").iterdir():
-                        f.unlink()
-                    (path / "checkpoints" / f"step_{old:07d}").rmdir()
-                kept = kept[-2:]
+            writer.step(step)
             if crash_at is not None and seg_index == 0 and step == crash_at:
                 ended = False
                 break
@@ -277,12 +111,265 @@ def write_synthetic_run(
             break
         ended = True
     if ended:
-        event(total, "end", tokens=total * tokens_per_step)
+        writer.event(steps, "end", tokens=steps * tokens_per_step)
     run.close()
     if torn_line:
         with open(path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write('{"step": 999999, "time": 1.0, "train/lo')  # killed mid-write
     return path
+
+
+def _segments(
+    total: int,
+    crash_at: int | None,
+    resume: bool,
+    rollback: tuple[int, int] | None,
+    checkpoint_every: int,
+) -> list[tuple[list[int], float]]:
+    """The order in which steps are executed, with the downtime before each segment."""
+    if crash_at is not None:
+        segments = [(list(range(1, crash_at + 1)), 0.0)]
+        if resume:
+            ckpt = (crash_at // checkpoint_every) * checkpoint_every
+            segments.append((list(range(ckpt + 1, total + 1)), 3600.0))
+        return segments
+    if rollback is not None:
+        at, to = rollback
+        return [(list(range(1, at + 1)) + list(range(to + 1, total + 1)), 0.0)]
+    return [(list(range(1, total + 1)), 0.0)]
+
+
+def _manifest(
+    created: float, overrides: list[str], seed: int, git_sha: str, data_fingerprint: str
+) -> dict[str, Any]:
+    return {
+        "created": created,
+        "git": {"sha": git_sha, "dirty": False, "diff": ""},
+        "command": ["plinth", "pretrain", "configs/synthetic.yaml", *overrides],
+        "python": sys.version.split()[0],
+        "packages": {"plinth": "0.1.0", "torch": "2.13.0"},
+        "hardware": {"host": "synthetic", "device": "cpu", "gpu": None, "cpu_count": 2},
+        "world_size": 1,
+        "seed": seed,
+        "data": {"dir": "data/synthetic", "fingerprint": data_fingerprint},
+    }
+
+
+@dataclass
+class _Writer:
+    """Writes the records of one step after another on a simulated clock (`t`). Every random
+    draw comes from `rng` in a fixed order, so a seed always writes the same run."""
+
+    path: Path
+    run: RunDir
+    rng: random.Random
+    t: float
+    lr: float
+    grad_clip: float | None
+    total: int
+    log_every: int
+    eval_every: int
+    checkpoint_every: int
+    nan_steps: set[int]
+    spike_steps: set[int]
+    stall: tuple[int, int] | None
+    offset: tuple[int, float] | None
+    noise: float
+    step_seconds: float
+    tokens_per_step: int
+    system: bool
+    kept: list[int] = field(default_factory=list)  # checkpoints on disk (keep_last=2)
+
+    def event(self, step: int, kind: str, **details) -> None:
+        self.run.events.write({"step": step, "time": self.t, "event": kind, **details})
+
+    def anomaly(self, step: int, **details) -> None:
+        self.event(step, "anomaly", **details)
+
+    def loss_at(self, step: int) -> float:
+        base = 2.0 + 6.0 * (1 + step / 60) ** -0.5
+        if self.offset and step >= self.offset[0]:
+            base += self.offset[1]
+        return base * (1 + self.noise * self.rng.gauss(0, 1))
+
+    def start(self, step: int, resumed: bool) -> None:
+        self.event(step, "start", total_steps=self.total, params=1_234_567, device="cpu")
+        if resumed:
+            self.event(
+                step,
+                "resume",
+                checkpoint=f"step_{step:07d}",
+                tokens=step * self.tokens_per_step,
+            )
+
+    def roll_back(self, prev: int, step: int) -> None:
+        """The guard gave up at `prev` and restored the checkpoint before `step`."""
+        self.anomaly(
+            prev,
+            type="blowup",
+            metric="anomalies",
+            value=4.0,
+            threshold=4.0,
+            window_mean=None,
+            window_std=None,
+            z=None,
+            action="rollback",
+        )
+        self.event(
+            prev,
+            "rollback",
+            to_step=step - 1,
+            checkpoint=f"step_{step - 1:07d}",
+            skipped_batches=prev - step + 1,
+        )
+
+    def step(self, step: int) -> None:
+        """One training step: its faults, metrics, system sample, eval and checkpoint."""
+        self.t += self.step_seconds
+        lr = (
+            self.lr
+            * min(1.0, step / 50)
+            * (0.55 + 0.45 * math.cos(math.pi * step / self.total))
+        )
+        loss, grad, tps = self.train_values(step)
+        if step % self.log_every == 0:
+            self.log_metrics(step, loss, lr, grad, tps)
+        if self.system and step % 10 == 0:
+            self.log_system(step)
+        if step % self.eval_every == 0 or step == self.total:
+            self.evaluate(step, loss)
+        if step % self.checkpoint_every == 0 or step == self.total:
+            self.checkpoint(step)
+
+    def train_values(self, step: int) -> tuple[float, float, float]:
+        """Loss, gradient norm and throughput of a step, with the injected faults (and their
+        anomaly events)."""
+        loss = self.loss_at(step)
+        grad = 0.4 + 2.0 * math.exp(-step / 80) + 0.05 * abs(self.rng.gauss(0, 1))
+        if step in self.spike_steps:
+            loss += 4.0
+            grad *= 12
+            self.anomaly(
+                step,
+                type="spike",
+                metric="loss",
+                value=loss,
+                threshold=loss - 1.0,
+                window_mean=loss - 4.0,
+                window_std=0.1,
+                z=40.0,
+                action="skip_step",
+            )
+        if step in self.nan_steps:
+            loss, grad = math.nan, math.inf
+            self.anomaly(
+                step,
+                type="nonfinite",
+                metric="loss",
+                value=loss,
+                threshold=None,
+                window_mean=None,
+                window_std=None,
+                z=None,
+                action="skip_step",
+            )
+        tps = 8192.0 * (1 + 0.02 * self.rng.gauss(0, 1))
+        if self.stall and self.stall[0] <= step <= self.stall[1]:
+            tps /= 10
+            if step == self.stall[0]:
+                self.anomaly(
+                    step,
+                    type="stall",
+                    metric="tokens_per_s",
+                    value=tps,
+                    threshold=2048.0,
+                    window_mean=8192.0,
+                    window_std=150.0,
+                    z=None,
+                    action="log",
+                )
+        return loss, grad, tps
+
+    def log_metrics(self, step: int, loss: float, lr: float, grad: float, tps: float) -> None:
+        self.run.metrics.write(
+            {
+                "step": step,
+                "time": self.t,
+                "tokens": step * self.tokens_per_step,
+                "train/loss": loss,
+                "lr": lr,
+                "grad_norm": grad,
+                "clipped": grad > (self.grad_clip or math.inf),
+                "tokens_per_s": tps,
+                "step_time": self.tokens_per_step / tps,
+                "data_share": 0.04 + 0.01 * self.rng.random(),
+                "mfu": 0.31 * tps / 8192,
+                "mem_mb": 1800.0 + 20 * math.sin(step / 30),
+            }
+        )
+
+    def log_system(self, step: int) -> None:
+        sample = {
+            "time": self.t,
+            "cpu_percent": 180 + 10 * self.rng.random(),
+            "sys_cpu_percent": 92.0,
+            "rss_mb": 950 + step * 0.05,
+            "ram_used_mb": 6000.0,
+            "ram_percent": 40.0,
+        }
+        with open(self.path / "system.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(sample) + "\n")
+
+    def evaluate(self, step: int, loss: float) -> None:
+        """Validation metrics, their event and a sample per prompt."""
+        # a non-finite step draws no noise here: the seed's sequence of draws stays as it was
+        val = self.loss_at(step) * 0.98 if not math.isnan(loss) else 3.0
+        metrics = {
+            "val/loss": val,
+            "val/ppl": math.exp(val),
+            "val/bpb": val / 2.7,
+            "val/tokens": 81920,
+        }
+        self.run.metrics.write(
+            {"step": step, "time": self.t, "tokens": step * self.tokens_per_step, **metrics}
+        )
+        self.event(step, "eval", **metrics)
+        for prompt in ("def ", "The "):
+            self.run.samples.write(
+                {
+                    "step": step,
+                    "time": self.t,
+                    "prompt": prompt,
+                    "text": prompt + f"sample text at step {step} <&>",
+                }
+            )
+
+    def checkpoint(self, step: int) -> None:
+        """A checkpoint directory of placeholder files; only the last two are kept."""
+        name = f"step_{step:07d}"
+        d = self.path / "checkpoints" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 2048)
+        (d / "train_state.pt").write_bytes(b"\0" * 1024)
+        (d / "meta.json").write_text(
+            json.dumps(
+                {
+                    "tokens": step * self.tokens_per_step,
+                    "step": step,
+                    "files": {
+                        "model.safetensors": {"bytes": 2048, "sha256": "x"},
+                        "train_state.pt": {"bytes": 1024, "sha256": "y"},
+                    },
+                }
+            )
+        )
+        self.event(step, "checkpoint", path=name, tokens=step * self.tokens_per_step)
+        self.kept.append(step)
+        for old in self.kept[:-2]:
+            for f in (self.path / "checkpoints" / f"step_{old:07d}").iterdir():
+                f.unlink()
+            (self.path / "checkpoints" / f"step_{old:07d}").rmdir()
+        self.kept = self.kept[-2:]
 
 
 if __name__ == "__main__":

@@ -14,9 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -35,6 +32,7 @@ from plinth.config.load import (
     type_text,
 )
 from plinth.config.presets import PRESETS
+from plinth.config.render import format_value, render_yaml
 from plinth.config.schema import Config, ModelConfig, Section
 from plinth.errors import ConfigError
 
@@ -55,23 +53,13 @@ def _first_sentence(text: str | None) -> str:
     return text
 
 
-def _fmt(value: Any) -> str:
-    value = to_jsonable_python(value)  # sections inside lists, tuples -> plain YAML types
-    return (
-        yaml.safe_dump(value, default_flow_style=True, width=10_000)
-        .strip()
-        .removesuffix("...")
-        .strip()
-    )
-
-
 def load_with_base(files, overrides):
     """load_config, with a fine-tune's base model (finetune.base) as the lowest layer, so the
     model shown is the one that will train."""
     resolved = load_config(files, overrides)
     if resolved.config.finetune.base is None:
         return resolved
-    from plinth.recipes.finetune import load_finetune_config
+    from plinth.finetune.config import load_finetune_config  # imports torch: only when needed
 
     return load_finetune_config(files, overrides)[0]
 
@@ -148,12 +136,14 @@ def _explain_section(con: Console, key: str, sub: type[Section], resolved: Resol
             continue
         current = get_value(resolved.config, full)
         src = resolved.source(full)
-        cur = escape(_fmt(current)) + (f" [dim]({escape(src)})[/]" if src != DEFAULT else "")
+        cur = escape(format_value(current))
+        if src != DEFAULT:
+            cur += f" [dim]({escape(src)})[/]"
         default = info.get_default(call_default_factory=True)
         table.add_row(
             escape(full),
             escape(type_text(info)),
-            escape(_fmt(default)),
+            escape(format_value(default)),
             cur,
             escape(_first_sentence(info.description)),
         )
@@ -172,8 +162,8 @@ def _explain_field(con: Console, key: str, info: Any, resolved: Resolved) -> Non
     bounds = bounds_text(info)
     if bounds:
         rows.append(("range", bounds))
-    rows.append(("default", _fmt(default)))
-    rows.append(("current", f"{_fmt(current)}   (from {resolved.source(key)})"))
+    rows.append(("default", format_value(default)))
+    rows.append(("current", f"{format_value(current)}   (from {resolved.source(key)})"))
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
         con.print(f"  {label.ljust(width)}  {escape(value)}")
@@ -194,27 +184,6 @@ def show(config: str | None = None, overrides: list[str] = (), *, all: bool = Fa
     resolved = load_with_base(files, overs)
     print(render_yaml(resolved, annotate_defaults=all))
     return 0
-
-
-def render_yaml(resolved: Resolved, annotate_defaults: bool = False) -> str:
-    """The config as YAML with `# source` comments (what `config show` prints)."""
-    lines: list[str] = []
-
-    def emit(model: BaseModel, prefix: str, indent: int) -> None:
-        for name, _info in type(model).model_fields.items():
-            value = getattr(model, name)
-            full = f"{prefix}{name}"
-            pad = "  " * indent
-            if isinstance(value, Section):
-                lines.append(f"{pad}{name}:")
-                emit(value, f"{full}.", indent + 1)
-                continue
-            src = resolved.source(full)
-            note = f"  # {src}" if (src != DEFAULT or annotate_defaults) else ""
-            lines.append(f"{pad}{name}: {_fmt(value)}{note}")
-
-    emit(resolved.config, "", 0)
-    return "\n".join(lines)
 
 
 def validate(configs: list[str], *, quiet: bool = False) -> int:

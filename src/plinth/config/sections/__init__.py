@@ -1,0 +1,2 @@
+"""The config's sections, one module per stage of a model's life; `plinth.config.schema`
+assembles them into `Config`."""
