@@ -55,6 +55,7 @@ from torch import nn
 from plinth.config.schema import FinetuneConfig
 from plinth.errors import NotSupportedError, UsageError
 from plinth.hf.fingerprints import SCHEME, is_current
+from plinth.hf.layout import IMPORT_FILE  # read here for the base's fingerprint
 from plinth.models import unwrap
 from plinth.peft.apply import (
     Summary,
@@ -72,7 +73,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # peft's key prefix in front of the wrapped model's own names
 FINGERPRINT = "plinth_base_fingerprint"
-IMPORT_FILE = "import.json"  # plinth.hf.convert's, read here for the base's fingerprint
 FORMATS = ("auto", "peft", "plinth")
 
 
