@@ -125,7 +125,7 @@ def main() -> None:
 
     import transformers
 
-    from plinth.hf.convert import reference_path
+    from plinth.hf.importer import reference_path
     from plinth.infer.engine import Engine, SamplingParams
 
     N = args.new_tokens

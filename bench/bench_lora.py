@@ -190,7 +190,7 @@ def main() -> None:
                     help="skip the peak-memory step")
     args = ap.parse_args()
 
-    from plinth.hf.convert import import_model, reference_path
+    from plinth.hf.importer import import_model, reference_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -72,11 +72,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "score a model on tasks (multiple choice, generation) and perplexity / bits per byte",
     ),
     "import": (
-        "plinth.hf.commands:import_cmd",
+        "plinth.recipes.convert:import_cmd",
         "import a Hugging Face model directory or GGUF file as a plinth model",
     ),
     "export": (
-        "plinth.hf.commands:export_cmd",
+        "plinth.recipes.convert:export_cmd",
         "export a run, checkpoint or imported model in the Hugging Face layout",
     ),
     "config explain": (

@@ -57,7 +57,7 @@ def resolve(spec: str | Path, key: str = "model") -> Path:
     """The local directory holding a model argument's config.yaml: a run / checkpoint / `plinth
     import` directory as is; a Hugging Face directory, a .gguf file or a reference name imported
     once into $PLINTH_HOME/models. `key` names the argument in the error (e.g. finetune.base)."""
-    from plinth.hf.convert import REFERENCES, reference_path
+    from plinth.hf.importer import REFERENCES, reference_path
 
     spec = str(spec)
     if spec in REFERENCES:
@@ -78,7 +78,7 @@ def resolve(spec: str | Path, key: str = "model") -> Path:
 
 
 def _imported(source: Path, out: Path) -> Path:
-    from plinth.hf.convert import import_model
+    from plinth.hf.importer import import_model
 
     if (out / IMPORT_RECORD).is_file():
         return out
@@ -89,7 +89,7 @@ def _imported(source: Path, out: Path) -> Path:
 
 def display_name(spec: str | Path) -> str:
     """A short name for a model argument (the reference name, else the directory's name)."""
-    from plinth.hf.convert import REFERENCES
+    from plinth.hf.importer import REFERENCES
 
     spec = str(spec)
     return spec if spec in REFERENCES else Path(spec).expanduser().name

@@ -20,9 +20,10 @@ import torch
 
 from plinth.cli import main
 from plinth.errors import UsageError
-from plinth.hf import export_model, fingerprint, import_model, reference_path
+from plinth.hf import fingerprint, import_model, reference_path
 from plinth.infer.sampling import generate
 from plinth.load import load_trained
+from plinth.recipes.convert import export_model
 
 transformers = pytest.importorskip("transformers")
 

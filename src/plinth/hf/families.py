@@ -7,7 +7,7 @@ A family knows how a Hugging Face `config.json` becomes the fields of a plinth `
 plinth parameter lives in a Hugging Face checkpoint (`source`): the tensor's name inside the
 base model, whether it is stored transposed (GPT-2's Conv1D) and which slice of a fused tensor
 it is (GPT-2's c_attn holds q, k and v). Import and export are the same table read in opposite
-directions (convert.py), so a mapping cannot be right one way and wrong the other.
+directions (importer.py, exporter.py), so a mapping cannot be right one way and wrong the other.
 
 Supported: the Llama family (llama, SmolLM = llama, mistral, qwen2 with its q/k/v biases,
 qwen3 with QK-norm), gpt2 and bert (post-norm encoder with token types).

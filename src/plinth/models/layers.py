@@ -1,5 +1,5 @@
 """Generic transformer parts shared by every model family: norm, RoPE, attention, MLP, block,
-KV cache, init, and the fused head + cross-entropy.
+KV cache, init, and the head + cross-entropy.
 
     python -c "from plinth.models.layers import *; print(Block)"
 
@@ -9,6 +9,7 @@ them) and handles grouped-query attention natively (`enable_gqa`), so keys and v
 repeated in memory. Parameter names follow Hugging Face Llama (`q_proj`, `gate_proj`, ...) so LoRA
 target patterns and checkpoint import work by name; plain q/k/v (and gate/up) projections still
 run as one matrix multiply. Training losses skip the (B, T, V) logits (`linear_cross_entropy`).
+Both are hand-fused autograd kernels that live apart, in plinth.models.kernels.
 
 Shapes: B batch, T query length, S key length, D d_model, H query heads, K key/value heads,
 E head_dim, F ffn_dim.
@@ -16,7 +17,6 @@ E head_dim, F ffn_dim.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plinth.config.schema import ModelConfig
+from plinth.models.kernels import chunked_linear_cross_entropy, fused_linear
 
 
 def make_norm(cfg: ModelConfig, dim: int, bias: bool | None = None) -> nn.Module:
@@ -191,7 +192,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         if memory is None and _plain(self.q_proj, self.k_proj, self.v_proj):
-            q, k, v = _fused_linear(x, self.q_proj, self.k_proj, self.v_proj)  # one GEMM
+            q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)  # one GEMM
         else:
             q, k, v = self.q_proj(x), None, None  # keys/values from `memory` (or x) below
         q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
@@ -273,7 +274,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D)
         if self.gate_proj is not None:
             if _plain(self.gate_proj, self.up_proj):
-                gate, up = _fused_linear(x, self.gate_proj, self.up_proj)  # one GEMM
+                gate, up = fused_linear(x, self.gate_proj, self.up_proj)  # one GEMM
             else:
                 gate, up = self.gate_proj(x), self.up_proj(x)
             h = F.silu(gate) * up  # (B, T, F)
@@ -289,90 +290,6 @@ def _plain(*modules: nn.Module) -> bool:
     """True when all are ordinary nn.Linear layers, so their weights can be concatenated.
     Any other module (a LoRA wrapper, a quantised linear) is called on its own instead."""
     return all(type(m) is nn.Linear for m in modules)
-
-
-def _fused_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """Several projections of the same input as one matrix multiply on concatenated weights.
-    One wide GEMM uses the hardware better than three narrow ones (~5% faster training steps on
-    CPU). The concatenated matrix is a temporary of forward (and, in 16 bits, of backward):
-    autograd keeps only x and the separate weights, which exist anyway (F.linear on a
-    concatenation would keep the copy until backward, 18 GB for the 7B preset in fp32). Under
-    autocast x and the weights are cast to its dtype, as F.linear would. Returns views into one
-    (B, T, sum) tensor."""
-    dtype = _compute_dtype(x)
-    weights = [m.weight for m in linears]
-    biases = [] if linears[0].bias is None else [m.bias for m in linears]
-    y = _FusedLinear.apply(x.to(dtype), dtype, len(weights), *weights, *biases)
-    return y.split([m.out_features for m in linears], dim=-1)
-
-
-def _concat(tensors: list[torch.Tensor], dtype: torch.dtype, dim: int = 0) -> torch.Tensor:
-    """torch.cat of 2-D tensors, straight into `dtype` (no concatenated copy in the original)."""
-    if all(t.dtype == dtype for t in tensors):
-        return torch.cat(tensors, dim)
-    shape = list(tensors[0].shape)
-    shape[dim] = sum(t.shape[dim] for t in tensors)
-    return torch.cat(tensors, dim, out=tensors[0].new_empty(shape, dtype=dtype))
-
-
-class _FusedLinear(torch.autograd.Function):
-    """x @ cat(weights).T + cat(biases), saving x and references to the weights (no copy).
-
-    forward(x, dtype, n, *weights, *biases): x is already in the compute dtype; weights and
-    biases (n each, or no biases) are cast to it. Backward runs with autocast off (everything is
-    in `dtype` already, as in forward); see `_matmul_concat` for x's gradient."""
-
-    @staticmethod
-    def forward(ctx, x, dtype, n, *params):
-        weights, biases = params[:n], params[n:]
-        ctx.save_for_backward(x, *weights)
-        ctx.dtype = dtype
-        bias = _concat(biases, dtype) if biases else None
-        return F.linear(x, _concat(weights, dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, *weights = ctx.saved_tensors
-        n, dtype = len(weights), ctx.dtype
-        need_w, need_b = ctx.needs_input_grad[3 : 3 + n], ctx.needs_input_grad[3 + n :]
-        grad_x, grad_w, grad_b = None, [None] * n, [None] * len(need_b)
-        sizes = [w.shape[0] for w in weights]
-        with _autocast_off(grad.device.type):
-            g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, sum)
-            if ctx.needs_input_grad[0]:
-                grad_x = _matmul_concat(g, weights, sizes, dtype).view(x.shape)
-            if any(need_w):  # one wide GEMM, then views of it per weight (as F.linear's)
-                gw = (g.t() @ x.reshape(-1, x.shape[-1])).to(weights[0].dtype)
-                grad_w = [
-                    p if need else None for p, need in zip(gw.split(sizes), need_w, strict=True)
-                ]
-            if any(need_b):
-                gb = g.sum(0).to(weights[0].dtype)
-                grad_b = [
-                    p if need else None for p, need in zip(gb.split(sizes), need_b, strict=True)
-                ]
-        return grad_x, None, None, *grad_w, *grad_b
-
-
-def _matmul_concat(g, weights, sizes, dtype):
-    """g (N, sum) @ cat(weights) (sum, D) in `dtype`. In fp32 without a cast, the sum of the
-    pieces' products (no copy); in 16 bits (weights cast by autocast, or bf16 ones from FSDP's
-    mixed precision) one GEMM on a concatenated copy, so partial sums are not rounded."""
-    if dtype in (torch.float32, torch.float64) and all(w.dtype == dtype for w in weights):
-        out = None
-        for gi, w in zip(g.split(sizes, dim=1), weights, strict=True):
-            out = gi @ w if out is None else out.addmm_(gi, w)
-        return out
-    if g.device.type == "cpu":  # 16-bit CPU GEMMs are ~10x faster with cat(W) laid out (D, sum)
-        return g @ _concat([w.t() for w in weights], dtype, dim=1).t()
-    return g @ _concat(weights, dtype)
-
-
-def _autocast_off(device_type: str):
-    """Autocast disabled for `device_type` where it is on (backward may run inside autocast)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------- block
@@ -470,7 +387,7 @@ def position_ids(
     return positions  # (B, T)
 
 
-# --------------------------------------------------------------------- fused head + cross-entropy
+# ---------------------------------------------------------------------- head + cross-entropy
 
 IGNORE_INDEX = -100  # label value that does not count (padding), as in F.cross_entropy
 
@@ -485,115 +402,14 @@ def linear_cross_entropy(
     """Sums over counted rows of `cross-entropy + z_loss * logsumexp^2` and of cross-entropy
     alone (no gradient, for logging) for the logits h @ weight.T, without materialising them.
 
-    Rows go through in chunks of `chunk`: logits -> softmax -> the logits' gradient, which is
-    multiplied into the gradients of h and weight at once while the chunk is still in cache. The
-    (N, V) logits, their log-softmax and their gradient (3 x 64 MB for the ref-cpu-decoder batch)
-    never exist, which makes the head + loss ~20% faster on CPU and saves that memory on GPUs.
-    The gradients are computed in the forward pass and scaled in backward (the loss is linear in
-    its upstream gradient), so this costs nothing extra when backward() follows, as in training.
-    Backward hands them over and keeps no reference, so it runs once per loss.
+    Rows go through in chunks of `chunk` (plinth.models.kernels): the (N, V) logits, their
+    log-softmax and their gradient (3 x 64 MB for the ref-cpu-decoder batch) never exist, which
+    makes the head + loss ~20% faster on CPU and saves that memory on GPUs. Gradients are
+    computed in the forward pass, so backward runs once per loss.
     `chunk` defaults to ~4M logits (16 MB in fp32) per chunk: 512 rows for an 8192 vocab.
     """
     chunk = chunk or max(64, 2**22 // weight.shape[0])
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, labels, z_loss, chunk)
-    with torch.no_grad():
-        return _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads=None)
-
-
-@torch.compiler.disable  # already fused by hand; runs eagerly inside a compiled model
-def _linear_ce_chunks(h, weight, labels, z_loss, chunk, grads):
-    keep = labels != IGNORE_INDEX
-    n_keep = int(keep.sum())
-    if n_keep < labels.shape[0]:
-        # rows that count nothing (prompts in SFT, padding) need neither logits nor gradients:
-        # the head runs on the counted rows only (most of a fine-tuning batch is prompt)
-        idx = keep.nonzero().squeeze(1)
-        grad_h, grad_w = grads if grads is not None else (None, None)
-        sub_h = None if grad_h is None else torch.empty(n_keep, h.shape[1], dtype=h.dtype,
-                                                        device=h.device)
-        out = _linear_ce_chunks(
-            h.index_select(0, idx), weight, labels.index_select(0, idx), z_loss, chunk,
-            None if grads is None else (sub_h, grad_w),
-        )
-        if grad_h is not None:
-            grad_h.zero_().index_copy_(0, idx, sub_h)
-        return out
-    dtype = _compute_dtype(h)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        w = weight.to(dtype)
-        for s in range(0, h.shape[0], chunk):
-            # one call per chunk: its logits are freed on return, before the next chunk's exist
-            loss_c, ce_c = _linear_ce_chunk(h, w, labels, z_loss, s, chunk, grads)
-            loss_sum += loss_c
-            ce_sum += ce_c
-    return loss_sum, ce_sum
-
-
-def _linear_ce_chunk(h, w, labels, z_loss, s, chunk, grads):
-    """Loss and cross-entropy sums of rows [s, s + chunk); their gradients written into
-    `grads` (grad_h rows, grad_w accumulated) unless None. Matmuls in w's dtype."""
-    dtype = w.dtype
-    hc, yc = h[s : s + chunk].to(dtype), labels[s : s + chunk]
-    valid = yc != IGNORE_INDEX  # (C,)
-    target = yc.clamp(min=0)[:, None]  # (C, 1)
-    logits = (hc @ w.t()).float()  # (C, V)
-    picked = logits.gather(1, target).squeeze(1)  # logit of the target
-    peak = logits.amax(dim=-1, keepdim=True)
-    e = logits.sub_(peak).exp_()  # unnormalised softmax, in place over the logits
-    total = e.sum(dim=-1, keepdim=True)
-    lse = (peak + total.log()).squeeze(1)  # (C,) logsumexp
-    ce = torch.where(valid, lse - picked, 0.0).sum()
-    loss = ce + z_loss * torch.where(valid, lse.square(), 0.0).sum()
-    if grads is None:
-        return loss, ce
-    # d/dlogits of (lse - logit[y] + z * lse^2) = softmax * (1 + 2 z lse) - onehot(y)
-    scale = (1.0 + 2.0 * z_loss * lse[:, None]) if z_loss else 1.0
-    g = e.mul_(torch.where(valid[:, None], scale / total, 0.0))  # rows not counted -> 0
-    g.scatter_add_(1, target, torch.where(valid, -1.0, 0.0)[:, None])
-    g = g.to(dtype)
-    grad_h, grad_w = grads  # None where that input needs no gradient (a frozen head)
-    if grad_h is not None:
-        grad_h[s : s + chunk] = g @ w  # (C, D)
-    if grad_w is not None and grad_w.dtype == dtype:
-        grad_w.addmm_(g.t(), hc)  # (V, D), accumulated in place
-    elif grad_w is not None:
-        # a 16-bit (V, D) product added to the fp32 sum in blocks of rows: no fp32 copy of it
-        gw, rows = g.t() @ hc, max(1, 2**22 // hc.shape[1])
-        for r in range(0, gw.shape[0], rows):
-            grad_w[r : r + rows] += gw[r : r + rows].to(grad_w.dtype)
-    return loss, ce
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, labels, z_loss, chunk):
-        need_h, need_w = ctx.needs_input_grad[:2]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        loss_sum, ce_sum = _linear_ce_chunks(h, weight, labels, z_loss, chunk, (grad_h, grad_w))
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        ctx.mark_non_differentiable(ce_sum)
-        return loss_sum, ce_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce):
-        # hand the gradients over, scaled in place, and drop them: the caller's loss output
-        # (kept by the training loop until the next forward returns) must not keep them alive
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_cross_entropy: backward twice through one loss is not supported (its "
-                "gradients, computed in forward, are released by the first backward)"
-            )
-        grad_h, grad_w = ctx.grads
-        ctx.grads = None
-        if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
-        if grad_w is not None:
-            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
-        return grad_h, grad_w, None, None, None
+    return chunked_linear_cross_entropy(h, weight, labels, z_loss, chunk, IGNORE_INDEX)
 
 
 def cross_entropy_sums(
@@ -608,10 +424,3 @@ def cross_entropy_sums(
         lse = torch.logsumexp(logits, dim=-1)
         loss_sum = ce_sum + z_loss * torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
     return loss_sum, ce_sum.detach()
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in here: autocast's when it is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype

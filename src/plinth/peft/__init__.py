@@ -7,7 +7,8 @@ m = build_model(ModelConfig(n_layers=2)); print(apply_method(m, FinetuneConfig(m
 
 `apply_method(model, cfg.finetune)` (plinth.peft.apply) does the swap and freezes the base;
 `merge`/`unmerge`, `disable_adapters`, `save_adapter`/`load_adapter` (peft's on-disk format,
-plinth.peft.save) work on any model it produced.
+plinth.peft.save) work on any model it produced. plinth.peft.names maps its layers to the
+Hugging Face module names peft uses (save/load, and hints for Hugging Face target patterns).
 """
 
 from plinth.peft.apply import (

@@ -48,6 +48,7 @@ from plinth.models.layers import MLP, Attention, Block
 from plinth.peft.adapters import BottleneckAdapter
 from plinth.peft.ia3 import IA3Linear
 from plinth.peft.lora import LoRALinear
+from plinth.peft.names import hf_names
 from plinth.peft.prefix import PrefixKV
 from plinth.peft.wrap import WrappedLinear, adapter_parameters
 
@@ -221,8 +222,6 @@ def match_linears(
 
 def _hf_hint(model: nn.Module, patterns: list[str]) -> str:
     """For patterns in Hugging Face names (c_attn, query, ...): the plinth layers they mean."""
-    from plinth.peft.save import hf_names  # save imports this module
-
     names = hf_names(model)
     if names is None:
         return ""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plinth.errors import NotSupportedError
-from plinth.models.layers import _autocast_off, _compute_dtype
+from plinth.models.kernels import autocast_off, compute_dtype
 from plinth.peft import nf4
 from plinth.peft.wrap import WrappedLinear
 
@@ -183,7 +183,7 @@ def lora_linear(
     input gradient into the base's (one (N, in) tensor instead of two and their sum). Autograd
     keeps x and the (N, r) hidden x A^T; weights are referenced, never copied (16-bit casts under
     autocast are temporaries, remade in backward). A frozen `weight` gets no gradient product."""
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     return _LoRALinear.apply(x.to(dtype), weight, bias, lora_a, lora_b, scaling, dtype)
 
 
@@ -205,7 +205,7 @@ class _LoRALinear(torch.autograd.Function):
         s, dtype = ctx.scaling, ctx.dtype
         need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_lb = None
-        with _autocast_off(grad.device.type):
+        with autocast_off(grad.device.type):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)  # (N, out)
             x2 = x.reshape(-1, x.shape[-1])
             a = lora_a.to(dtype)

