@@ -6,7 +6,7 @@ optimizer state are fp32 master copies: 4 + 4 + 8 bytes per parameter with AdamW
 momentum: 4); FSDP/HSDP shard all three across devices. Activations and logits are not a
 textbook formula but what plinth's own models keep: the tensors autograd saves in one block,
 read off its saved-tensor hooks, and the peak of real training steps measured with `PeakMemory`
-on CPU (tests/unit/test_plan.py: decoder, encoder and encoder-decoder, fp32 and bf16 autocast,
+on CPU (tests/recipes/test_plan.py: decoder, encoder and encoder-decoder, fp32 and bf16 autocast,
 with and without activation checkpointing, all within a few percent).
 
 One block keeps, per token (D d_model, q and kv the query and key/value widths, F the MLP
