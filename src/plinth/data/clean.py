@@ -86,9 +86,10 @@ class CleanParams:
 def clean_batch(params: CleanParams, items: list[srcs.RawDoc]) -> dict:
     """Worker: run deferred transforms, clean and filter a batch of one source's items, in
     order; exact keys and MinHash signatures for the survivors. Each item comes back as
-    (status, reason, ref, detail, nbytes, text, digest of the input as read)."""
+    (status, reason, ref, detail, nbytes, text, digest of the input as read, PII counts). The
+    PII counts travel with each document because dedup and the caps may still drop it: only
+    kept documents are counted."""
     rows = []
-    pii: Counter = Counter()
     for raw in items:
         digest = hashlib.blake2b(
             f"{raw.ref}\0{raw.reason or ''}\0".encode()
@@ -97,23 +98,24 @@ def clean_batch(params: CleanParams, items: list[srcs.RawDoc]) -> dict:
         ).digest()
         doc = srcs.apply_transform(raw)
         if doc.text is None:
-            rows.append((BAD, doc.reason, doc.ref, doc.detail, doc.nbytes, None, digest))
+            rows.append((BAD, doc.reason, doc.ref, doc.detail, doc.nbytes, None, digest, {}))
             continue
         clean, reason, counts = flt.clean_document(doc.text, params.filters)
         if reason:
-            rows.append((FILTERED, reason, doc.ref, "", doc.nbytes, None, digest))
+            rows.append((FILTERED, reason, doc.ref, "", doc.nbytes, None, digest, {}))
             continue
         if params.decontam is not None:
             hit = decontam_index(params.decontam).first_match(clean)
             if hit is not None:
-                rows.append((FILTERED, "contaminated", doc.ref, hit, doc.nbytes, None, digest))
+                rows.append(
+                    (FILTERED, "contaminated", doc.ref, hit, doc.nbytes, None, digest, {})
+                )
                 continue
-        pii.update(counts)
-        rows.append((KEPT, None, doc.ref, "", doc.nbytes, clean, digest))
+        rows.append((KEPT, None, doc.ref, "", doc.nbytes, clean, digest, counts))
     kept = [r[5] for r in rows if r[0] == KEPT]
     keys = [dd.exact_key(t) for t in kept] if params.exact else None
     sigs = dd.minhash_signatures(kept, params.num_perm, params.shingle) if params.near else None
-    return {"rows": rows, "pii": dict(pii), "keys": keys, "sigs": sigs}
+    return {"rows": rows, "keys": keys, "sigs": sigs}
 
 
 # ------------------------------------------------------------------------------ bookkeeping
@@ -132,7 +134,7 @@ class SourceStats:
     near_duplicates: int = 0
     kept: int = 0
     kept_bytes: int = 0
-    pii: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)  # scrubbed items in kept documents
     capped: str | None = None
     examples: dict = field(default_factory=dict)
     sha: Any = field(default_factory=hashlib.sha256)
@@ -234,7 +236,7 @@ def _take_batch(
     (the rest of the batch is not read)."""
     bands = dedup.band_keys(res["sigs"]) if res["sigs"] is not None else None
     k = -1  # index among this batch's filter survivors (keys/sigs are aligned to them)
-    for status, reason, ref, detail, nbytes, text, digest in res["rows"]:
+    for status, reason, ref, detail, nbytes, text, digest, pii in res["rows"]:
         st.sha.update(digest)
         if status == BAD:
             st.bad_input[reason] += 1
@@ -263,6 +265,7 @@ def _take_batch(
             else:
                 st.kept_bytes += store.add(text, si)
                 st.kept += 1
+                st.pii.update(pii)
         if data.max_docs and st.read >= data.max_docs:
             st.capped = f"max_docs={data.max_docs}"
             return True
