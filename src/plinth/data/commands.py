@@ -122,7 +122,7 @@ def tokenizer_train(
     tmp = out.with_name(out.name + ".tmp")
     tok.save(str(tmp))
     os.replace(tmp, out)
-    roles = tkz.token_roles(tok, tc.special_tokens)
+    roles = tkz.role_ids(tok, tc.special_tokens)
     line = f"saved {out}: {tc.kind}, vocab {tok.get_vocab_size()}, trained on {used['docs']} docs "
     line += f"({used['bytes'] / 1e6:.1f} MB), {len(roles['sentinel_ids'])} sentinels"
     if held_out:

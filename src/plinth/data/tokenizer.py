@@ -183,7 +183,7 @@ def load_tokenizer(path: str | Path, special_tokens: list[str] | None = None):
     return tok, missing
 
 
-def token_roles(tok, special_tokens: list[str]) -> dict:
+def role_ids(tok, special_tokens: list[str]) -> dict:
     """Ids of the special roles: specials by position (eos, pad, mask, bos; pad and bos fall
     back to eos, mask to None when the list is shorter) plus the sentinel ids found."""
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -260,7 +260,7 @@ def dataset_tokenizer(cfg, corpus: Corpus, is_val: np.ndarray, out: Path, prog) 
             )
     path = out / TOKENIZER
     tok.save(str(path))
-    roles = token_roles(tok, tc.special_tokens)
+    roles = role_ids(tok, tc.special_tokens)
     info.update(
         file=TOKENIZER,
         vocab_size=tok.get_vocab_size(),
