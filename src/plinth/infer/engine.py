@@ -18,6 +18,10 @@ The loop is a `DecodeSession` (`Engine.session`): rows can also join it between 
 (continuous batching, what `plinth serve` runs); each joining prompt is prefilled on its own and
 merged into the batch cache, so it decodes exactly as it would alone. `generate` is a session
 with every row added before the first step.
+
+This module holds the `Engine` (loading, text, validation, the entry points); the loop is in
+`plinth.infer.session`, the sampler in `.sampler`, the forward passes in `.runners`, streaming
+text in `.detok`, beam search in `.beam`, and the request/result types in `.params`.
 """
 
 from __future__ import annotations

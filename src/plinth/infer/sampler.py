@@ -32,7 +32,8 @@ def row_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 class RowSampler:
     """Next tokens for the active rows from their logits, with every row's own parameters as
-    (A,) tensors, so one set of tensor operations serves all rows."""
+    (A,) tensors, so one set of tensor operations serves all rows. A row (`session.Row`) brings
+    its index, prompt, params and generator; `keep` sets the active rows in batch order."""
 
     def __init__(self, rows: list[Row], vocab: int, device: torch.device):
         self.V, self.device = vocab, device
@@ -83,6 +84,7 @@ class RowSampler:
         self._set(active)
 
     def done_step(self) -> None:
+        """Forget the step's logprobs (the rows have taken them)."""
         self._info = None
 
     def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ class RowSampler:
         )
         return logits.index_copy(0, idx, sub)
 
-    def sample(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Tokens (A,) for logits (A, V) of the active rows."""
         raw = logits
         if self.any_penalty:
@@ -148,6 +150,8 @@ class RowSampler:
         self._info = info
 
     def logprob_info(self, j: int):
+        """(chosen token's logprob, [(token, logprob)] of the top n or None) of active row j
+        this step; None when the row asked for none."""
         return None if self._info is None else self._info.get(j)
 
 

@@ -113,7 +113,7 @@ class DecodeSession:
         if not self.active:
             return []
         sampler, active = self.sampler, self.active
-        toks = sampler.sample(self.logits, active)  # (A,) for the active rows
+        toks = sampler.sample(self.logits)  # (A,) for the active rows
         still, keep_batch, done = [], [], []
         for j, (r, t) in enumerate(zip(active, toks.tolist(), strict=True)):
             if self.rows[r].push(t, sampler.logprob_info(j)):
