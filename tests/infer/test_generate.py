@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plinth.config.schema import ModelConfig
-from plinth.infer.sampling import _Sampler, generate
+from plinth.infer.sampling import _BatchSampler, generate
 from plinth.models import build_model
 
 V = 53
@@ -102,18 +102,18 @@ def test_sampler_distribution_respects_top_k_and_top_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)
     g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(_Sampler(1.0, None, 0.7, 1.0, g)(logits), minlength=4)
+    counts = torch.bincount(_BatchSampler(1.0, None, 0.7, 1.0, g)(logits), minlength=4)
     assert counts[2:].sum() == 0  # 0.5 + 0.3 >= 0.7: the rest is cut
     assert counts[0] / 20000 == pytest.approx(0.5 / 0.8, abs=0.02)
-    counts = torch.bincount(_Sampler(1.0, 3, None, 1.0, g)(logits), minlength=4)
+    counts = torch.bincount(_BatchSampler(1.0, 3, None, 1.0, g)(logits), minlength=4)
     assert counts[3] == 0 and counts[2] / 20000 == pytest.approx(0.15 / 0.95, abs=0.01)
-    counts = torch.bincount(_Sampler(1.0, None, None, 1.0, g)(logits), minlength=4)
+    counts = torch.bincount(_BatchSampler(1.0, None, None, 1.0, g)(logits), minlength=4)
     assert counts[3] / 20000 == pytest.approx(0.05, abs=0.01)
 
 
 def test_repetition_penalty_discourages_seen_tokens():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
-    sampler = _Sampler(0.0, None, None, 2.0, None)
+    sampler = _BatchSampler(0.0, None, None, 2.0, None)
     assert sampler(logits, torch.tensor([[1]])).item() == 0
     assert sampler(logits, torch.tensor([[0]])).item() == 1  # 2.0 / 2 < 1.9
 

@@ -18,71 +18,31 @@ The loop is a `DecodeSession` (`Engine.session`): rows can also join it between 
 (continuous batching, what `plinth serve` runs); each joining prompt is prefilled on its own and
 merged into the batch cache, so it decodes exactly as it would alone. `generate` is a session
 with every row added before the first step.
+
+This module holds the `Engine` (loading, text, validation, the entry points); the loop is in
+`plinth.infer.session`, the sampler in `.sampler`, the forward passes in `.runners`, streaming
+text in `.detok`, beam search in `.beam`, and the request/result types in `.params`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from plinth.errors import NotSupportedError, UsageError
+from plinth.infer.beam import beam_search
+from plinth.infer.params import Completion, SamplingParams
+from plinth.infer.runners import DecoderRunner, Runner, Seq2SeqRunner
+from plinth.infer.sampler import apply_penalties, draw, filter_logits
+from plinth.infer.session import DecodeSession
 from plinth.load import first_special_id
 from plinth.models import unwrap
-from plinth.models.layers import KVCache
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0  # CTRL-style, multiplicative
-    frequency_penalty: float = 0.0  # OpenAI-style, additive: - f * count(token)
-    presence_penalty: float = 0.0  # OpenAI-style, additive: - p * (count > 0)
-    stop: list[str] = field(default_factory=list)  # stop strings (not included in text)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    seed: int | None = None  # per-request generator: same seed -> same output
-    logprobs: int | None = None  # None: none; 0: chosen token's logprob; n: plus top-n
-
-    def check(self) -> None:
-        """UsageError naming the field for values no sampler can honour."""
-        bad = []
-        if self.max_new_tokens < 1:
-            bad.append(f"max_new_tokens={self.max_new_tokens} (needs >= 1)")
-        if self.temperature < 0:
-            bad.append(f"temperature={self.temperature} (needs >= 0; 0 is greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            bad.append(f"top_k={self.top_k} (needs >= 1, or None)")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad.append(f"top_p={self.top_p} (needs 0 < top_p <= 1, or None)")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            bad.append(f"min_p={self.min_p} (needs 0 <= min_p <= 1, or None)")
-        if self.repetition_penalty <= 0:
-            bad.append(f"repetition_penalty={self.repetition_penalty} (needs > 0; 1 is off)")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad.append(f"logprobs={self.logprobs} (needs >= 0, or None)")
-        if any(not s for s in self.stop):
-            bad.append("stop contains an empty string")
-        if bad:
-            raise UsageError("sampling parameters: " + "; ".join(bad) + ".")
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (eos / stop token / stop string), "length" or "cancelled"
-    prompt_tokens: int
-    logprobs: list[float] | None = None  # per generated token
-    top_logprobs: list[dict[str, float]] | None = None  # per generated token, when logprobs>0
-    score: float | None = None  # beam search: the hypothesis' length-penalised score
-
+# the engine's public names; the sampling functions live in plinth.infer.sampler
+__all__ = ["Completion", "DecodeSession", "Engine", "SamplingParams", "apply_penalties", "draw",
+           "filter_logits"]
 
 _DERIVE = object()  # eos_ids default: from the config / tokenizer
 
@@ -187,7 +147,7 @@ class Engine:
                                    "of chat messages")
         return self.chat_template.render(messages, add_generation_prompt=True)
 
-    def _ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+    def prompt_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
         out = []
         for i, p in enumerate(prompts):
             ids = self.encode(p) if isinstance(p, str) else [int(t) for t in p]
@@ -202,7 +162,7 @@ class Engine:
             out.append(ids)
         return out
 
-    def _check_length(self, ids: list[list[int]], new: list[int]) -> None:
+    def check_length(self, ids: list[list[int]], new: list[int]) -> None:
         for i, (p, n) in enumerate(zip(ids, new, strict=True)):
             if self.arch == "decoder" and len(p) + n > self.max_context:
                 raise UsageError(
@@ -236,11 +196,11 @@ class Engine:
             raise UsageError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         for sp in params:
             sp.check()
-        ids = self._ids(prompts)
-        self._check_length(ids, [sp.max_new_tokens for sp in params])
+        ids = self.prompt_ids(prompts)
+        self.check_length(ids, [sp.max_new_tokens for sp in params])
         session = DecodeSession(self)
         for p, sp in zip(ids, params, strict=True):
-            session._append(p, sp, on_token)
+            session.queue(p, sp, on_token)
         done: dict[int, Completion] = {}
         while session.live:
             done.update(session.step())
@@ -282,85 +242,21 @@ class Engine:
             raise UsageError(f"beam search: max_new_tokens={max_new_tokens} (needs >= 1)")
         if not prompts:
             return []
-        ids = self._ids(prompts)
-        self._check_length(ids, [max_new_tokens] * len(ids))
-        B, nb, dev = len(ids), num_beams, self.model_device
-        runner = self._runner(ids, max_new_tokens)
-        logits = runner.prefill()  # (B, V)
-        expand = torch.arange(B, device=dev).repeat_interleave(nb)
-        runner.keep(expand)  # every beam of a prompt starts from its prompt's cache
-        logits = logits.index_select(0, expand)  # (B * nb, V)
-        # only beam 0 is live at first (the others are copies): the rest start at -1e9
-        scores = torch.full((B, nb), -1e9, device=dev)
-        scores[:, 0] = 0.0
-        scores = scores.view(-1)
-        hist: list[list[int]] = [[] for _ in range(B * nb)]
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
-        done = [False] * B
-        eos = set(self.eos_ids)
-        V = logits.shape[1]
-        for t in range(1, max_new_tokens + 1):
-            logp = logits.float().log_softmax(dim=-1)  # (B * nb, V)
-            cand = (scores[:, None] + logp).view(B, nb * V)
-            # as transformers: enough candidates that nb stay live after eos ones are set aside
-            keep = min(max(2, 1 + len(eos)) * nb, nb * V)
-            top_s, top_i = cand.topk(keep, dim=1)  # (B, keep), best first
-            top_s, top_i = top_s.tolist(), top_i.tolist()
-            last = t == max_new_tokens
-            next_rows, next_toks, next_scores = [], [], []
-            for b in range(B):
-                live = []
-                for rank, (sc, flat) in enumerate(zip(top_s[b], top_i[b], strict=True)):
-                    beam, tok = divmod(flat, V)
-                    row = b * nb + beam
-                    ends = tok in eos
-                    if (ends or last) and rank < nb and not done[b]:
-                        _add_hypothesis(finished[b], nb, sc / t**length_penalty,
-                                        hist[row] + [tok], early_stopping)
-                    if not ends and len(live) < nb:
-                        live.append((sc, row, tok))
-                while len(live) < nb:  # fewer live candidates than beams (tiny vocabularies)
-                    live.append((-1e9, b * nb, 0))
-                if not done[b] and len(finished[b]) == nb:
-                    best_live = live[0][0] / t**length_penalty
-                    worst = min(h[0] for h in finished[b])
-                    done[b] = early_stopping or best_live <= worst
-                for sc, row, tok in live:
-                    next_rows.append(row)
-                    next_toks.append(tok)
-                    next_scores.append(sc)
-            if last or all(done):
-                break
-            hist = [hist[r] + [tok] for r, tok in zip(next_rows, next_toks, strict=True)]
-            sel = torch.tensor(next_rows, device=dev)
-            runner.keep(sel)  # reorder the cache: each new beam continues its parent's rows
-            scores = torch.tensor(next_scores, device=dev)
-            logits = runner.step(torch.tensor(next_toks, device=dev))
-        out = []
-        for b in range(B):
-            hyps = sorted((h for h in finished[b] if h[0] > -1e8), key=lambda h: -h[0])
-            out.append([self._beam_completion(ids[b], toks, sc)
-                        for sc, toks in hyps[:num_return_sequences]])
-        return out
-
-    def _beam_completion(self, prompt: list[int], toks: list[int], score: float) -> Completion:
-        ends = bool(toks) and toks[-1] in self.eos_ids
-        return Completion(
-            token_ids=toks,
-            text=self.decode(toks[:-1] if ends else toks),
-            finish_reason="stop" if ends else "length",
-            prompt_tokens=len(prompt),
-            score=score,
-        )
+        ids = self.prompt_ids(prompts)
+        self.check_length(ids, [max_new_tokens] * len(ids))
+        return beam_search(self, ids, num_beams=num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, max_new_tokens=max_new_tokens,
+                           num_return_sequences=num_return_sequences)
 
     @property
     def model_device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def _runner(self, ids: list[list[int]], max_new: int) -> _Runner:
+    def new_runner(self, ids: list[list[int]], max_new: int) -> Runner:
+        """Forward passes over a fresh KV cache for prompts `ids` (see plinth.infer.runners)."""
         if self.arch == "encoder_decoder":
-            return _Seq2SeqRunner(self.model, ids, max_new, self._decoder_start)
-        return _DecoderRunner(self.model, ids, max_new, self._fast_path())
+            return Seq2SeqRunner(self.model, ids, max_new, self._decoder_start)
+        return DecoderRunner(self.model, ids, max_new, self._fast_path())
 
     def _fast_path(self):
         """The FastDecoder for this model (built once), or None where it does not apply."""
@@ -374,538 +270,6 @@ class Engine:
             with torch.inference_mode(False), torch.no_grad():
                 self._fast = FastDecoder(self.model)
         return self._fast
-
-
-# ------------------------------------------------------------------------------------ sessions
-
-
-class DecodeSession:
-    """A running decode loop that rows join and leave between steps (continuous batching).
-
-        s = engine.session(max_rows=8)
-        h = s.add(ids, SamplingParams(16), on_token)   # a row handle (its on_token row index)
-        while s.live:
-            for handle, completion in s.step(): ...    # rows that finished this step
-
-    `add` validates the row (UsageError as `generate` gives) and queues it; the next `step`
-    prefills the queued rows, each on its own, and merges them into the batch cache, then
-    advances every live row by one token with the same per-row sampling, penalties, seeds,
-    logprobs, stop strings, streaming and cancelling as `generate` (which is this loop with all
-    rows added before the first step). A decoder's rows are left-padded to one cache position:
-    when rows join, the cache is laid out afresh with the real tokens of every row ending at
-    max(row lengths) (a prompt longer than the running position shifts the others right; a
-    shorter one gets more padding), and its length is what the rows can still write. Every
-    row's positions count from its own first token, so a row decodes what it would alone. An
-    encoder-decoder's rows can join only an empty session (`joinable`)."""
-
-    def __init__(self, engine: Engine, max_rows: int | None = None):
-        self.engine, self.max_rows = engine, max_rows
-        self.pending: list[_Row] = []
-        self.active: list[int] = []  # live rows in batch order
-        self.rows: dict[int, _Row] = {}
-        self.sampler = _Sampler([], engine.vocab_size, engine.model_device)
-        self.runner: _Runner | None = None
-        self.logits: torch.Tensor | None = None  # (A, V) next-token logits of the active rows
-        self._next = 0
-
-    @property
-    def live(self) -> int:
-        """Rows generating or queued to join at the next step."""
-        return len(self.active) + len(self.pending)
-
-    @property
-    def joinable(self) -> bool:
-        return self.engine.arch == "decoder" or not self.active
-
-    def add(self, prompt: str | list[int], params: SamplingParams,
-            on_token: Callable[[int, int, str], bool | None] | None = None) -> int:
-        """Queue a row to join at the next step; its handle (the row index on_token gets)."""
-        if self.max_rows is not None and self.live >= self.max_rows:
-            raise UsageError(f"the session is full ({self.max_rows} rows)")
-        if not self.joinable:
-            raise NotSupportedError("an encoder-decoder session cannot be joined while it runs")
-        params.check()
-        ids = self.engine._ids([prompt])[0]
-        self.engine._check_length([ids], [params.max_new_tokens])
-        return self._append(ids, params, on_token)
-
-    def _append(self, ids: list[int], params: SamplingParams, on_token) -> int:
-        row = _Row(self.engine, self._next, ids, params, on_token)
-        self._next += 1
-        self.pending.append(row)
-        return row.index
-
-    def discard(self, handle: int) -> bool:
-        """Drop a row that has not joined yet (True when it was queued)."""
-        for i, r in enumerate(self.pending):
-            if r.index == handle:
-                del self.pending[i]
-                return True
-        return False
-
-    def _admit(self) -> None:
-        new, self.pending = self.pending, []
-        eng = self.engine
-        ids = [r.prompt for r in new]
-        max_new = [r.params.max_new_tokens for r in new]
-        if self.runner is None:
-            self.runner = eng._runner(ids, max(max_new))
-            logits = self.runner.prefill()
-        else:
-            logits = self.runner.admit(ids, max_new)
-        for r in new:
-            self.rows[r.index] = r
-        self.sampler.add(new)
-        self.active = self.active + [r.index for r in new]
-        self.sampler.keep(self.active)
-        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[int, Completion]]:
-        """Admit the queued rows, advance every live row by one token; (handle, Completion)
-        of the rows that finished."""
-        if self.pending:
-            self._admit()
-        if not self.active:
-            return []
-        sampler, active = self.sampler, self.active
-        toks = sampler.sample(self.logits, active)  # (A,) for the active rows
-        still, keep_batch, done = [], [], []
-        for j, (r, t) in enumerate(zip(active, toks.tolist(), strict=True)):
-            if self.rows[r].push(t, sampler.logprob_info(j)):
-                still.append(r)
-                keep_batch.append(j)
-            else:
-                done.append(r)
-        sampler.done_step()
-        finished = [(r, self.rows.pop(r).completion()) for r in done]
-        if not still:
-            self.active, self.logits, self.runner = [], None, None  # free the cache
-            sampler.keep([])
-            return finished
-        if len(still) < len(active):
-            sel = torch.tensor(keep_batch, device=self.engine.model_device)
-            toks = toks.index_select(0, sel)
-            self.runner.keep(sel)
-            sampler.keep(still)
-            self.active = still
-        self.logits = self.runner.step(toks)
-        return finished
-
-
-# ------------------------------------------------------------------------------------ runners
-
-
-class _Runner:
-    """Forward passes for the decode loop: prefill() -> logits (B, V) of the last position;
-    step(tokens (A,)) -> logits (A, V); keep(idx) drops the other rows from the batch."""
-
-
-class _DecoderRunner(_Runner):
-    """Rows left-padded to one cache position; `admit` merges new rows between steps (see
-    DecodeSession)."""
-
-    def __init__(self, model, ids, max_new, fast=None):
-        self.model, self.fast = model, fast
-        self.device = model.embed_tokens.weight.device
-        self._first = (ids, max_new)
-        self.cache: KVCache | None = None
-        self.until: list[int] = []  # per batch row: the cache position it may write up to
-
-    def _forward(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast.forward(idx, cache)
-        h = self.model.encode(idx, cache)
-        return self.model.lm_head(h[:, -1]).float()  # only the last position gets logits
-
-    def prefill(self) -> torch.Tensor:
-        ids, max_new = self._first
-        return self.admit(ids, [max_new] * len(ids))
-
-    def admit(self, ids: list[list[int]], max_new: list[int]) -> torch.Tensor:
-        """Add rows (prompts, each with its max_new_tokens) after the current ones; logits
-        (len(ids), V) at their last prompt positions.
-
-        The cache is laid out afresh: every row's real tokens end at P = the longest row (old
-        rows' tokens so far, new prompts), old rows shifted by P - pos, and its length is what
-        the rows may still write. Each new prompt is prefilled at its own length into a cache
-        of its own (no compute on padding; positions count from the row's first token) and
-        copied in after its padding, so the row decodes exactly as it would alone."""
-        old, dev = self.cache, self.device
-        lens = [len(p) for p in ids]
-        if old is None and len(set(lens)) == 1:  # a fresh batch of equal lengths: one pass
-            self.cache = self.model.new_cache(len(ids), lens[0] + max(max_new))
-            self.until = [lens[0] + m for m in max_new]
-            return self._forward(torch.tensor(ids, device=dev), self.cache)
-        A = 0 if old is None else old.k.shape[1]
-        pos = 0 if old is None else old.pos
-        pads = [] if old is None else (
-            old.pad.tolist() if old.pad is not None else [0] * A)
-        P = max([pos - p for p in pads] + lens)
-        delta = P - pos
-        until = [u + delta for u in self.until] + [P + m for m in max_new]
-        pad = torch.tensor([p + delta for p in pads] + [P - n for n in lens], device=dev)
-        cache = self.model.new_cache(A + len(ids), max(until), pad=pad)
-        if old is not None:
-            if cache.k.dtype != old.k.dtype:
-                cache.k, cache.v = cache.k.to(old.k.dtype), cache.v.to(old.v.dtype)
-            src, dst = max(0, -delta), max(0, delta)
-            cache.k[:, :A, :, dst:P] = old.k[:, :, :, src:pos]
-            cache.v[:, :A, :, dst:P] = old.v[:, :, :, src:pos]
-        logits = []
-        for i, p in enumerate(ids):
-            one = self.model.new_cache(1, len(p))
-            logits.append(self._forward(torch.tensor([p], device=dev), one))
-            cache.k[:, A + i, :, P - len(p):P] = one.k[:, 0]
-            cache.v[:, A + i, :, P - len(p):P] = one.v[:, 0]
-        cache.pos = P
-        self.cache, self.until = cache, until
-        return torch.cat(logits)
-
-    def step(self, toks: torch.Tensor) -> torch.Tensor:
-        return self._forward(toks[:, None], self.cache)
-
-    def keep(self, idx: torch.Tensor) -> None:
-        _compact_cache(self.cache, idx)
-        self.until = [self.until[i] for i in idx.tolist()]
-
-
-class _Seq2SeqRunner(_Runner):
-    def __init__(self, model, ids, max_new, start_id):
-        self.model = model
-        device = model.embed_tokens.weight.device
-        S = max(len(p) for p in ids)
-        self.src = torch.tensor([p + [0] * (S - len(p)) for p in ids], device=device)
-        mask = torch.tensor([[1] * len(p) + [0] * (S - len(p)) for p in ids], device=device)
-        self.src_mask = None if bool(mask.all()) else mask
-        self.cache = model.new_cache(len(ids), max_new + 1)
-        self.start = torch.full((len(ids), 1), start_id, dtype=torch.long, device=device)
-
-    def prefill(self) -> torch.Tensor:
-        self.memory = self.model.encode(self.src, self.src_mask)  # (B, S, D), once
-        return self.step(self.start[:, 0])
-
-    def step(self, toks: torch.Tensor) -> torch.Tensor:
-        out = self.model.decode(toks[:, None], self.memory, self.src_mask, self.cache)
-        return out[:, -1].float()
-
-    def admit(self, ids, max_new) -> torch.Tensor:
-        raise NotSupportedError("an encoder-decoder batch cannot be joined while it runs")
-
-    def keep(self, idx: torch.Tensor) -> None:
-        _compact_cache(self.cache, idx)
-        self.memory = self.memory.index_select(0, idx)
-        if self.src_mask is not None:
-            self.src_mask = self.src_mask.index_select(0, idx)
-
-
-def _compact_cache(cache: KVCache, idx: torch.Tensor) -> None:
-    """Keep rows `idx` of the cache (finished rows stop costing attention and matmul work)."""
-    cache.k = cache.k.index_select(1, idx)
-    cache.v = cache.v.index_select(1, idx)
-    if cache.pad is not None:
-        cache.pad = cache.pad.index_select(0, idx)
-    for layer, (k, v) in list(cache.cross.items()):
-        cache.cross[layer] = (k.index_select(0, idx), v.index_select(0, idx))
-
-
-# ------------------------------------------------------------------------------------ sampler
-
-
-class _Sampler:
-    """Next tokens for the active rows from their logits, with every row's own parameters as
-    (A,) tensors, so one set of tensor operations serves all rows."""
-
-    def __init__(self, rows: list[_Row], vocab: int, device: torch.device):
-        self.V, self.device = vocab, device
-        self.rows: dict[int, _Row] = {}
-        # penalty state for every row (kept by row index; only rows that use it cost anything)
-        self.counts: dict[int, torch.Tensor] = {}  # generated-token counts (V,)
-        self.seen: dict[int, torch.Tensor] = {}  # prompt + generated tokens (bool V,)
-        self.add(rows)
-        self._set([r.index for r in rows])
-        self._info = None
-
-    def add(self, rows: list[_Row]) -> None:
-        """Take on new rows (their penalty state); `keep` makes them active."""
-        vocab, device = self.V, self.device
-        for r in rows:
-            self.rows[r.index] = r
-            sp = r.params
-            if sp.repetition_penalty != 1.0:
-                seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-                seen[torch.tensor(r.prompt, device=device)] = True
-                self.seen[r.index] = seen
-            if sp.frequency_penalty or sp.presence_penalty:
-                self.counts[r.index] = torch.zeros(vocab, device=device)
-
-    def _set(self, active: list[int]) -> None:
-        self.active = active
-        ps = [self.rows[r].params for r in active]
-        dev = self.device
-        self.sampling = [j for j, p in enumerate(ps) if p.temperature > 0]
-        self.any_penalty = any(
-            p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in ps
-        )
-        self.want_logprobs = [j for j, p in enumerate(ps) if p.logprobs is not None]
-        if self.sampling:
-            sp = [ps[j] for j in self.sampling]
-            self.s_idx = torch.tensor(self.sampling, device=dev)
-            self.temp = torch.tensor([p.temperature for p in sp], device=dev)[:, None]
-            self.top_k = [p.top_k for p in sp]
-            self.top_p = [p.top_p for p in sp]
-            self.min_p = [p.min_p for p in sp]
-
-    def keep(self, active: list[int]) -> None:
-        """Make `active` the rows sampled, in batch order; the others are forgotten."""
-        live = set(active)
-        for d in (self.rows, self.seen, self.counts):
-            for r in [r for r in d if r not in live]:
-                del d[r]
-        self._set(active)
-
-    def done_step(self) -> None:
-        self._info = None
-
-    def _penalise(self, logits: torch.Tensor) -> torch.Tensor:
-        rows = [j for j, r in enumerate(self.active) if r in self.seen or r in self.counts]
-        if not rows:
-            return logits
-        V, dev = logits.shape[1], self.device
-        rs = [self.active[j] for j in rows]
-        ps = [self.rows[r].params for r in rs]
-        none_seen = torch.zeros(V, dtype=torch.bool, device=dev)
-        none_count = torch.zeros(V, device=dev)
-        idx = torch.tensor(rows, device=dev)
-        sub = apply_penalties(
-            logits.index_select(0, idx),
-            torch.stack([self.seen.get(r, none_seen) for r in rs]),
-            torch.stack([self.counts.get(r, none_count) for r in rs]),
-            torch.tensor([p.repetition_penalty for p in ps], device=dev),
-            torch.tensor([p.frequency_penalty for p in ps], device=dev),
-            torch.tensor([p.presence_penalty for p in ps], device=dev),
-        )
-        return logits.index_copy(0, idx, sub)
-
-    def sample(self, logits: torch.Tensor, active: list[int]) -> torch.Tensor:
-        """Tokens (A,) for logits (A, V) of the active rows."""
-        raw = logits
-        if self.any_penalty:
-            logits = self._penalise(logits)
-        toks = logits.argmax(dim=-1)
-        if self.sampling:
-            sub = logits.index_select(0, self.s_idx) / self.temp
-            sub = filter_logits(sub, self.top_k, self.top_p, self.min_p)
-            probs = sub.softmax(dim=-1)
-            u = torch.cat([
-                torch.rand(1, generator=self.rows[self.active[j]].generator,
-                           device=self.rows[self.active[j]].generator.device).to(self.device)
-                for j in self.sampling
-            ])
-            toks = toks.index_copy(0, self.s_idx, draw(probs, u))
-        self._raw, self._toks = raw, toks
-        if self.want_logprobs:
-            self._compute_logprobs()
-        for j, r in enumerate(self.active):  # penalty state sees the new token
-            if r in self.seen:
-                self.seen[r][toks[j]] = True
-            if r in self.counts:
-                self.counts[r][toks[j]] += 1
-        return toks
-
-    def _compute_logprobs(self) -> None:
-        idx = torch.tensor(self.want_logprobs, device=self.device)
-        lp = self._raw.index_select(0, idx).log_softmax(dim=-1)  # (W, V) of the model's logits
-        chosen = lp.gather(1, self._toks.index_select(0, idx)[:, None]).squeeze(1).tolist()
-        n = max(self.rows[self.active[j]].params.logprobs for j in self.want_logprobs)
-        top = lp.topk(n, dim=-1) if n > 0 else None
-        info = {}
-        for w, j in enumerate(self.want_logprobs):
-            k = self.rows[self.active[j]].params.logprobs
-            tops = None
-            if k > 0:
-                tops = list(zip(top.indices[w, :k].tolist(), top.values[w, :k].tolist(),
-                                strict=True))
-            info[j] = (chosen[w], tops)
-        self._info = info
-
-    def logprob_info(self, j: int):
-        return None if self._info is None else self._info.get(j)
-
-
-def apply_penalties(
-    logits: torch.Tensor,
-    seen: torch.Tensor,
-    counts: torch.Tensor,
-    repetition: torch.Tensor,
-    frequency: torch.Tensor,
-    presence: torch.Tensor,
-) -> torch.Tensor:
-    """Logits (R, V) with each row's penalties: a token in `seen` (R, V) (prompt or generated)
-    has its logit divided by `repetition` (R,) when positive and multiplied by it when negative
-    (CTRL, as transformers); then `frequency * count + presence * (count > 0)` is subtracted,
-    with `counts` (R, V) the times each token was generated (OpenAI's rule, as vLLM)."""
-    rep = repetition[:, None]
-    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
-
-
-def filter_logits(logits: torch.Tensor, top_k: list, top_p: list, min_p: list) -> torch.Tensor:
-    """Tempered logits (R, V) with the tokens each row's top-k, top-p and min-p (each a list of
-    per-row values or None) rule out set to -inf, in that order (as transformers applies them).
-    top-k keeps the k highest; top-p the smallest set of highest tokens whose probability
-    reaches p; min-p the tokens with probability >= min_p * (the highest probability)."""
-    V = logits.shape[1]
-    ninf = float("-inf")
-    if any(k is not None and k < V for k in top_k) or any(p is not None and p < 1 for p in top_p):
-        srt, order = logits.sort(dim=-1, descending=True)
-        ks = torch.tensor([V if k is None else min(k, V) for k in top_k], device=logits.device)
-        rank = torch.arange(V, device=logits.device)[None, :]
-        srt = srt.masked_fill(rank >= ks[:, None], ninf)
-        if any(p is not None and p < 1 for p in top_p):
-            ps = torch.tensor([2.0 if p is None else p for p in top_p], device=logits.device)
-            probs = srt.softmax(dim=-1)
-            # drop a token when the tokens ranked above it already reach top_p (keeps the first)
-            srt = srt.masked_fill(probs.cumsum(dim=-1) - probs >= ps[:, None], ninf)
-        logits = torch.full_like(logits, ninf).scatter(1, order, srt)
-    if any(m for m in min_p):
-        ms = torch.tensor([m or 0.0 for m in min_p], device=logits.device)[:, None]
-        probs = logits.softmax(dim=-1)
-        keep = probs >= ms * probs.amax(dim=-1, keepdim=True)
-        logits = logits.masked_fill(~keep, ninf)
-    return logits
-
-
-def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of probs (R, V) by inverse transform sampling with uniforms u (R,):
-    the first token whose cumulative probability exceeds u * total. Each row uses only its own
-    uniform, so its draw does not depend on the other rows."""
-    cdf = probs.double().cumsum(dim=-1)  # float64: no drift over a 100k vocabulary
-    total = cdf[:, -1:]
-    t = torch.searchsorted(cdf, u.double()[:, None] * total, right=True).squeeze(1)
-    last = (cdf < total).sum(dim=-1)  # the last token with probability > 0
-    return torch.minimum(t, last)
-
-
-# ------------------------------------------------------------------------------------ rows
-
-
-class _Row:
-    """One prompt's generation state: tokens, incremental text, stop checks, streaming."""
-
-    def __init__(self, engine: Engine, index: int, prompt: list[int], params: SamplingParams,
-                 on_token):
-        self.engine, self.index, self.prompt, self.params = engine, index, prompt, params
-        self.on_token = on_token
-        self.tokens: list[int] = []
-        self.logprobs: list[float] | None = [] if params.logprobs is not None else None
-        self.top: list[dict[str, float]] | None = [] if params.logprobs else None
-        self.finish: str | None = None
-        self.stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            self.stop_ids |= set(engine.eos_ids)
-        # incremental detokenisation (only when text is needed while generating)
-        self.track_text = bool(params.stop) or on_token is not None
-        self.text = ""  # decoded text of the tokens so far (excluding a final stop token)
-        self.sent = 0  # characters of self.text already streamed
-        self._prefix, self._read = 0, 0
-        self._hold = max((len(s) for s in params.stop), default=0)
-        dev = engine.model_device
-        self.generator = torch.Generator(device=dev)
-        if params.seed is not None:
-            self.generator.manual_seed(int(params.seed))
-        else:
-            self.generator.seed()
-
-    def push(self, tok: int, info) -> bool:
-        """Take the row's next token; False when the row has finished."""
-        self.tokens.append(tok)
-        if self.logprobs is not None and info is not None:
-            self.logprobs.append(info[0])
-            if self.top is not None:
-                self.top.append({self.engine.token_text(i): v for i, v in info[1]})
-        stop_tok = tok in self.stop_ids
-        if stop_tok:
-            self.finish = "stop"
-        elif len(self.tokens) >= self.params.max_new_tokens:
-            self.finish = "length"
-        if self.track_text and not stop_tok:
-            self._advance_text()
-        if self.params.stop and self.finish != "stop":
-            self._check_stop()
-        if self.on_token is not None:
-            delta = self._delta()
-            if self.on_token(self.index, tok, delta) is False and self.finish is None:
-                self.finish = "cancelled"
-        return self.finish is None
-
-    def _advance_text(self) -> None:
-        dec = self.engine.decode
-        ids = self.tokens
-        before = dec(ids[self._prefix:self._read])
-        now = dec(ids[self._prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before):]
-            self._prefix, self._read = self._read, len(ids)
-
-    def _check_stop(self) -> None:
-        start = max(0, self.sent - self._hold)
-        hits = [i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish = "stop"
-
-    def _delta(self) -> str:
-        """Text not yet streamed that can no longer turn into a stop string."""
-        end = len(self.text)
-        if self.finish is None and self.params.stop:
-            end = len(self.text) - _partial_stop(self.text, self.params.stop)
-        if end <= self.sent:
-            return ""
-        d = self.text[self.sent:end]
-        self.sent = end
-        return d
-
-    def completion(self) -> Completion:
-        text = self.text
-        if not self.track_text or self.finish in ("length", "cancelled"):
-            # the final text, with anything an incomplete character held back
-            cut = self.tokens[:-1] if self.tokens and self.tokens[-1] in self.stop_ids \
-                else self.tokens
-            if not (self.params.stop and self.finish == "stop"):
-                text = self.engine.decode(cut)
-        return Completion(
-            token_ids=list(self.tokens),
-            text=text,
-            finish_reason=self.finish or "length",
-            prompt_tokens=len(self.prompt),
-            logprobs=self.logprobs,
-            top_logprobs=self.top,
-        )
-
-
-def _add_hypothesis(hyps: list, n: int, score: float, toks: list[int], early: bool) -> None:
-    """Keep the n best (score, tokens) hypotheses; with early stopping a full set takes no
-    more (as transformers)."""
-    if len(hyps) < n:
-        hyps.append((score, toks))
-        return
-    if early:
-        return
-    worst = min(range(n), key=lambda i: hyps[i][0])
-    if score > hyps[worst][0]:
-        hyps[worst] = (score, toks)
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that is the start of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -9,6 +9,10 @@ slot; the cache masks each row's padding and starts its positions after it, so a
 are the same as if it had been generated alone. `use_cache=False` is the slow reference: every
 step re-reads the whole sequence of each prompt on its own (tests check both agree).
 Encoder-decoder models take the prompts as sources and decode from `decoder_start_id`.
+
+This is the small generate that evaluation and training samples use (one set of sampling
+settings, the model's own forward); `plinth generate`, `chat` and `serve` use the engine
+(`plinth.infer.engine`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        pick = _Sampler(temperature, top_k, top_p, repetition_penalty, generator)
+        pick = _BatchSampler(temperature, top_k, top_p, repetition_penalty, generator)
         if arch == "encoder_decoder":
             if decoder_start_id is None:
                 raise ValueError("encoder_decoder generation needs decoder_start_id (e.g. bos)")
@@ -64,8 +68,9 @@ def generate(
         model.train(was_training)
 
 
-class _Sampler:
-    """Turns last-position logits (B, V) into next tokens (B,)."""
+class _BatchSampler:
+    """Turns last-position logits (B, V) into next tokens (B,), with one set of settings for
+    every row (the engine's sampler, plinth.infer.sampler.RowSampler, has settings per row)."""
 
     def __init__(self, temperature, top_k, top_p, repetition_penalty, generator):
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
