@@ -12,7 +12,8 @@ import torch
 from infer_helpers import V, tiny_engine
 
 from plinth.errors import UsageError
-from plinth.infer.engine import SamplingParams, apply_penalties, draw, filter_logits
+from plinth.infer.engine import SamplingParams
+from plinth.infer.sampler import apply_penalties, draw, filter_logits
 from plinth.infer.sampling import generate as reference_generate
 
 PROMPTS = [[5, 9, 13, 2, 40, 41, 7, 8, 30], [11], [3, 3, 3, 4], [50, 20]]

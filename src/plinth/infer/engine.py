@@ -35,14 +35,12 @@ from plinth.errors import NotSupportedError, UsageError
 from plinth.infer.beam import beam_search
 from plinth.infer.params import Completion, SamplingParams
 from plinth.infer.runners import DecoderRunner, Runner, Seq2SeqRunner
-from plinth.infer.sampler import apply_penalties, draw, filter_logits
 from plinth.infer.session import DecodeSession
 from plinth.load import first_special_id
 from plinth.models import unwrap
 
 # the engine's public names; the sampling functions live in plinth.infer.sampler
-__all__ = ["Completion", "DecodeSession", "Engine", "SamplingParams", "apply_penalties", "draw",
-           "filter_logits"]
+__all__ = ["Completion", "DecodeSession", "Engine", "SamplingParams"]
 
 _DERIVE = object()  # eos_ids default: from the config / tokenizer
 
