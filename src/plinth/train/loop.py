@@ -159,13 +159,13 @@ class _Parts:
     steps: int
     tokens_per_step: int
     fault_hook: FaultHook | None
-    fp16: bool
-    scaler: Any
-    clip: float
+    fp16: bool  # fp16 on a GPU: gradients go through a loss scaler
+    scaler: Any  # torch.amp.GradScaler, or None
+    clip: float  # max gradient norm (inf: measure, never clip)
     trainable: list[torch.Tensor]
     flops_per_token: float
-    peak: float
-    amp: Any = None
+    peak: float  # peak FLOP/s of all ranks together (0 when unknown: no MFU)
+    amp: Any = None  # the autocast context every forward runs in
 
     @property
     def env(self) -> DistEnv:

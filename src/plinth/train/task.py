@@ -1,6 +1,7 @@
 """What the one training loop trains: a `Task` gives it the model, the batches, the loss and
-validation; the loop does everything else (accumulation, clipping, the stability
-guard, logging, checkpoints, exact resume, torchrun).
+validation; the loop does everything else (accumulation, clipping, the stability guard,
+logging, checkpoints, exact resume, torchrun). Text samples and task scores are not a task's
+business here: the recipe passes them to the loop as hooks (plinth.train.hooks).
 
 - `PretrainTask`: a prepared corpus packed into fixed rows, the clm / mlm / span objective.
 - `plinth.finetune.task.FinetuneTask`: a pretrained base with adapters and heads on
