@@ -31,9 +31,10 @@ def main() -> None:
     from plinth.data import PackedLoader, open_dataset, prepare_dataset
     from plinth.models import build_model
     from plinth.track.run import RunDir, read_jsonl
-    from plinth.train.loop import special_tokens, train
+    from plinth.train.loop import train
     from plinth.train.objectives import compute_loss
     from plinth.train.optim import build_optimizer
+    from plinth.train.task import special_token_ids
 
     tmp = Path(tempfile.mkdtemp())
     overrides = [
@@ -54,7 +55,7 @@ def main() -> None:
     model = build_model(cfg.model)
     opt = build_optimizer(model, cfg.optim)
     loader = iter(PackedLoader(ds, "train", cfg.model.max_seq_len, cfg.optim.micro_batch, seed=0))
-    special = special_tokens(ds)
+    special = special_token_ids(ds)
     bare = []
     for _ in range(args.steps):
         t0 = time.perf_counter()

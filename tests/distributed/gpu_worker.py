@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from plinth.config.load import load_config
+from plinth.distributed.device import autocast_context
 from plinth.distributed.env import DistEnv, init_process_group
 from plinth.distributed.parallelize import parallelize
 from plinth.models import build_model
 from plinth.train import state as ckpt
-from plinth.train.loop import autocast_context
 from plinth.train.objectives import SpecialTokens, compute_loss
 from plinth.train.optim import build_optimizer
 

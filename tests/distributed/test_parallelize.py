@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from plinth.config.load import load_config
+from plinth.distributed.device import autocast_context
 from plinth.distributed.parallelize import apply_activation_checkpointing, parallelize
 from plinth.models import build_model
-from plinth.train.loop import autocast_context
 from plinth.train.objectives import SpecialTokens, compute_loss
 
 SPECIAL = SpecialTokens(eos_id=0, pad_id=1, mask_id=2, bos_id=3, sentinel_ids=list(range(60, 64)))

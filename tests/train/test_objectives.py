@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from plinth.config.schema import ModelConfig
 from plinth.models import build_model
+from plinth.models.layers import IGNORE_INDEX
 from plinth.train.objectives import (
-    IGNORE,
     SpecialTokens,
     compute_loss,
     cross_entropy,
@@ -69,7 +69,7 @@ def test_clm_is_next_token_cross_entropy_and_ignores_padding():
     torch.testing.assert_close(out.ce, expected)
     assert out.loss.requires_grad and not out.ce.requires_grad
     # padding labels contribute nothing: changing logits there leaves the loss alone
-    labels = targets.masked_fill(~keep, IGNORE)
+    labels = targets.masked_fill(~keep, IGNORE_INDEX)
     bumped = logits.clone()
     bumped[0, -5:] += 100.0
     torch.testing.assert_close(cross_entropy(bumped, labels).loss, expected)
@@ -79,10 +79,10 @@ def test_z_loss_adds_the_mean_squared_log_normaliser():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, V) * 3
     labels = torch.randint(0, V, (3, 7))
-    labels[1, :4] = IGNORE
+    labels[1, :4] = IGNORE_INDEX
     plain = cross_entropy(logits, labels)
     z = cross_entropy(logits, labels, z_loss=1e-2)
-    keep = labels != IGNORE
+    keep = labels != IGNORE_INDEX
     lse = torch.logsumexp(logits, -1)[keep]
     torch.testing.assert_close(z.loss - plain.loss, 1e-2 * lse.square().mean())
     torch.testing.assert_close(z.ce, plain.ce)
@@ -91,7 +91,7 @@ def test_z_loss_adds_the_mean_squared_log_normaliser():
 
 def test_no_counted_tokens_gives_zero_loss_not_nan():
     logits = torch.randn(2, 3, V, requires_grad=True)
-    out = cross_entropy(logits, torch.full((2, 3), IGNORE))
+    out = cross_entropy(logits, torch.full((2, 3), IGNORE_INDEX))
     assert out.n_tokens == 0 and out.loss.item() == 0.0
     out.loss.backward()
     assert torch.all(logits.grad == 0)
@@ -121,7 +121,7 @@ def test_mlm_masking_statistics_follow_80_10_10():
     assert abs(replaced.sum().item() / n - 0.1) < 0.02
     assert (inputs[replaced] >= FIRST_ORDINARY).all()  # random tokens are ordinary tokens
     assert torch.equal(inputs[~chosen], tokens[~chosen])
-    assert torch.equal(labels[chosen], tokens[chosen]) and (labels[~chosen] == IGNORE).all()
+    assert torch.equal(labels[chosen], tokens[chosen]) and (labels[~chosen] == IGNORE_INDEX).all()
 
 
 def test_mlm_loss_counts_only_masked_positions_and_is_deterministic():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from plinth.errors import PlinthError
+from plinth.track.checkpoints import list_checkpoints, step_dir
 from plinth.train import state as ckpt
 
 
@@ -40,7 +41,7 @@ def test_round_trip_restores_tied_weights(tmp_path):
 def test_no_tmp_left_and_tmp_leftovers_are_ignored(tmp_path):
     save(tmp_path, 1)
     (tmp_path / "step_0000002.tmp").mkdir()  # a crash mid-write
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
 
 
 @pytest.mark.parametrize(
@@ -94,8 +95,8 @@ def test_rng_state_round_trip():
 def test_prune_keeps_last_n_and_best(tmp_path):
     for s in range(1, 6):
         save(tmp_path, s)
-    ckpt.prune(tmp_path, keep_last=2, best=ckpt.step_dir(tmp_path, 2))
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [
+    ckpt.prune(tmp_path, keep_last=2, best=step_dir(tmp_path, 2))
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
         "step_0000002",
         "step_0000004",
         "step_0000005",

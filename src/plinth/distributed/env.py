@@ -178,3 +178,26 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def collective_failure(e: BaseException, env: DistEnv, step: int, timeout: int) -> PlinthError:
+    """The error a rank raises when a collective at `step` failed: most likely another rank died."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return PlinthError(
+        f"rank {env.rank} of {env.world_size} lost contact with the other ranks at step "
+        f"{step + 1} ({first}). Another rank most likely failed: its own output (torchrun "
+        "prints each rank's error) says why. Collectives give up after distributed.timeout_s="
+        f"{timeout} s rather than hang; resume the run with --resume once the cause is fixed."
+    )
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an exception came from a collective that lost its peers (gloo/NCCL, timeouts)."""
+    import torch.distributed as dist
+
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        k in text for k in ("gloo", "nccl", "connection closed", "timed out", "connection reset")
+    )

@@ -19,6 +19,7 @@ With fsdp/hsdp, compile is applied per block (in place) so FSDP's hooks sit at b
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -122,3 +123,14 @@ def shard_model(
         fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard, **kwargs)
     return model
+
+
+def grad_sync(net, strategy: str, sync: bool):
+    """Skip needless gradient all-reduces on all but the last micro-batch of a step: DDP's
+    no_sync, and HSDP's all-reduce across replicas (FSDP still reduce-scatters every
+    micro-batch, otherwise each rank would hold unsharded gradients)."""
+    if strategy == "ddp" and not sync:
+        return net.no_sync()
+    if strategy == "hsdp":
+        net.set_requires_all_reduce(sync)
+    return contextlib.nullcontext()

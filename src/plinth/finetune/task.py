@@ -19,6 +19,7 @@ from torch import nn
 
 from plinth.config.schema import Config, TaskSpec
 from plinth.config.tasks import MAIN, head_sizes, task_specs
+from plinth.distributed.device import autocast_context
 from plinth.distributed.env import DistEnv, all_reduce_sum
 from plinth.errors import UsageError
 from plinth.finetune.data import (
@@ -244,8 +245,6 @@ class FinetuneTask(Task):
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env: DistEnv, device: torch.device) -> dict:
-        from plinth.train.loop import autocast_context
-
         was_training = model.training
         model.eval()
         metrics: dict = {}

@@ -21,6 +21,8 @@ from plinth.config.render import render_yaml
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 from plinth.finetune.config import load_finetune_config
+from plinth.train.hooks import Hooks
+from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
 
 UNSUPPORTED = {
     "compress.quantization": "quantisation is applied to a trained model, not during training",
@@ -50,8 +52,6 @@ def finetune(
         resume: run directory to continue from its latest intact checkpoint
         quiet: no progress bar or per-step lines
     """
-    from plinth.recipes.pretrain import print_summary, resolve_resume
-
     files, overs = split_args([config] if config else [], overrides)
     if resume is not None:
         resolved, run_path = resolve_resume(Path(resume), files, overs)
@@ -65,7 +65,7 @@ def finetune(
         run_path = None
     result = run_finetuning(resolved, base_dir, run_path=run_path, progress=not quiet)
     if DistEnv.from_environ().is_main:
-        print_summary(result)
+        print_train_summary(result)
         if resolved.config.model.arch == "decoder" and resolved.config.finetune.task == "lm" \
                 and not resolved.config.finetune.tasks:
             from plinth.load import chat_template_source
@@ -93,15 +93,16 @@ def run_finetuning(
     """Read the data, create (or reopen) the run directory and train. Returns a TrainResult.
     On resume (`run_path` given) the weights come from the run's checkpoints, not the base."""
     from plinth.distributed.env import barrier, destroy_process_group, init_process_group
+    from plinth.eval.periodic import TaskScorer
     from plinth.finetune.base import base_info
     from plinth.finetune.task import build_task
     from plinth.load import resolve
-    from plinth.recipes.pretrain import open_run, start
     from plinth.track.run import build_manifest
     from plinth.train.loop import train
 
     cfg = resolved.config
-    env, device, strategy = start(resolved, UNSUPPORTED, "finetune")
+    placement = start(resolved, UNSUPPORTED, "finetune")
+    env, device, strategy = placement.env, placement.device, placement.strategy
     resuming = run_path is not None
     if base_dir is None:
         base_dir = Path(run_path) if resuming else resolve(cfg.finetune.base, "finetune.base")
@@ -112,6 +113,8 @@ def run_finetuning(
             "one process for now; run without torchrun. Language-model fine-tuning (task=lm) "
             "runs under ddp/fsdp."
         )
+    # tasks are loaded (and misconfigurations refused) before any training
+    hooks = Hooks(sample=task.samples, score=TaskScorer.create(cfg, task, placement.sharded))
     task.verbose = env.is_main
     if resuming:
         task.base_dir = None  # the checkpoint holds every weight
@@ -159,7 +162,14 @@ def run_finetuning(
                     )
             barrier(env)
             result = train(
-                cfg, task, run, resume=resuming, progress=progress, stop_after=stop_after, env=env
+                cfg,
+                task,
+                run,
+                placement=placement,
+                hooks=hooks,
+                resume=resuming,
+                progress=progress,
+                stop_after=stop_after,
             )
             peft = cfg.finetune.method != "full" and strategy in ("none", "ddp")
             if env.is_main and peft and task.model is not None:

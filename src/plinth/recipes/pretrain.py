@@ -13,11 +13,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from plinth.config.checks import environment_warnings, reject_unsupported
-from plinth.config.load import Resolved, get_value, leaf_fields, load_config, split_args
+from plinth.config.load import Resolved, load_config, split_args
 from plinth.config.render import render_yaml
+from plinth.config.schema import Config
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
+from plinth.train.hooks import Hooks
+from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
 UNSUPPORTED = {
@@ -26,15 +28,6 @@ UNSUPPORTED = {
     "compress.distill_teacher": "distillation is its own recipe",
     "finetune.base": "starting from a pretrained model is `plinth finetune`",
 }
-# keys a resumed run may change; anything else would silently alter the run being continued
-RESUMABLE_CHANGES = (
-    "pretrain.max_steps",
-    "pretrain.max_tokens",
-    "pretrain.max_epochs",
-    "tracking.",
-    "hardware.num_workers",
-    "inference.",
-)
 
 
 def pretrain(
@@ -64,7 +57,7 @@ def pretrain(
         resolved, run_path = load_config(files, overs), None
     result = run_pretraining(resolved, run_path=run_path, progress=not quiet)
     if DistEnv.from_environ().is_main:
-        print_summary(result)
+        print_train_summary(result)
     if result.halted:
         raise PlinthError(
             f"training halted after step {result.step}: the stability guard saw a problem it could "
@@ -72,37 +65,6 @@ def pretrain(
             "optim.lr, raise optim.warmup_steps or check the data, then resume or restart."
         )
     return 0
-
-
-def resolve_resume(run_path: Path, files: list[str], overrides: list[str]) -> tuple[Resolved, Path]:
-    """Config of a run being resumed; refuses changes that would alter the run."""
-    saved = run_path / "config.yaml"
-    if not run_path.is_dir():
-        raise UsageError(f"--resume {run_path}: no such run directory. `plinth runs` lists runs.")
-    if not saved.is_file():
-        raise UsageError(
-            f"--resume {run_path}: it has no config.yaml, so it is not a plinth run directory "
-            "(or it was deleted). Point --resume at a directory under runs/."
-        )
-    original = load_config([saved]).config
-    resolved = load_config([saved, *files], overrides)
-    changed = [
-        key
-        for key, _ in leaf_fields()
-        if get_value(original, key) != get_value(resolved.config, key)
-        and not key.startswith(RESUMABLE_CHANGES)
-    ]
-    if changed:
-        details = ", ".join(
-            f"{k}: {get_value(original, k)!r} -> {get_value(resolved.config, k)!r}"
-            for k in changed[:6]
-        )
-        raise UsageError(
-            f"--resume {run_path}: the given config differs from the run's own ({details}). "
-            "A resumed run must keep its model, data and optimizer settings; drop those "
-            "overrides, or start a new run."
-        )
-    return resolved, run_path
 
 
 def run_pretraining(
@@ -123,12 +85,15 @@ def run_pretraining(
         destroy_process_group,
         init_process_group,
     )
+    from plinth.eval.periodic import TaskScorer
     from plinth.track.run import build_manifest
     from plinth.train.loop import train
     from plinth.train.memory import check_fits
+    from plinth.train.task import PretrainTask
 
     cfg = resolved.config
-    env, device, strategy = start(resolved, UNSUPPORTED, "pretrain")
+    placement = start(resolved, UNSUPPORTED, "pretrain")
+    env, device, strategy = placement.env, placement.device, placement.strategy
     try:
         accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
     except ValueError as e:
@@ -153,6 +118,10 @@ def run_pretraining(
         if isinstance(data_dir, PlinthError):
             raise data_dir
         ds = open_dataset(data_dir)
+        task = PretrainTask(cfg, ds)
+        # tasks are loaded (and misconfigurations refused) before any training
+        score = TaskScorer.create(cfg, task, placement.sharded)
+        hooks = Hooks(sample=text_sampler(cfg, ds), score=score)
         resuming = run_path is not None
         run = open_run(cfg, env, run_path, f"pretrain-{cfg.model.arch}")
         try:
@@ -178,13 +147,14 @@ def run_pretraining(
             barrier(env)
             return train(
                 cfg,
-                ds,
+                task,
                 run,
+                placement=placement,
+                hooks=hooks,
                 resume=resuming,
                 progress=progress,
                 stop_after=stop_after,
                 fault_hook=fault_hook,
-                env=env,
             )
         finally:
             run.close()
@@ -192,47 +162,35 @@ def run_pretraining(
         destroy_process_group()
 
 
-def start(resolved: Resolved, unsupported: dict, recipe: str):
-    """What every training recipe does first: refuse options it does not honour, print
-    environment warnings (rank 0), pick the device and the distributed strategy.
-    Returns (DistEnv, device, strategy)."""
-    from plinth.distributed.env import check_strategy, device_for
-    from plinth.train.loop import resolve_device
+def text_sampler(cfg: Config, ds):
+    """The sample hook of a pretraining run: continuations of `tracking.sample_prompts`
+    (decoders only), drawn from a generator seeded by the step, so sampling never disturbs
+    the training RNG."""
+    if cfg.model.arch != "decoder":
+        return None
 
-    cfg = resolved.config
-    env = DistEnv.from_environ()
-    reject_unsupported(resolved, unsupported, recipe)
-    if env.is_main:
-        for warning in environment_warnings(resolved):
-            print(f"warning: {warning}")
-    device = device_for(cfg, env, resolve_device(cfg))
-    return env, device, check_strategy(cfg, env, device)
+    def sample(model, step: int, device) -> list[tuple[str, str]]:
+        import torch
 
+        from plinth.infer.sampling import generate
 
-def open_run(cfg, env: DistEnv, run_path: Path | None, default_name: str):
-    """The run directory: `run_path` (resume) or a new unique one picked by rank 0 and broadcast;
-    RunDir on rank 0 (which writes), RunPaths elsewhere. Needs the process group."""
-    from plinth.distributed.env import broadcast_object
-    from plinth.track.run import RunDir, RunPaths, unique_run_path
+        inf = cfg.inference
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + step)
+        prompts = list(cfg.tracking.sample_prompts)
+        ids = [ds.tokenizer.encode(p).ids or [ds.bos_id] for p in prompts]
+        was_training = model.training
+        model.eval()
+        outs = generate(
+            model,
+            ids,
+            max_new_tokens=min(inf.max_new_tokens, 48),
+            temperature=inf.temperature,
+            top_k=inf.top_k,
+            top_p=inf.top_p,
+            eos_id=ds.eos_id,
+            generator=gen,
+        )
+        model.train(was_training)
+        return [(p, ds.tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
 
-    if run_path is None and env.is_main:
-        name = cfg.tracking.run_name or default_name
-        run_path = unique_run_path(cfg.tracking.output_dir, name)
-    run_path = Path(broadcast_object(str(run_path), env))
-    return RunDir(run_path) if env.is_main else RunPaths(run_path)
-
-
-def print_summary(result) -> None:
-    val = result.val
-    parts = [
-        f"trained {result.step} steps, {result.tokens:,} tokens",
-        f"final train loss {result.train_loss:.4f}",
-    ]
-    if val:
-        parts.append(f"val loss {val['val/loss']:.4f}")
-        if "val/bpb" in val:
-            parts.append(f"{val['val/bpb']:.3f} bits/byte")
-    if result.stopped_early:
-        parts.append("stopped early")
-    print("; ".join(parts))
-    print(f"run: {result.run_dir}")
+    return sample

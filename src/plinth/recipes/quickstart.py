@@ -37,7 +37,8 @@ def quickstart(overrides: list[str] = (), *, quiet: bool = False) -> int:
     """
     from plinth.config.load import load_config
     from plinth.data import open_dataset
-    from plinth.recipes.pretrain import print_summary, run_pretraining
+    from plinth.recipes.pretrain import run_pretraining
+    from plinth.train.setup import print_train_summary
 
     resolved = load_config(["quickstart"], overrides)
     m = resolved.config.model
@@ -47,7 +48,7 @@ def quickstart(overrides: list[str] = (), *, quiet: bool = False) -> int:
     )
     result = run_pretraining(resolved, progress=not quiet)
     ds = open_dataset(resolved.config.data.dir)
-    print_summary(result)
+    print_train_summary(result)
     bpb = result.val.get("val/bpb", math.nan)
     baseline = unigram_bits_per_byte(ds)
     verdict = (

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from plinth.track.checkpoints import checkpoint_step, list_checkpoints
 from plinth.track.run import read_jsonl
 
 STALE_AFTER_S = 600.0
@@ -243,18 +244,16 @@ def _checkpoints(path: Path, events: list[dict]) -> list[dict]:
     found: dict[int, dict] = {}
     ckdir = path / "checkpoints"
     if ckdir.is_dir():
-        for d in ckdir.iterdir():
-            m = re.fullmatch(r"step_(\d+)", d.name)
-            if not (m and d.is_dir()):
-                continue
+        for d in list_checkpoints(ckdir):
+            step = checkpoint_step(d.name)
             meta = _read_json(d / "meta.json")
             files = {f.name: f.stat().st_size for f in d.iterdir() if f.is_file()}
             expected = meta.get("files") if isinstance(meta.get("files"), dict) else {}
             complete = bool(meta) and all(
                 files.get(n) == (info or {}).get("bytes") for n, info in expected.items()
             )
-            found[int(m.group(1))] = {
-                "step": int(m.group(1)),
+            found[step] = {
+                "step": step,
                 "name": d.name,
                 "on_disk": True,
                 "bytes": sum(files.values()),

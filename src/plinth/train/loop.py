@@ -3,15 +3,17 @@
     plinth pretrain configs/quickstart.yaml pretrain.max_steps=50
 
 Per optimizer step: accumulate `accum` micro-batches (loss / accum, backward), clip the
-gradient norm (the pre-clip norm is logged), step optimizer and schedule. Every
-`tracking.log_every` steps a metrics record; every `eval_every` a validation pass (loss,
-perplexity, bits per byte); every `sample_every` text from fixed prompts (decoders); every
-`checkpoint_every` an atomic checkpoint. Resume restores weights, optimizer, schedule,
-data position and every RNG, so N + N steps equal 2N steps bit for bit on CPU.
+gradient norm (the pre-clip norm is logged), let the stability guard judge the step, step
+optimizer and schedule. Every `tracking.log_every` steps a metrics record; every `eval_every` a
+validation pass (loss, perplexity, bits per byte) and the early-stop check; every
+`sample_every` text from the sample hook; every `checkpoint_every` an atomic checkpoint.
+Resume restores weights, optimizer, schedule, data position and every RNG, so N + N steps
+equal 2N steps bit for bit on CPU.
 
 What is trained comes from a `Task` (plinth.train.task): pretraining (`PretrainTask`) and
-fine-tuning (`plinth.finetune.FinetuneTask`) give it the model, batches, loss, validation and
-samples, and share everything else here.
+fine-tuning (`plinth.finetune.FinetuneTask`) give it the model, batches, loss and validation,
+and share everything else here. Periodic work from higher layers (text samples, task scores)
+arrives as `Hooks` (plinth.train.hooks) the recipe passes.
 
 Under torchrun every rank runs this same loop on its own slice of each global batch
 (`distributed.strategy` ddp/fsdp/hsdp, see plinth.distributed); the step loss, validation
@@ -20,37 +22,42 @@ loss and norms are reduced over ranks, and only rank 0 writes files and prints.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from plinth.config.schema import Config
+from plinth.distributed.device import Placement, autocast_context
 from plinth.distributed.env import (
     DistEnv,
     all_reduce_sum,
     broadcast_object,
-    check_strategy,
-    device_for,
-    init_process_group,
+    collective_failure,
+    is_collective_failure,
 )
-from plinth.distributed.parallelize import parallelize
+from plinth.distributed.parallelize import grad_sync, parallelize
 from plinth.errors import PlinthError
+from plinth.track.checkpoints import checkpoint_step, list_checkpoints, step_dir
 from plinth.track.hardware import memory_mb, peak_flops
+from plinth.track.progress import TrainProgress
 from plinth.track.run import RunDir
 from plinth.train import state as ckpt
+from plinth.train.hooks import Hooks
 from plinth.train.optim import build_optimizer, build_scheduler
-from plinth.train.task import (  # noqa: F401  (evaluate, sample_texts: public here too)
-    PretrainTask,
-    Task,
-    evaluate,
-    sample_texts,
-    special_tokens,
-)
+from plinth.train.stability import Decision, StabilityGuard
+from plinth.train.task import PretrainTask, Task
+
+RANK_SEED = 1_000_003  # rank r > 0 draws dropout/masks from seed + r * RANK_SEED
+
+FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
+"""fault_hook(micro_batch_index, loss) -> loss: chaos testing of the stability guard. The index
+counts micro-batches drawn from the loader, so a poisoned batch stays poisoned data: after a
+rollback the loader has moved past it, exactly as with a real bad batch."""
 
 
 @dataclass
@@ -65,30 +72,8 @@ class TrainResult:
     run_dir: Path | None = None
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.hardware.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise PlinthError(
-            "hardware.device=cuda but no CUDA device is visible (torch.cuda.is_available() is "
-            "False). Set hardware.device=auto to train on the CPU, or install a CUDA build of "
-            "torch."
-        )
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast where it helps; fp32 (no context) otherwise, see config checks."""
-    precision = cfg.hardware.precision
-    if precision == "fp32" or (precision == "fp16" and device.type == "cpu"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @dataclass
-class _Window:
+class MetricWindow:
     """Accumulates steps between two metric records."""
 
     loss: float = 0.0
@@ -102,6 +87,458 @@ class _Window:
     def percentile(self, q: float) -> float:
         ordered = sorted(self.step_times)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Step:
+    """What one optimizer step measured."""
+
+    loss: float
+    tokens: int
+    data_time: float
+    grad_norm: float = math.nan
+
+
+COUNTERS = ("step", "tokens", "best_val", "bad_evals", "best_path", "micro")
+
+
+@dataclass
+class TrainState:
+    """Where training stands. `COUNTERS` is what a checkpoint carries (its
+    train_state["counters"], under these names); the window only feeds the next metrics record."""
+
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
+    best_path: str | None = None  # checkpoint with the best validation loss, kept by pruning
+    micro: int = 0  # micro-batches drawn from the loader (what fault_hook indexes)
+    window: MetricWindow = field(default_factory=MetricWindow)
+
+    def counters(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def load_counters(self, counters: dict[str, Any], *, keep_micro: bool = False) -> None:
+        """Take a checkpoint's counters; a rollback keeps `micro`, leaving bad batches skipped."""
+        for name, value in counters.items():
+            if name in COUNTERS and not (keep_micro and name == "micro"):
+                setattr(self, name, value)
+
+    def advance(self, step: Step, seconds: float, clipped: bool) -> None:
+        """Count a finished optimizer step."""
+        self.step += 1
+        self.tokens += step.tokens
+        w = self.window
+        w.loss += step.loss
+        w.steps += 1
+        w.tokens += step.tokens
+        w.time += seconds
+        w.step_times.append(seconds)
+        w.data += step.data_time
+        w.clipped += clipped
+
+
+@dataclass
+class _Parts:
+    """What one `train` call works with: built once, then read by every named step."""
+
+    cfg: Config
+    task: Task
+    run: RunDir
+    placement: Placement
+    hooks: Hooks
+    model: torch.nn.Module  # what is saved (the FSDP root when sharded)
+    net: torch.nn.Module  # what forward/backward run through
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    guard: StabilityGuard
+    log: Any  # MetricLogger on rank 0, _NullLogger elsewhere
+    mask_gen: torch.Generator
+    accum: int
+    steps: int
+    tokens_per_step: int
+    fault_hook: FaultHook | None
+    fp16: bool  # fp16 on a GPU: gradients go through a loss scaler
+    scaler: Any  # torch.amp.GradScaler, or None
+    clip: float  # max gradient norm (inf: measure, never clip)
+    trainable: list[torch.Tensor]
+    flops_per_token: float
+    peak: float  # peak FLOP/s of all ranks together (0 when unknown: no MFU)
+    amp: Any = None  # the autocast context every forward runs in
+
+    @property
+    def env(self) -> DistEnv:
+        return self.placement.env
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def evaluator(self) -> torch.nn.Module:
+        # replicas evaluate the bare model: DDP's forward would sync buffers
+        return self.model if self.placement.strategy == "ddp" else self.net
+
+
+def train(
+    cfg: Config,
+    data,
+    run: RunDir,
+    *,
+    placement: Placement | None = None,
+    hooks: Hooks | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    fault_hook: FaultHook | None = None,
+) -> TrainResult:
+    """Train on `data` (a `Task`, or a prepared dataset: pretraining), writing everything into
+    `run`. The recipe hands in the `placement` (rank, device, strategy; one process on the
+    configured device when omitted) and the `hooks`.
+
+    `stop_after` ends this call after that many optimizer steps (tests use it to simulate an
+    interruption); the run is then resumable like a killed one. Under torchrun every rank
+    calls it; `run` is the same directory on all (only rank 0 writes to it).
+    """
+    placement = placement or Placement.resolve(cfg)
+    p = _assemble(cfg, data, run, placement, hooks or Hooks(), fault_hook)
+    s = TrainState()
+    if resume:
+        _resume(p, s)
+    p.model.train()
+    data_iter = iter(p.loader)
+    result = TrainResult(s.step, s.tokens, math.nan, best_val_loss=s.best_val, run_dir=run.path)
+    _log_start(p, s)
+    sampler = _start_resource_sampler(p)
+    status, steps_this_call = "failed", 0
+    try:
+        with TrainProgress(total=p.steps, start=s.step, enabled=progress and p.env.is_main) as bar:
+            if p.task.baseline and s.step == 0:  # where a fine-tune starts from, to compare
+                _baseline(p, bar)
+            while s.step < p.steps:
+                t0 = time.perf_counter()
+                step = _accumulate(p, s, data_iter)
+                decision = _guard(p, s, step, bar)
+                if decision.action == "rollback" and _rollback(p, s, decision, bar):
+                    continue
+                if decision.action in ("halt", "rollback"):  # nowhere to roll back to: halt
+                    result.halted = True
+                    break
+                log_now = s.step + 1 == p.steps or (s.step + 1) % cfg.tracking.log_every == 0
+                before = [_local(w.detach()).clone() for w in p.trainable] if log_now else None
+                lr = _optimizer_step(p, decision)
+                s.advance(step, time.perf_counter() - t0, clipped=step.grad_norm > p.clip)
+                steps_this_call, result.train_loss = steps_this_call + 1, step.loss
+                _log(p, s, step, lr, before, bar)
+                is_last = s.step == p.steps
+                val = _evaluate(p, s, result, bar, is_last)
+                is_last = is_last or result.stopped_early
+                _score_tasks(p, s, bar, is_last)
+                _sample(p, s.step, is_last)
+                _checkpoint(p, s, val, is_last)
+                if is_last or (stop_after is not None and steps_this_call >= stop_after):
+                    break
+        result.step, result.tokens = s.step, s.tokens
+        status = _finish(p, s, result)
+    except Exception as e:
+        if p.env.distributed and is_collective_failure(e):
+            raise collective_failure(e, p.env, s.step, cfg.distributed.timeout_s) from None
+        raise
+    finally:
+        if sampler:
+            sampler.stop()
+        p.log.close(status if status in ("finished", "killed") else "failed")
+    return result
+
+
+# ------------------------------------------------------------------------------ setting up
+def _assemble(
+    cfg: Config, data, run: RunDir, placement: Placement, hooks: Hooks, fault_hook
+) -> _Parts:
+    """Model, parallelism, data, optimizer, schedule, guard and logger, in the order that fixes
+    the random streams (so a rerun draws the same numbers)."""
+    from plinth.track.sinks import MetricLogger, open_sinks
+
+    env, device, strategy = placement.env, placement.device, placement.strategy
+    task: Task = data if isinstance(data, Task) else PretrainTask(cfg, data)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = task.build_model(device)
+    if env.rank:
+        torch.manual_seed(cfg.seed + RANK_SEED * env.rank)  # own dropout; rank 0 = 1 process
+    net = parallelize(model, cfg, env, device, strategy)
+    try:
+        accum = cfg.optim.accum_steps(task.seq_len, env.world_size)
+    except ValueError as e:
+        raise PlinthError(f"{e}") from None
+    tokens_per_step = accum * cfg.optim.micro_batch * task.seq_len * env.world_size
+    loader = task.loader(env)
+    steps = task.total_steps(tokens_per_step, accum * env.world_size)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps)
+    mask_gen = torch.Generator().manual_seed(cfg.seed + 2 + RANK_SEED * env.rank)
+    guard = StabilityGuard(cfg.stability)
+    if env.is_main:
+        sinks = open_sinks(
+            cfg.tracking.sinks, run.path, config=cfg.model_dump(), run_name=run.path.name
+        )
+        log = MetricLogger(run, sinks)
+    else:
+        log = _NullLogger()
+    fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
+    return _Parts(
+        cfg, task, run, placement, hooks, model, net, optimizer, scheduler, loader, guard, log,
+        mask_gen, accum, steps, tokens_per_step, fault_hook,
+        fp16=fp16,
+        scaler=torch.amp.GradScaler(device.type) if fp16 else None,
+        clip=cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf,
+        trainable=[w for w in model.parameters() if w.requires_grad],
+        flops_per_token=task.flops_per_token(model),
+        peak=peak_flops(device) * env.world_size,
+        amp=autocast_context(cfg, device),
+    )
+
+
+class _NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log_metrics(self, step: int, /, **values) -> None:
+        pass
+
+    def log_event(self, step: int, kind: str, /, **details) -> None:
+        pass
+
+    def log_sample(self, step: int, prompt: str, text: str) -> None:
+        pass
+
+    def close(self, status: str = "finished") -> None:
+        pass
+
+
+def _resume(p: _Parts, s: TrainState) -> None:
+    """Continue from the newest intact checkpoint: rank 0 checks the checksums and picks, the
+    others load what it picked."""
+    env = p.env
+    picked = None
+    if env.is_main:
+        try:
+            latest = ckpt.load_latest(p.run.checkpoints)
+            picked = (str(latest.path), [(str(path), why) for path, why in latest.skipped])
+        except PlinthError as e:
+            picked = e
+    picked = broadcast_object(picked, env)
+    if isinstance(picked, PlinthError):
+        raise picked
+    loaded = ckpt.load_checkpoint(
+        Path(picked[0]), [(Path(path), why) for path, why in picked[1]], check=False
+    )
+    for path, why in loaded.skipped:
+        p.log.log_event(s.step, "checkpoint_skipped", path=path.name, reason=why)
+        if env.is_main:
+            print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
+    _restore(p, s, loaded, with_data=True)
+    p.log.log_event(s.step, "resume", checkpoint=loaded.path.name, tokens=s.tokens)
+
+
+def _restore(p: _Parts, s: TrainState, loaded: ckpt.Loaded, with_data: bool) -> None:
+    """Weights, optimizer, schedule, counters (and, on resume, data position and RNG)."""
+    loaded.load_into(p.model, p.optimizer)
+    st = loaded.train_state
+    p.scheduler.load_state_dict(st["scheduler"])
+    p.guard.load_state_dict(st["guard"])
+    s.load_counters(st["counters"], keep_micro=not with_data)
+    if not with_data:  # a rollback leaves the data where it is: bad batches stay skipped
+        return
+    env, seed = p.env, p.cfg.seed
+    p.loader.load_state_dict(st["loader"])  # global position: any world size
+    mine = loaded.rank_state(env)
+    if mine is not None:
+        p.mask_gen.set_state(mine["mask_generator"])
+        ckpt.set_rng_state(mine["rng"])
+        return
+    # another world size: fresh, deterministic random streams for this rank
+    torch.manual_seed(seed + RANK_SEED * env.rank + s.step)
+    p.mask_gen.manual_seed(seed + 2 + RANK_SEED * env.rank + s.step)
+    if env.is_main:
+        print(
+            f"note: {loaded.path.name} was written by {st.get('world_size', 1)} process(es), "
+            f"this job has {env.world_size}: data continues exactly, dropout/masking "
+            "randomness restarts from the seed"
+        )
+
+
+def _log_start(p: _Parts, s: TrainState) -> None:
+    p.log.log_event(
+        s.step,
+        "start",
+        total_steps=p.steps,
+        accum=p.accum,
+        tokens_per_step=p.tokens_per_step,
+        params=p.model.num_params(),
+        device=str(p.device),
+        world_size=p.env.world_size,
+        strategy=p.placement.strategy,
+    )
+
+
+def _start_resource_sampler(p: _Parts):
+    from plinth.track.sampler import ResourceSampler
+
+    if not p.env.is_main:
+        return None
+    sampler = ResourceSampler(p.run.path / "system.jsonl", interval=10.0)
+    sampler.start()
+    return sampler
+
+
+def _baseline(p: _Parts, bar: TrainProgress) -> None:
+    """Step 0 of a fine-tune: the base model's validation and samples."""
+    base_val = p.task.evaluate(p.evaluator, p.env, p.device)
+    if base_val:
+        p.log.log_metrics(0, tokens=0, **base_val)
+        p.log.log_event(0, "eval", **base_val)
+        bar.note(f"step 0 (the base model): {val_summary(base_val)}")
+    _sample(p, 0, is_last=False, due=True)
+
+
+# ------------------------------------------------------------------------- one training step
+def _accumulate(p: _Parts, s: TrainState, data_iter) -> Step:
+    """Forward and backward over `accum` micro-batches; the global batch's mean loss."""
+    data_time, step_loss, step_tokens = 0.0, 0.0, 0
+    for i in range(p.accum):
+        td = time.perf_counter()
+        batch = next(data_iter).to(p.device, non_blocking=True)
+        data_time += time.perf_counter() - td
+        step_tokens += p.task.batch_tokens(batch)
+        with grad_sync(p.net, p.placement.strategy, sync=i == p.accum - 1):
+            with p.amp:
+                out = p.task.loss(p.net, batch, p.mask_gen)
+            loss_value = out.loss if p.fault_hook is None else p.fault_hook(s.micro, out.loss)
+            s.micro += 1
+            loss = loss_value / p.accum
+            (p.scaler.scale(loss) if p.scaler else loss).backward()
+        step_loss += (out.ce.item() if p.fault_hook is None else loss_value.item()) / p.accum
+    if p.env.distributed:  # the global batch's loss: same guard decision everywhere
+        step_loss, step_tokens = all_reduce_sum([step_loss, step_tokens], p.env, p.device)
+        step_loss, step_tokens = step_loss / p.env.world_size, int(step_tokens)
+    return Step(step_loss, step_tokens, data_time)
+
+
+def _guard(p: _Parts, s: TrainState, step: Step, bar: TrainProgress) -> Decision:
+    """Clip the gradients, then let the stability guard judge the loss and the pre-clip norm."""
+    if p.scaler:
+        p.scaler.unscale_(p.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), p.clip)
+    step.grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    # fp16 overflow is the loss scaler's business (it skips the step itself)
+    observed = None if (p.fp16 and not math.isfinite(step.grad_norm)) else step.grad_norm
+    decision = p.guard.observe(s.step + 1, step.loss, observed)
+    for det in decision.detections:
+        p.log.log_event(det.step, "anomaly", **det.event())
+    if decision.action == "halt":
+        bar.note(
+            f"step {s.step + 1}: halted by the stability guard "
+            f"({', '.join(d.kind for d in decision.detections)})"
+        )
+    return decision
+
+
+def _rollback(p: _Parts, s: TrainState, decision: Decision, bar: TrainProgress) -> bool:
+    """Back to the newest intact checkpoint from before the blow-up (the data moves on, past
+    the bad batches); False, with a halt recorded, when there is none."""
+    # rank 0 checks checksums; everyone rolls back to the same checkpoint
+    target = broadcast_object(
+        _rollback_target(p.run, decision.bad_since) if p.env.is_main else None, p.env
+    )
+    if target is None:
+        p.log.log_event(
+            s.step + 1,
+            "anomaly",
+            type="blowup",
+            action="halt",
+            reason="no checkpoint older than the blow-up",
+        )
+        return False
+    from_step = s.step + 1
+    _restore(p, s, ckpt.load_checkpoint(target, check=False), with_data=False)
+    p.guard.rolled_back(s.step)
+    p.log.log_event(
+        from_step,
+        "rollback",
+        to_step=s.step,
+        checkpoint=target.name,
+        skipped_batches=(from_step - s.step) * p.accum,
+    )
+    bar.note(
+        f"step {from_step}: loss blew up; rolled back to {target.name}, skipping the batches since"
+    )
+    p.optimizer.zero_grad(set_to_none=True)
+    s.window = MetricWindow()
+    return True
+
+
+def _rollback_target(run: RunDir, bad_since: int | None) -> Path | None:
+    """Newest intact checkpoint written before the blow-up began."""
+    for path in reversed(list_checkpoints(run.checkpoints)):
+        step = checkpoint_step(path.name)
+        if (bad_since is None or step < bad_since) and ckpt.verify(path) is None:
+            return path
+    return None
+
+
+def _optimizer_step(p: _Parts, decision: Decision) -> float:
+    """Apply the update (unless the guard said skip) and advance the schedule; returns the
+    learning rate the update used."""
+    if decision.action == "skip_step":
+        p.optimizer.zero_grad(set_to_none=True)  # drop this update, keep the weights
+    elif p.scaler:
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+    else:
+        p.optimizer.step()
+    lr = p.scheduler.get_last_lr()[0]
+    p.scheduler.step()
+    p.optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+# ------------------------------------------------------------------------ periodic records
+def _log(
+    p: _Parts,
+    s: TrainState,
+    step: Step,
+    lr: float,
+    before: list[torch.Tensor] | None,
+    bar: TrainProgress,
+) -> None:
+    """A metrics record over the window since the last one (when `before`, the weights before
+    this update, was taken: a logged step); otherwise only the progress bar moves."""
+    if before is None:
+        bar.update(s.step, loss=step.loss)
+        return
+    win = s.window
+    tps = win.tokens / win.time
+    p.log.log_metrics(
+        s.step,
+        tokens=s.tokens,
+        **{"train/loss": win.loss / win.steps},
+        lr=lr,
+        grad_norm=step.grad_norm,
+        clipped=win.clipped / win.steps,
+        tokens_per_s=tps,
+        step_time=win.time / win.steps,
+        step_time_p50=win.percentile(0.5),
+        step_time_p90=win.percentile(0.9),
+        step_time_max=max(win.step_times),
+        update_ratio=update_ratio(before, p.trainable, p.env, p.device),
+        data_share=win.data / win.time,
+        mfu=p.flops_per_token * tps / p.peak if p.peak else None,
+        mem_mb=memory_mb(p.device),
+    )
+    for det in p.guard.observe_throughput(s.step, tps).detections:
+        p.log.log_event(det.step, "anomaly", **det.event())
+    bar.update(s.step, loss=win.loss / win.steps, tokens_per_s=tps)
+    s.window = MetricWindow()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -130,479 +567,29 @@ def update_ratio(
     return math.sqrt(sums[0]) / max(math.sqrt(sums[1]), 1e-12)
 
 
-class _NullLogger:
-    """What ranks other than 0 log to."""
-
-    def log_metrics(self, step: int, /, **values) -> None:
-        pass
-
-    def log_event(self, step: int, kind: str, /, **details) -> None:
-        pass
-
-    def log_sample(self, step: int, prompt: str, text: str) -> None:
-        pass
-
-    def close(self, status: str = "finished") -> None:
-        pass
-
-
-RANK_SEED = 1_000_003  # rank r > 0 draws dropout/masks from seed + r * RANK_SEED
-
-
-def grad_sync(net, strategy: str, sync: bool):
-    """Skip needless gradient all-reduces on all but the last micro-batch of a step: DDP's
-    no_sync, and HSDP's all-reduce across replicas (FSDP still reduce-scatters every
-    micro-batch, otherwise each rank would hold unsharded gradients)."""
-    if strategy == "ddp" and not sync:
-        return net.no_sync()
-    if strategy == "hsdp":
-        net.set_requires_all_reduce(sync)
-    return contextlib.nullcontext()
-
-
-def _collective_failure(e: BaseException, env: DistEnv, step: int, timeout: int) -> PlinthError:
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    return PlinthError(
-        f"rank {env.rank} of {env.world_size} lost contact with the other ranks at step "
-        f"{step + 1} ({first}). Another rank most likely failed: its own output (torchrun "
-        "prints each rank's error) says why. Collectives give up after distributed.timeout_s="
-        f"{timeout} s rather than hang; resume the run with --resume once the cause is fixed."
-    )
-
-
-def _is_collective_failure(e: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(e, dist.DistError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and any(
-        k in text for k in ("gloo", "nccl", "connection closed", "timed out", "connection reset")
-    )
-
-
-FaultHook = Callable[[int, torch.Tensor], torch.Tensor]
-"""fault_hook(micro_batch_index, loss) -> loss: chaos testing of the stability guard. The index
-counts micro-batches drawn from the loader, so a poisoned batch stays poisoned data: after a
-rollback the loader has moved past it, exactly as with a real bad batch."""
-
-
-def train(
-    cfg: Config,
-    data,
-    run: RunDir,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    stop_after: int | None = None,
-    fault_hook: FaultHook | None = None,
-    env: DistEnv | None = None,
-) -> TrainResult:
-    """Train on `data` (a `Task`, or a prepared dataset: pretraining), writing everything into
-    `run`.
-
-    `stop_after` ends this call after that many optimizer steps (tests use it to simulate an
-    interruption); the run is then resumable like a killed one. Under torchrun every rank
-    calls it with its `env`; `run` is the same directory on all (only rank 0 writes to it).
-    """
-    from plinth.track.progress import TrainProgress
-    from plinth.track.sampler import ResourceSampler
-    from plinth.track.sinks import MetricLogger, open_sinks
-    from plinth.train.stability import StabilityGuard
-
-    env = env or DistEnv()
-    task: Task = data if isinstance(data, Task) else PretrainTask(cfg, data)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    device = device_for(cfg, env, resolve_device(cfg))
-    strategy = check_strategy(cfg, env, device)
-    init_process_group(cfg, env, device)
-    model = task.build_model(device)
-    if env.rank:
-        torch.manual_seed(cfg.seed + RANK_SEED * env.rank)  # own dropout; rank 0 = 1 process
-    # what forward/backward run through; `model` is what we save (the FSDP root when sharded)
-    net = parallelize(model, cfg, env, device, strategy)
-    seq_len, micro = task.seq_len, cfg.optim.micro_batch
-    try:
-        accum = cfg.optim.accum_steps(seq_len, env.world_size)
-    except ValueError as e:
-        raise PlinthError(f"{e}") from None
-    tokens_per_step = accum * micro * seq_len * env.world_size  # rows x row length
-    loader = task.loader(env)
-    steps = task.total_steps(tokens_per_step, accum * env.world_size)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    mask_gen = torch.Generator().manual_seed(cfg.seed + 2 + RANK_SEED * env.rank)
-    guard = StabilityGuard(cfg.stability)
-    sharded = strategy in ("fsdp", "hsdp")
-    if env.is_main:
-        sinks = open_sinks(
-            cfg.tracking.sinks, run.path, config=cfg.model_dump(), run_name=run.path.name
-        )
-        log = MetricLogger(run, sinks)
+def _evaluate(
+    p: _Parts, s: TrainState, result: TrainResult, bar: TrainProgress, is_last: bool
+) -> dict:
+    """Validation when due (every eval_every steps and at the end) and the early-stop check;
+    returns this step's metrics ({} when none were computed here)."""
+    if not (s.step % p.cfg.tracking.eval_every == 0 or is_last):
+        return {}
+    val = p.task.evaluate(p.evaluator, p.env, p.device)
+    if not val:
+        return {}
+    p.log.log_metrics(s.step, tokens=s.tokens, **val)
+    p.log.log_event(s.step, "eval", **val)
+    bar.note(f"step {s.step}: {val_summary(val)}")
+    es = p.cfg.optim.early_stop
+    if val["val/loss"] < s.best_val - es.min_delta:
+        s.best_val, s.bad_evals = val["val/loss"], 0
     else:
-        log = _NullLogger()
-    c = {
-        "step": 0,
-        "tokens": 0,
-        "best_val": math.inf,
-        "bad_evals": 0,
-        "best_path": None,
-        "micro": 0,
-    }  # counters that checkpoints carry
-
-    def restore(loaded, with_data: bool) -> None:
-        """Weights, optimizer, schedule, counters (and, on resume, data position and RNG)."""
-        loaded.load_into(model, optimizer)
-        st = loaded.train_state
-        scheduler.load_state_dict(st["scheduler"])
-        guard.load_state_dict(st["guard"])
-        micro = c["micro"]
-        c.update(st["counters"])
-        if not with_data:
-            c["micro"] = micro  # a rollback leaves the data where it is: bad batches stay skipped
-        if with_data:
-            loader.load_state_dict(st["loader"])  # global position: any world size
-            mine = loaded.rank_state(env)
-            if mine is not None:
-                mask_gen.set_state(mine["mask_generator"])
-                ckpt.set_rng_state(mine["rng"])
-            else:  # another world size: fresh, deterministic random streams for this rank
-                torch.manual_seed(cfg.seed + RANK_SEED * env.rank + c["step"])
-                mask_gen.manual_seed(cfg.seed + 2 + RANK_SEED * env.rank + c["step"])
-                if env.is_main:
-                    print(
-                        f"note: {loaded.path.name} was written by "
-                        f"{st.get('world_size', 1)} process(es), this job has "
-                        f"{env.world_size}: data continues exactly, dropout/masking "
-                        "randomness restarts from the seed"
-                    )
-
-    def save(step_now: int, val: dict, final: bool = False) -> Path:
-        train_state = {
-            "scheduler": scheduler.state_dict(),
-            "loader": loader.state_dict(),
-            "guard": guard.state_dict(),
-            "counters": dict(c),
-        }
-        rank_state = {"mask_generator": mask_gen.get_state(), "rng": ckpt.rng_state()}
-        meta = {"tokens": c["tokens"], "world_size": env.world_size, "strategy": strategy, **val}
-        path = ckpt.save_checkpoint(
-            run.checkpoints,
-            step_now,
-            model,
-            train_state,
-            meta,
-            optimizer=optimizer,
-            rank_state=rank_state,
-            env=env,
-            consolidate=final and sharded,
-        )
-        log.log_event(step_now, "checkpoint", path=path.name, **val)
-        if env.is_main:
-            ckpt.prune(
-                run.checkpoints,
-                cfg.tracking.keep_last,
-                Path(c["best_path"]) if c["best_path"] else None,
-            )
-        return path
-
-    if resume:
-        # rank 0 checks the checksums and picks; the others load what it picked
-        picked = None
-        if env.is_main:
-            try:
-                latest = ckpt.load_latest(run.checkpoints)
-                picked = (str(latest.path), [(str(p), w) for p, w in latest.skipped])
-            except PlinthError as e:
-                picked = e
-        picked = broadcast_object(picked, env)
-        if isinstance(picked, PlinthError):
-            raise picked
-        loaded = ckpt.load_checkpoint(
-            Path(picked[0]), [(Path(p), w) for p, w in picked[1]], check=False
-        )
-        for path, why in loaded.skipped:
-            log.log_event(c["step"], "checkpoint_skipped", path=path.name, reason=why)
-            if env.is_main:
-                print(
-                    f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}"
-                )
-        restore(loaded, with_data=True)
-        log.log_event(c["step"], "resume", checkpoint=loaded.path.name, tokens=c["tokens"])
-
-    task_scorer = TaskScorer.create(cfg, task, sharded)  # checks task files before training
-    flops_per_token = task.flops_per_token(model)
-    peak = peak_flops(device) * env.world_size
-    amp = autocast_context(cfg, device)
-    fp16 = cfg.hardware.precision == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type) if fp16 else None
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    data_iter = iter(loader)
-    result = TrainResult(
-        step=c["step"],
-        tokens=c["tokens"],
-        train_loss=math.nan,
-        best_val_loss=c["best_val"],
-        run_dir=run.path,
-    )
-    log.log_event(
-        c["step"],
-        "start",
-        total_steps=steps,
-        accum=accum,
-        tokens_per_step=tokens_per_step,
-        params=model.num_params(),
-        device=str(device),
-        world_size=env.world_size,
-        strategy=strategy,
-    )
-    sampler = ResourceSampler(run.path / "system.jsonl", interval=10.0) if env.is_main else None
-    if sampler:
-        sampler.start()
-    status = "failed"
-    win, last_val, steps_this_call = _Window(), {}, 0
-    try:
-        with TrainProgress(total=steps, start=c["step"], enabled=progress and env.is_main) as bar:
-            if task.baseline and c["step"] == 0:  # where a fine-tune starts from, to compare
-                base_val = task.evaluate(model if strategy == "ddp" else net, env, device)
-                if base_val:
-                    log.log_metrics(0, tokens=0, **base_val)
-                    log.log_event(0, "eval", **base_val)
-                    bar.note(f"step 0 (the base model): {val_summary(base_val)}")
-                if env.is_main or sharded:
-                    for prompt, text in task.samples(model, 0, device):
-                        log.log_sample(0, prompt, text)
-            while c["step"] < steps:
-                t0 = time.perf_counter()
-                data_time, step_loss, step_tokens = 0.0, 0.0, 0
-                for i in range(accum):
-                    td = time.perf_counter()
-                    batch = next(data_iter).to(device, non_blocking=True)
-                    data_time += time.perf_counter() - td
-                    step_tokens += task.batch_tokens(batch)
-                    with grad_sync(net, strategy, sync=i == accum - 1):
-                        with amp:
-                            out = task.loss(net, batch, mask_gen)
-                        loss_value = (
-                            out.loss if fault_hook is None else fault_hook(c["micro"], out.loss)
-                        )
-                        c["micro"] += 1
-                        loss = loss_value / accum
-                        (scaler.scale(loss) if scaler else loss).backward()
-                    step_loss += (
-                        out.ce.item() if fault_hook is None else loss_value.item()
-                    ) / accum
-                if env.distributed:  # the global batch's loss: same guard decision everywhere
-                    step_loss, step_tokens = all_reduce_sum([step_loss, step_tokens], env, device)
-                    step_loss, step_tokens = step_loss / env.world_size, int(step_tokens)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-                # fp16 overflow is the loss scaler's business (it skips the step itself)
-                observed_norm = None if (fp16 and not math.isfinite(grad_norm)) else grad_norm
-                decision = guard.observe(c["step"] + 1, step_loss, observed_norm)
-                for det in decision.detections:
-                    log.log_event(det.step, "anomaly", **det.event())
-                if decision.action == "halt":
-                    status = "halted"
-                    bar.note(
-                        f"step {c['step'] + 1}: halted by the stability guard "
-                        f"({', '.join(d.kind for d in decision.detections)})"
-                    )
-                    result.halted = True
-                    break
-                if decision.action == "rollback":
-                    # rank 0 checks checksums; everyone rolls back to the same checkpoint
-                    target = broadcast_object(
-                        _rollback_target(run, decision.bad_since) if env.is_main else None, env
-                    )
-                    if target is None:
-                        log.log_event(
-                            c["step"] + 1,
-                            "anomaly",
-                            type="blowup",
-                            action="halt",
-                            reason="no checkpoint older than the blow-up",
-                        )
-                        result.halted, status = True, "halted"
-                        break
-                    from_step = c["step"] + 1
-                    restore(ckpt.load_checkpoint(target, check=False), with_data=False)
-                    guard.rolled_back(c["step"])
-                    log.log_event(
-                        from_step,
-                        "rollback",
-                        to_step=c["step"],
-                        checkpoint=target.name,
-                        skipped_batches=(from_step - c["step"]) * accum,
-                    )
-                    bar.note(
-                        f"step {from_step}: loss blew up; rolled back to {target.name}, "
-                        "skipping the batches since"
-                    )
-                    optimizer.zero_grad(set_to_none=True)
-                    win = _Window()
-                    continue
-                # one weight snapshot per logged step measures the update-to-weight ratio
-                log_now = (c["step"] + 1) % cfg.tracking.log_every == 0 or c["step"] + 1 == steps
-                before = [_local(p.detach()).clone() for p in trainable] if log_now else None
-                if decision.action == "skip_step":
-                    optimizer.zero_grad(set_to_none=True)  # drop this update, keep the weights
-                elif scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                c["step"] += 1
-                c["tokens"] += step_tokens
-                step, steps_this_call = c["step"], steps_this_call + 1
-                win.loss += step_loss
-                win.steps += 1
-                win.tokens += step_tokens
-                win.time += time.perf_counter() - t0
-                win.step_times.append(time.perf_counter() - t0)
-                win.data += data_time
-                win.clipped += grad_norm > clip
-                result.train_loss = step_loss
-
-                if log_now:
-                    tps = win.tokens / win.time
-                    log.log_metrics(
-                        step,
-                        tokens=c["tokens"],
-                        **{"train/loss": win.loss / win.steps},
-                        lr=lr,
-                        grad_norm=grad_norm,
-                        clipped=win.clipped / win.steps,
-                        tokens_per_s=tps,
-                        step_time=win.time / win.steps,
-                        step_time_p50=win.percentile(0.5),
-                        step_time_p90=win.percentile(0.9),
-                        step_time_max=max(win.step_times),
-                        update_ratio=update_ratio(before, trainable, env, device),
-                        data_share=win.data / win.time,
-                        mfu=flops_per_token * tps / peak if peak else None,
-                        mem_mb=memory_mb(device),
-                    )
-                    for det in guard.observe_throughput(step, tps).detections:
-                        log.log_event(det.step, "anomaly", **det.event())
-                    bar.update(step, loss=win.loss / win.steps, tokens_per_s=tps)
-                    win = _Window()
-                else:
-                    bar.update(step, loss=step_loss)
-
-                is_last = step == steps
-                if step % cfg.tracking.eval_every == 0 or is_last:
-                    # replicas evaluate the bare model: DDP's forward would sync buffers
-                    evaluator = model if strategy == "ddp" else net
-                    last_val = task.evaluate(evaluator, env, device)
-                    if last_val:
-                        log.log_metrics(step, tokens=c["tokens"], **last_val)
-                        log.log_event(step, "eval", **last_val)
-                        bar.note(f"step {step}: {val_summary(last_val)}")
-                        es = cfg.optim.early_stop
-                        if last_val["val/loss"] < c["best_val"] - es.min_delta:
-                            c["best_val"], c["bad_evals"] = last_val["val/loss"], 0
-                        else:
-                            c["bad_evals"] += 1
-                        result.val, result.best_val_loss = last_val, c["best_val"]
-                        if es.patience is not None and c["bad_evals"] >= es.patience:
-                            log.log_event(
-                                step,
-                                "early_stop",
-                                patience=es.patience,
-                                best_val_loss=c["best_val"],
-                            )
-                            result.stopped_early = is_last = True
-                if task_scorer and env.is_main and task_scorer.due(step, is_last):
-                    scores = task_scorer(model)
-                    log.log_metrics(step, tokens=c["tokens"], **scores)
-                    log.log_event(step, "task_eval", **scores)
-                    bar.note(f"step {step}: " + ", ".join(
-                        f"{k.removeprefix('eval/')} {v:.3f}" for k, v in scores.items()))
-                # sharded weights need every rank in each forward; replicas let rank 0 alone
-                if (step % cfg.tracking.sample_every == 0 or is_last) and (
-                    env.is_main or sharded
-                ):
-                    for prompt, text in task.samples(model, step, device):
-                        log.log_sample(step, prompt, text)
-                if step % cfg.tracking.checkpoint_every == 0 or is_last:
-                    if last_val and last_val["val/loss"] == c["best_val"]:  # keep-best: this one
-                        c["best_path"] = str(ckpt.step_dir(run.checkpoints, step))
-                    save(step, last_val, final=is_last)
-                if is_last or (stop_after is not None and steps_this_call >= stop_after):
-                    break
-        result.step, result.tokens = c["step"], c["tokens"]
-        if c["step"] >= steps or result.stopped_early:
-            status = "finished"
-            log.log_event(
-                c["step"],
-                "end",
-                tokens=c["tokens"],
-                train_loss=result.train_loss,
-                best_val_loss=c["best_val"],
-            )
-        elif not result.halted:
-            status = "killed"  # interrupted on purpose (stop_after); resumable
-    except Exception as e:
-        if env.distributed and _is_collective_failure(e):
-            raise _collective_failure(e, env, c["step"], cfg.distributed.timeout_s) from None
-        raise
-    finally:
-        if sampler:
-            sampler.stop()
-        log.close("finished" if status in ("finished", "killed") else "failed")
-    return result
-
-
-class TaskScorer:
-    """Periodic task evaluation (`tracking.eval_tasks`, plinth.eval) on rank 0: the tasks are
-    loaded once (bad task files fail before training starts) and scored on the first
-    `eval_tasks_limit` examples each time, so the numbers compare across steps."""
-
-    def __init__(self, cfg: Config, tasks, tokenizer, eos_id, max_len: int):
-        self.cfg, self.tasks, self.tokenizer = cfg, tasks, tokenizer
-        self.eos_id, self.max_len = eos_id, max_len
-        t = cfg.tracking
-        self.every = t.eval_tasks_every or t.eval_every
-
-    @classmethod
-    def create(cls, cfg: Config, task: Task, sharded: bool) -> TaskScorer | None:
-        if not cfg.tracking.eval_tasks:
-            return None
-        if sharded:
-            raise PlinthError(
-                "tracking.eval_tasks is not supported with distributed.strategy=fsdp/hsdp yet "
-                "(rank 0 scores the tasks alone, and sharded weights need every rank). Score "
-                "checkpoints afterwards with `plinth eval RUN --tasks ...`, or use ddp."
-            )
-        io = task.text_io()
-        if cfg.model.arch != "decoder" or io is None:
-            raise PlinthError(
-                f"tracking.eval_tasks={cfg.tracking.eval_tasks} needs a decoder (tasks are "
-                f"scored by next-token log-likelihood and generation); this is an "
-                f"{cfg.model.arch}. Set tracking.eval_tasks=[] or evaluate a decoder."
-            )
-        from plinth.eval.tasks import load_tasks
-
-        return cls(cfg, load_tasks(cfg.tracking.eval_tasks), io[0], io[1],
-                   cfg.model.max_seq_len)
-
-    def due(self, step: int, is_last: bool) -> bool:
-        return step % self.every == 0 or is_last
-
-    def __call__(self, model) -> dict[str, float]:
-        from plinth.eval.scoring import task_metrics
-
-        scores = task_metrics(model, self.tokenizer, self.tasks, self.eos_id, self.max_len,
-                              limit=self.cfg.tracking.eval_tasks_limit)
-        return {f"eval/{k}": float(v) for k, v in scores.items()}
+        s.bad_evals += 1
+    result.val, result.best_val_loss = val, s.best_val
+    if es.patience is not None and s.bad_evals >= es.patience:
+        p.log.log_event(s.step, "early_stop", patience=es.patience, best_val_loss=s.best_val)
+        result.stopped_early = True
+    return val
 
 
 def val_summary(val: dict) -> str:
@@ -614,10 +601,78 @@ def val_summary(val: dict) -> str:
     return ", ".join(parts)
 
 
-def _rollback_target(run: RunDir, bad_since: int | None) -> Path | None:
-    """Newest intact checkpoint written before the blow-up began."""
-    for path in reversed(ckpt.list_checkpoints(run.checkpoints)):
-        step = int(path.name.split("_")[1])
-        if (bad_since is None or step < bad_since) and ckpt.verify(path) is None:
-            return path
-    return None
+def _score_tasks(p: _Parts, s: TrainState, bar: TrainProgress, is_last: bool) -> None:
+    """The score hook (task evaluation) on rank 0, when it says it is due."""
+    score = p.hooks.score
+    if not (score and p.env.is_main and score.due(s.step, is_last)):
+        return
+    scores = score(p.model)
+    p.log.log_metrics(s.step, tokens=s.tokens, **scores)
+    p.log.log_event(s.step, "task_eval", **scores)
+    bar.note(
+        f"step {s.step}: "
+        + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in scores.items())
+    )
+
+
+def _sample(p: _Parts, step: int, is_last: bool, due: bool = False) -> None:
+    """Text from the sample hook. Sharded weights need every rank in each forward; replicas let
+    rank 0 sample alone."""
+    due = due or step % p.cfg.tracking.sample_every == 0 or is_last
+    if not (p.hooks.sample and due and (p.env.is_main or p.placement.sharded)):
+        return
+    for prompt, text in p.hooks.sample(p.model, step, p.device):
+        p.log.log_sample(step, prompt, text)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _checkpoint(p: _Parts, s: TrainState, val: dict, is_last: bool) -> None:
+    """An atomic checkpoint when due, carrying this step's validation metrics (none when this
+    step was not evaluated); the best one by validation loss is kept by pruning."""
+    if not (s.step % p.cfg.tracking.checkpoint_every == 0 or is_last):
+        return
+    if val and val["val/loss"] == s.best_val:  # keep-best: this one
+        s.best_path = str(step_dir(p.run.checkpoints, s.step))
+    train_state = {
+        "scheduler": p.scheduler.state_dict(),
+        "loader": p.loader.state_dict(),
+        "guard": p.guard.state_dict(),
+        "counters": s.counters(),
+    }
+    rank_state = {"mask_generator": p.mask_gen.get_state(), "rng": ckpt.rng_state()}
+    meta = {
+        "tokens": s.tokens,
+        "world_size": p.env.world_size,
+        "strategy": p.placement.strategy,
+        **val,
+    }
+    path = ckpt.save_checkpoint(
+        p.run.checkpoints,
+        s.step,
+        p.model,
+        train_state,
+        meta,
+        optimizer=p.optimizer,
+        rank_state=rank_state,
+        env=p.env,
+        consolidate=is_last and p.placement.sharded,
+    )
+    p.log.log_event(s.step, "checkpoint", path=path.name, **val)
+    if p.env.is_main:
+        best = Path(s.best_path) if s.best_path else None
+        ckpt.prune(p.run.checkpoints, p.cfg.tracking.keep_last, best)
+
+
+def _finish(p: _Parts, s: TrainState, result: TrainResult) -> str:
+    """How the call ended: finished (and an end event), halted, or killed (stopped on purpose
+    before the end, resumable)."""
+    if s.step >= p.steps or result.stopped_early:
+        p.log.log_event(
+            s.step,
+            "end",
+            tokens=s.tokens,
+            train_loss=result.train_loss,
+            best_val_loss=s.best_val,
+        )
+        return "finished"
+    return "halted" if result.halted else "killed"

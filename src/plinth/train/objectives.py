@@ -33,8 +33,6 @@ from torch import nn
 from plinth.models import unwrap
 from plinth.models.layers import IGNORE_INDEX, cross_entropy_sums
 
-IGNORE = IGNORE_INDEX  # label value that never counts (-100, as in F.cross_entropy)
-
 
 @dataclass
 class SpecialTokens:
@@ -115,14 +113,14 @@ def compute_loss(
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> LossOutput:
-    """Mean cross-entropy of logits (..., V) against labels (...) over labels != IGNORE, plus
+    """Mean cross-entropy of logits (..., V) against labels (...) over labels != IGNORE_INDEX, plus
     z_loss * mean(logsumexp(logits)^2) over the same tokens (PaLM's z-loss keeps the softmax
     normaliser near 1 so logits cannot drift)."""
     return _mean(*cross_entropy_sums(logits, labels, z_loss), labels)
 
 
 def _mean(loss_sum: torch.Tensor, ce_sum: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-    n = (labels != IGNORE).sum()
+    n = (labels != IGNORE_INDEX).sum()
     denom = n.clamp(min=1)  # no counted token: loss 0 (still attached to the graph)
     # the count leaves the device last, so a compiled caller captures everything above in one graph
     return LossOutput(loss=loss_sum / denom, n_tokens=int(n), ce=(ce_sum / denom).detach())
@@ -139,7 +137,7 @@ def mask_tokens(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BERT corruption of tokens (B, T). Returns (inputs, labels, chosen): chosen (B, T) marks
-    the positions to predict, labels hold the original token there and IGNORE elsewhere.
+    the positions to predict, labels hold the original token there and IGNORE_INDEX elsewhere.
     Special tokens (padding, separators, ...) are never chosen."""
     if special.mask_id is None:
         raise ValueError("mlm needs a mask token id (SpecialTokens.mask_id)")
@@ -157,7 +155,7 @@ def mask_tokens(
     random_tokens = allowed.to(gen_device)[pick].to(tokens.device, tokens.dtype)
     inputs = torch.where(to_mask, torch.full_like(tokens, special.mask_id), tokens)
     inputs = torch.where(to_random, random_tokens, inputs)
-    labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE))
+    labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
     return inputs, labels, chosen
 
 
@@ -245,7 +243,7 @@ def _rand(shape, generator: torch.Generator | None, device: torch.device) -> tor
 def _ignore_pad(labels: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
     if special.pad_id is None:
         return labels
-    return labels.masked_fill(labels == special.pad_id, IGNORE)
+    return labels.masked_fill(labels == special.pad_id, IGNORE_INDEX)
 
 
 def _real_tokens(tokens: torch.Tensor, special: SpecialTokens) -> torch.Tensor | None:

@@ -13,9 +13,9 @@ half of one.
         meta.json           step, tokens, metrics, and the size + SHA-256 of each file above
 
 A checkpoint is written to `step_XXXXXXX.tmp/` (every rank writes its own files into it) and
-renamed into place by rank 0 after a barrier. On load, files are checked against meta.json; a
-truncated, corrupted or missing file (a lost shard) skips the checkpoint in favour of the
-previous good one, and the caller is told.
+renamed into place by rank 0 after a barrier (the names: plinth.track.checkpoints). On load,
+files are checked against meta.json; a truncated, corrupted or missing file (a lost shard)
+skips the checkpoint in favour of the previous good one, and the caller is told.
 
 Any checkpoint resumes on any world size and strategy: DCP reshards on load, and the optimizer
 state is keyed by parameter name (torch.distributed.checkpoint.state_dict), so a 2-rank fsdp
@@ -41,16 +41,13 @@ from safetensors.torch import load_file, save_file
 
 from plinth.distributed.env import DistEnv, barrier
 from plinth.errors import PlinthError
+from plinth.track.checkpoints import list_checkpoints, step_dir, tmp_dir
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 SHARDED_DIR = "sharded"
 RANKS_DIR = "ranks"
-
-
-def step_dir(checkpoints: Path, step: int) -> Path:
-    return checkpoints / f"step_{step:07d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -139,7 +136,7 @@ def save_checkpoint(
     model.safetensors to a sharded checkpoint."""
     env = env or DistEnv()
     final = step_dir(checkpoints, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = tmp_dir(final)
     sharded = is_sharded(model)
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,15 +179,6 @@ def save_checkpoint(
         os.replace(tmp, final)
     barrier(env)
     return final
-
-
-def list_checkpoints(checkpoints: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first (.tmp leftovers of a crash are ignored)."""
-    if not checkpoints.is_dir():
-        return []
-    return sorted(
-        p for p in checkpoints.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-    )
 
 
 def verify(path: Path) -> str | None:

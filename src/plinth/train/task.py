@@ -1,6 +1,7 @@
-"""What the one training loop trains: a `Task` gives it the model, the batches, the loss,
-validation and samples; the loop does everything else (accumulation, clipping, the stability
-guard, logging, checkpoints, exact resume, torchrun).
+"""What the one training loop trains: a `Task` gives it the model, the batches, the loss and
+validation; the loop does everything else (accumulation, clipping, the stability guard,
+logging, checkpoints, exact resume, torchrun). Text samples and task scores are not a task's
+business here: the recipe passes them to the loop as hooks (plinth.train.hooks).
 
 - `PretrainTask`: a prepared corpus packed into fixed rows, the clm / mlm / span objective.
 - `plinth.finetune.task.FinetuneTask`: a pretrained base with adapters and heads on
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from plinth.config.schema import Config
+from plinth.distributed.device import autocast_context
 from plinth.distributed.env import DistEnv, all_reduce_sum
 from plinth.errors import PlinthError
 from plinth.models import build_model
@@ -50,9 +52,6 @@ class Task:
     def evaluate(self, model: nn.Module, env: DistEnv, device: torch.device) -> dict:
         return {}
 
-    def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
-        return []
-
     def flops_per_token(self, model: nn.Module) -> float:
         return model.flops_per_token(self.seq_len)
 
@@ -61,7 +60,8 @@ class Task:
         return None
 
 
-def special_tokens(ds) -> SpecialTokens:
+def special_token_ids(ds) -> SpecialTokens:
+    """The token ids a prepared dataset's objectives need (eos, pad, mask, bos, sentinels)."""
     return SpecialTokens(
         eos_id=ds.eos_id,
         pad_id=ds.pad_id,
@@ -76,11 +76,10 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def __init__(self, cfg: Config, ds, autocast=None):
+    def __init__(self, cfg: Config, ds):
         self.cfg, self.ds = cfg, ds
         self.seq_len = cfg.model.max_seq_len
-        self.special = special_tokens(ds)
-        self.autocast = autocast
+        self.special = special_token_ids(ds)
 
     def build_model(self, device: torch.device) -> nn.Module:
         if self.ds.vocab_size > self.cfg.model.vocab_size:
@@ -151,11 +150,6 @@ class PretrainTask(Task):
     def text_io(self):
         return self.ds.tokenizer, self.ds.eos_id
 
-    def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
-        if self.cfg.model.arch != "decoder":
-            return []
-        return sample_texts(model, self.ds, self.cfg, device, step)
-
 
 @torch.no_grad()
 def evaluate(
@@ -171,7 +165,6 @@ def evaluate(
     ({} when there is no validation split, e.g. data.val_fraction=0). Under torchrun the
     batches are split over the ranks and the sums reduced, so every rank gets the same result."""
     from plinth.data import PackedLoader
-    from plinth.train.loop import autocast_context
 
     env = env or DistEnv()
     if ds.num_docs("val") == 0:
@@ -216,28 +209,3 @@ def evaluate(
     if cfg.objective == "clm" and bytes_per_token > 0:
         metrics["val/bpb"] = loss / math.log(2) / bytes_per_token
     return metrics
-
-
-def sample_texts(model, ds, cfg: Config, device, step: int) -> list[tuple[str, str]]:
-    """Continuations of the fixed prompts, drawn from a generator seeded by step (so sampling
-    never disturbs the training RNG)."""
-    from plinth.infer.sampling import generate
-
-    inf = cfg.inference
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + step)
-    prompts = list(cfg.tracking.sample_prompts)
-    ids = [ds.tokenizer.encode(p).ids or [ds.bos_id] for p in prompts]
-    was_training = model.training
-    model.eval()
-    outs = generate(
-        model,
-        ids,
-        max_new_tokens=min(inf.max_new_tokens, 48),
-        temperature=inf.temperature,
-        top_k=inf.top_k,
-        top_p=inf.top_p,
-        eos_id=ds.eos_id,
-        generator=gen,
-    )
-    model.train(was_training)
-    return [(p, ds.tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
