@@ -29,6 +29,23 @@ class SamplingParams:
     seed: int | None = None  # per-request generator: same seed -> same output
     logprobs: int | None = None  # None: none; 0: chosen token's logprob; n: plus top-n
 
+    @classmethod
+    def from_defaults(cls, inf, *, max_new_tokens=None, temperature=None, top_k=None,
+                      top_p=None, repetition_penalty=None, **rest) -> SamplingParams:
+        """Params from command-line flags; a flag left at None takes the model's `inference`
+        config default (max_new_tokens, temperature, top_k, top_p, repetition_penalty). Checked."""
+        params = cls(
+            max_new_tokens=inf.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=inf.temperature if temperature is None else temperature,
+            top_k=inf.top_k if top_k is None else top_k,
+            top_p=inf.top_p if top_p is None else top_p,
+            repetition_penalty=inf.repetition_penalty if repetition_penalty is None
+            else repetition_penalty,
+            **rest,
+        )
+        params.check()
+        return params
+
     def check(self) -> None:
         """UsageError naming the field for values no sampler can honour."""
         bad = []

@@ -48,14 +48,13 @@ def chat_cmd(
         adapter: LoRA/IA3 adapter directory to put on the model (merged)
         device: cpu, cuda, ...
     """
-    from plinth.infer.engine import Engine
+    from plinth.infer.engine import Engine, SamplingParams
     from plinth.load import no_chat_template
-    from plinth.recipes.generate import sampling_params
 
     eng = Engine.load(model, device=device, quantize=quantize, adapter=adapter)
     if eng.chat_template is None:
         raise no_chat_template(model, "plinth chat")
-    params = sampling_params(
+    params = SamplingParams.from_defaults(
         eng.cfg.inference,
         max_new_tokens=max_new_tokens,
         temperature=temperature,

@@ -13,25 +13,6 @@ from pathlib import Path
 from plinth.errors import UsageError
 
 
-def sampling_params(inf, *, max_new_tokens=None, temperature=None, top_k=None, top_p=None,
-                    repetition_penalty=None, **rest):
-    """SamplingParams from command-line flags; a flag left at None takes the run's `inference`
-    default (max_new_tokens, temperature, top_k, top_p, repetition_penalty). Checked."""
-    from plinth.infer.engine import SamplingParams
-
-    params = SamplingParams(
-        max_new_tokens=inf.max_new_tokens if max_new_tokens is None else max_new_tokens,
-        temperature=inf.temperature if temperature is None else temperature,
-        top_k=inf.top_k if top_k is None else top_k,
-        top_p=inf.top_p if top_p is None else top_p,
-        repetition_penalty=inf.repetition_penalty if repetition_penalty is None
-        else repetition_penalty,
-        **rest,
-    )
-    params.check()
-    return params
-
-
 def generate_cmd(
     model: str,
     *,
@@ -108,7 +89,7 @@ def generate_cmd(
         no_progress: no progress bar for --prompts-file
     """
 
-    from plinth.infer.engine import Engine
+    from plinth.infer.engine import Engine, SamplingParams
     from plinth.load import no_chat_template
 
     if prompts_file is not None and prompt:
@@ -118,7 +99,7 @@ def generate_cmd(
     rows = _read_prompts(Path(prompts_file)) if prompts_file is not None else None
     eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                       merge_adapter=not no_merge_adapter)
-    params = sampling_params(
+    params = SamplingParams.from_defaults(
         eng.cfg.inference,
         max_new_tokens=max_new_tokens or None,  # 0 too means the run's default
         temperature=temperature,
