@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from plinth.track.run import read_jsonl
 
 DATA = Path(__file__).resolve().parents[2] / "configs" / "data"
@@ -47,3 +49,38 @@ def test_ddp_lora_sft_matches_one_process(base_run, tmp_path):
         assert one.keys() == two.keys() and len(one) >= 3, key
         assert all(abs(one[s] - two[s]) < 1e-5 for s in one), (key, one, two)
     assert (tmp_path / "two" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_fsdp_lora_writes_the_adapter(base_run, tmp_path):
+    """Sharded runs write adapter/ too (it was only written under none/ddp), with the trained
+    weights: the adapter equals the final checkpoint's LoRA tensors."""
+    from safetensors.torch import load_file
+
+    from plinth.load import load_trained
+    from plinth.peft.save import load_adapter
+
+    args = [
+        f"finetune.base={base_run}",
+        f"finetune.dataset={DATA / 'json_answers.train.jsonl'}",
+        "finetune.max_length=64", "finetune.method=lora", "finetune.rank=4",
+        "finetune.max_steps=2", "optim.micro_batch=2", "optim.global_batch=4",
+        "hardware.device=cpu", "tracking.eval_every=1000", "tracking.sample_every=1000",
+        "--quiet", f"tracking.output_dir={tmp_path}", "tracking.run_name=fsdp",
+        "distributed.strategy=fsdp",
+    ]
+    _finetune(2, args)
+    run = tmp_path / "fsdp"
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    trained, _, _ = load_trained(run)  # the final checkpoint, adapters included
+    fresh, _, _ = load_trained(run)
+    lora = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    with torch.no_grad():
+        for k, v in fresh.state_dict().items():
+            if "lora_" in k:
+                v.zero_()
+    load_adapter(fresh, run / "adapter")
+    for k, v in fresh.state_dict().items():
+        if "lora_" in k:
+            assert torch.equal(v, lora[k]), k

@@ -258,7 +258,9 @@ class FinetuneTask(Task):
             )
             sums = np.zeros(3)  # loss x count, count, correct (classification)
             preds, golds = [], []
-            for batch in loader:
+            batches = list(loader)  # validation sets are small
+            self._even_out(model, t, len(batches), env, device)
+            for batch in batches:
                 batch = batch.to(device)
                 with autocast_context(self.cfg, device):
                     out, logits = self._forward(model, batch)
@@ -292,6 +294,25 @@ class FinetuneTask(Task):
         if len(self.tasks) > 1 and total_weight:
             metrics["val/loss"] = total_loss / total_weight
         return metrics
+
+    def _even_out(self, model: nn.Module, t: TaskData, batches: int, env: DistEnv,
+                  device: torch.device) -> None:
+        """Extra, discarded forwards so every rank runs as many as the busiest one: validation
+        rows rarely split evenly, and a sharded (FSDP) forward is a collective that would
+        otherwise wait forever for a rank that has finished."""
+        if not env.distributed:
+            return
+        counts = [0.0] * env.world_size
+        counts[env.rank] = float(batches)
+        missing = int(max(all_reduce_sum(counts, env, device))) - batches
+        if missing <= 0:
+            return
+        loader = RowLoader(t.val, self.cfg.optim.micro_batch, self.cfg.seed, 0, 1, False, False,
+                           t.name)
+        batch = next(iter(loader)).to(device)
+        for _ in range(missing):
+            with autocast_context(self.cfg, device):
+                self._forward(model, batch)
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
         """Greedy answers to the first validation prompts (lm tasks) and the predicted class of

@@ -171,14 +171,31 @@ def run_finetuning(
                 progress=progress,
                 stop_after=stop_after,
             )
-            peft = cfg.finetune.method != "full" and strategy in ("none", "ddp")
-            if env.is_main and peft and task.model is not None:
-                save_final_adapter(task.model, run.path, base_dir)
+            if cfg.finetune.method != "full" and task.model is not None:
+                model = task.model
+                if strategy in ("fsdp", "hsdp"):  # gathered by every rank, saved by the first
+                    model = unsharded_copy(task.model, cfg, env)
+                if env.is_main:
+                    save_final_adapter(model, run.path, base_dir)
             return result
         finally:
             run.close()
     finally:
         destroy_process_group()
+
+
+def unsharded_copy(model, cfg, env):
+    """A single-process copy of an FSDP-sharded fine-tune model on the first rank (None on the
+    others). Collective: every rank calls it."""
+    from plinth.load import build_finetune_model
+    from plinth.train.state import full_model_state, load_weights
+
+    state = full_model_state(model, env)
+    if not env.is_main:
+        return None
+    plain = build_finetune_model(cfg, None)
+    load_weights(plain, state)
+    return plain
 
 
 def save_final_adapter(model, run: Path, base_dir: Path) -> Path | None:
