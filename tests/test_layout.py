@@ -54,3 +54,11 @@ def test_layers_contract_holds():
         pytest.skip("import-linter is not installed (it is in the dev extra)")
     r = subprocess.run([exe, "--no-cache"], cwd=SRC.parents[1], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_model_files_are_single_device():
+    """Parallelism is applied from outside (distributed.parallelize): no model file imports
+    torch.distributed (import-linter cannot name a subpackage of torch)."""
+    found = [str(p.relative_to(SRC)) for p in (SRC / "models").rglob("*.py")
+             if "torch.distributed" in p.read_text(encoding="utf-8")]
+    assert not found, found
