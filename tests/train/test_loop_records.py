@@ -4,8 +4,8 @@ the metric sinks learn how the run ended (finished, or killed and resumable)."""
 from __future__ import annotations
 
 import json
-from typing import ClassVar
 
+import pytest
 import torch
 
 from plinth.config.load import load_config
@@ -35,32 +35,40 @@ def test_checkpoint_at_a_step_without_evaluation_carries_no_val_loss(tiny_overri
     assert counters["best_path"].endswith("step_0000004")
 
 
-class Recorder:
-    """A metric sink that remembers how it was closed."""
+def _mlflow_status(run_dir) -> str:
+    from mlflow.tracking import MlflowClient
 
-    name = "recorder"
-    closed: ClassVar[list[str]] = []
-
-    def log_metrics(self, step, metrics):
-        pass
-
-    def log_event(self, step, kind, details):
-        pass
-
-    def close(self, status="finished"):
-        Recorder.closed.append(status)
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    return client.get_run((run_dir / "mlflow_run_id").read_text().strip()).info.status
 
 
 def test_sinks_hear_killed_for_an_interrupted_run_and_finished_at_the_end(
     tiny_overrides, monkeypatch
 ):
-    import plinth.track.sinks as sinks
-
-    monkeypatch.setattr(sinks, "open_sinks", lambda *a, **k: [Recorder()])
-    Recorder.closed = []
-    over = [*tiny_overrides, "pretrain.max_steps=4", "tracking.checkpoint_every=2"]
+    """The real MLflow store (local SQLite) sees KILLED while the run can be resumed (it saw
+    FINISHED before), then FINISHED once the resumed run ends."""
+    pytest.importorskip("mlflow", reason="mlflow not installed (track extra)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    over = [*tiny_overrides, "pretrain.max_steps=4", "tracking.checkpoint_every=2",
+            "tracking.sinks=[jsonl, mlflow]"]
     resolved = load_config([], over)
     first = run_pretraining(resolved, progress=False, stop_after=2)
-    assert first.step == 2 and Recorder.closed == ["killed"]
+    assert first.step == 2 and _mlflow_status(first.run_dir) == "KILLED"
     second = run_pretraining(resolved, run_path=first.run_dir, progress=False)
-    assert second.step == 4 and Recorder.closed == ["killed", "finished"]
+    assert second.step == 4 and _mlflow_status(first.run_dir) == "FINISHED"
+
+
+def test_ctrl_c_closes_the_sinks_as_killed(tiny_overrides, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow not installed (track extra)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    over = [*tiny_overrides, "pretrain.max_steps=4", "tracking.sinks=[jsonl, mlflow]",
+            "tracking.run_name=ctrl-c"]
+
+    def interrupt(micro: int, loss):
+        if micro == 3:
+            raise KeyboardInterrupt
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(load_config([], over), progress=False, fault_hook=interrupt)
+    assert _mlflow_status(tmp_path / "runs" / "ctrl-c") == "KILLED"

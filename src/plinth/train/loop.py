@@ -241,6 +241,9 @@ def train(
                     break
         result.step, result.tokens = s.step, s.tokens
         status = _finish(p, s, result)
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: resumable from the last checkpoint
+        status = "killed"
+        raise
     except Exception as e:
         if p.env.distributed and is_collective_failure(e):
             raise collective_failure(e, p.env, s.step, cfg.distributed.timeout_s) from None
