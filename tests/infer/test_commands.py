@@ -101,3 +101,15 @@ def test_chat_without_a_template_is_refused(tiny_hf, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("w5\n"))
     assert main(["chat", str(tiny_hf[1])]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_generate_default_length_stops_at_the_context(model_dir, capsys):
+    """A default max_new_tokens that does not fit after the prompt is lowered to what the
+    context leaves, with a note (it was refused: quickstart's suggested command failed); a
+    length the user asks for is still checked (test_generate_bad_input)."""
+    assert main(["generate", str(model_dir), "--prompt", "w5 w9", "--temperature", "0",
+                 "--ignore-eos", "--logprobs", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "generating at most 62 tokens" in captured.err and "context of 64" in captured.err
+    (line,) = [x for x in captured.out.splitlines() if x.startswith("{")]
+    assert len(json.loads(line)["logprobs"]) == 62  # prompt 2 + 62 new = the context

@@ -122,12 +122,14 @@ def generate_cmd(
         prompts = list(prompt) or list(eng.cfg.tracking.sample_prompts)
         texts = [eng.apply_chat_template([{"role": "user", "content": p}]) if chat else p
                  for p in prompts]
-        results = _run(eng, texts, params, beams, batch_size, progress=False)
+        results = _run(eng, texts, params, beams, batch_size, progress=False,
+                       fit_to_context=not max_new_tokens)
         _print_results(eng, prompts, results, chat, num_beams > 1)
         return 0
     texts = [eng.apply_chat_template(r["messages"]) if "messages" in r else r["prompt"]
              for r in rows]
-    results = _run(eng, texts, params, beams, batch_size, progress=not no_progress)
+    results = _run(eng, texts, params, beams, batch_size, progress=not no_progress,
+                   fit_to_context=not max_new_tokens)
     _write_results(eng, rows, results, output, num_return_sequences > 1)
     return 0
 
@@ -207,15 +209,19 @@ def _read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def _run(eng, texts, params, beams: Beams, batch_size: int, progress: bool):
+def _run(eng, texts, params, beams: Beams, batch_size: int, progress: bool,
+         fit_to_context: bool = False):
     """Completions (a list per prompt) in batches of prompts of similar length (less padding),
-    returned in the input order."""
+    returned in the input order. `fit_to_context`: a max_new_tokens the user did not choose (the
+    run's default) is lowered to what the model's context leaves after the longest prompt."""
     if beams.num_beams < 1 or batch_size < 1:
         raise UsageError(f"--num-beams ({beams.num_beams}) and --batch-size ({batch_size}) "
                          "need >= 1")
     if beams.num_beams == 1 and beams.num_return_sequences != 1:
         raise UsageError("--num-return-sequences needs beam search (--num-beams > 1)")
     ids = [eng.encode(t) for t in texts]
+    if fit_to_context:
+        params = _fit_to_context(eng, ids, params)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list = [None] * len(ids)
     bar = _Bar(len(ids), progress)
@@ -235,6 +241,22 @@ def _run(eng, texts, params, beams: Beams, batch_size: int, progress: bool):
                 results[i] = o
             bar.advance(len(chunk), sum(len(o[0].token_ids) for o in outs))
     return results
+
+
+def _fit_to_context(eng, ids: list[list[int]], params):
+    """params with max_new_tokens lowered so a decoder's generation stops at its context."""
+    from dataclasses import replace
+
+    room = eng.max_context - max(len(i) for i in ids)
+    if eng.arch != "decoder" or not 1 <= room < params.max_new_tokens:
+        return params
+    import sys
+
+    print(f"note: generating at most {room} tokens: the default max_new_tokens="
+          f"{params.max_new_tokens} (the run's inference.max_new_tokens) plus the prompt would "
+          f"pass the model's context of {eng.max_context} tokens; --max-new-tokens sets it",
+          file=sys.stderr)
+    return replace(params, max_new_tokens=room)
 
 
 def _logprob_fields(eng, c) -> dict:
