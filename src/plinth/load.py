@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from plinth.errors import UsageError
+from plinth.hf.layout import IMPORT_FILE
 
-IMPORT_RECORD = "import.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -41,7 +41,7 @@ def find_run(path: Path) -> tuple[Path, Path | None]:
     plus import.json; it is its own weights directory)."""
     path = Path(path)
     if (path / "config.yaml").is_file():
-        if (path / IMPORT_RECORD).is_file() and (path / "model.safetensors").is_file():
+        if (path / IMPORT_FILE).is_file() and (path / "model.safetensors").is_file():
             return path, path
         return path, None
     if (path / "model.safetensors").is_file() and (path.parent.parent / "config.yaml").is_file():
@@ -80,7 +80,7 @@ def resolve(spec: str | Path, key: str = "model") -> Path:
 def _imported(source: Path, out: Path) -> Path:
     from plinth.hf.importer import import_model
 
-    if (out / IMPORT_RECORD).is_file():
+    if (out / IMPORT_FILE).is_file():
         return out
     print(f"importing {source} into {out} (once)")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def build_finetune_model(cfg, base_dir: Path | None, device=None) -> nn.Module:
 
 def load_trained(path: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, config) from a run, checkpoint or imported directory."""
-    m = load_model(path, device=device, resolve_spec=False)
+    m = load_model(path, device=device, resolve_spec=False, chat=False)
     return m.model, m.tokenizer, m.cfg
 
 
@@ -164,7 +164,7 @@ def token_roles(model_dir: Path, tokenizer) -> dict[str, int]:
     """Role (eos, pad, bos) -> id: from import.json for imported models, from the base's record
     in manifest.json for a fine-tune run, else plinth's own special tokens."""
     names = {"eos": "<|endoftext|>", "pad": "<|pad|>", "bos": "<|bos|>"}
-    rec, manifest = Path(model_dir) / IMPORT_RECORD, Path(model_dir) / "manifest.json"
+    rec, manifest = Path(model_dir) / IMPORT_FILE, Path(model_dir) / "manifest.json"
     if rec.is_file():
         names = json.loads(rec.read_text()).get("special_tokens", {})
     elif manifest.is_file():  # a fine-tune run being resumed: its base's roles
@@ -189,11 +189,9 @@ def eos_ids(model_dir: Path, tokenizer, cfg) -> list[int]:
     """Every id that ends generation: the config's first special token, the import record's eos
     and tokenizer_config.json's eos_token."""
     ids = {first_special_id(tokenizer, cfg)}
-    rec = Path(model_dir) / IMPORT_RECORD
-    if rec.is_file():
-        t = json.loads(rec.read_text()).get("special_tokens", {}).get("eos")
-        if t is not None:
-            ids.add(tokenizer.token_to_id(t))
+    t = _record_eos_text(model_dir)
+    if t is not None:
+        ids.add(tokenizer.token_to_id(t))
     t = token_text(model_dir, "eos_token")
     if t:
         ids.add(tokenizer.token_to_id(t))
@@ -202,12 +200,16 @@ def eos_ids(model_dir: Path, tokenizer, cfg) -> list[int]:
 
 def eval_eos_id(model_dir: Path, tokenizer, cfg) -> int | None:
     """The one eos id scoring stops at: the import record's eos, else the first special."""
-    rec = Path(model_dir) / IMPORT_RECORD
-    if rec.is_file():
-        t = json.loads(rec.read_text()).get("special_tokens", {}).get("eos")
-        if t is not None:
-            return tokenizer.token_to_id(t)
-    return first_special_id(tokenizer, cfg)
+    t = _record_eos_text(model_dir)
+    return tokenizer.token_to_id(t) if t is not None else first_special_id(tokenizer, cfg)
+
+
+def _record_eos_text(model_dir: Path) -> str | None:
+    """The eos token's text in an imported model's import.json (None: no record, or no eos)."""
+    rec = Path(model_dir) / IMPORT_FILE
+    if not rec.is_file():
+        return None
+    return json.loads(rec.read_text()).get("special_tokens", {}).get("eos")
 
 
 def chat_template_source(setting: str, model_dir: Path) -> str | None:
