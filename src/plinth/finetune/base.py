@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from plinth.errors import UsageError
+from plinth.hf.layout import IMPORT_FILE
 
 # model keys a fine-tune may change; everything else must match the base's weights
 CHANGEABLE = ("model.dropout", "model.max_seq_len")
@@ -62,7 +63,7 @@ def base_info(base_dir: Path) -> dict:
     import json
 
     info: dict = {"dir": str(base_dir.resolve())}
-    rec = base_dir / "import.json"
+    rec = base_dir / IMPORT_FILE
     if rec.is_file():
         data = json.loads(rec.read_text())
         keep = ("source", "family", "fingerprint", "params", "special_tokens")

@@ -201,9 +201,10 @@ def unsharded_copy(model, cfg, env):
 def save_final_adapter(model, run: Path, base_dir: Path) -> Path | None:
     """adapter/ in the run: the trained method alone (PEFT's layout where peft can express it).
     Heads are not part of it; they live in the run's checkpoints."""
+    from plinth.hf.layout import IMPORT_FILE
     from plinth.peft.save import save_adapter
 
-    base = str(base_dir) if (base_dir / "import.json").is_file() else None
+    base = str(base_dir) if (base_dir / IMPORT_FILE).is_file() else None
     path = save_adapter(model, run / "adapter", base)
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     print(f"adapter: {path} ({size:.1f} MB)")

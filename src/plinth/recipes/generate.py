@@ -245,13 +245,12 @@ def _run(eng, texts, params, beams: Beams, batch_size: int, progress: bool,
 
 def _fit_to_context(eng, ids: list[list[int]], params):
     """params with max_new_tokens lowered so a decoder's generation stops at its context."""
+    import sys
     from dataclasses import replace
 
     room = eng.max_context - max(len(i) for i in ids)
     if eng.arch != "decoder" or not 1 <= room < params.max_new_tokens:
         return params
-    import sys
-
     print(f"note: generating at most {room} tokens: the default max_new_tokens="
           f"{params.max_new_tokens} (the run's inference.max_new_tokens) plus the prompt would "
           f"pass the model's context of {eng.max_context} tokens; --max-new-tokens sets it",
