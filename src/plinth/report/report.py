@@ -212,7 +212,8 @@ def run_chart_specs(run: Run, axes: Axes, max_points: int = MAX_POINTS) -> tuple
 def _status_section(run: Run, summary: dict, hl: dict) -> str:
     st = summary["status"]
     age = summary["last_record_age_s"]
-    when = f" · last record {fmt_duration(age)} ago" if st in ("running", "crashed") else ""
+    live = st in ("running", "crashed", "killed")
+    when = f" · last record {fmt_duration(age)} ago" if live else ""
     steps = fmt_num(summary["step"])
     if summary["total_steps"]:
         steps += f" <small>/ {fmt_num(summary['total_steps'])}</small>"
