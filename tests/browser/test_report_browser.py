@@ -176,3 +176,94 @@ def test_compare_page_in_chromium(browser, pages):
     assert all(d["drawn"] > 200 for d in page.evaluate(DRAWN))
     assert problems == [], problems
     page.close()
+
+
+# ------------------------------------------------------------------- issue 16: layout, markers
+
+NO_OVERFLOW = """() => {
+  document.querySelectorAll('details').forEach((d) => { d.open = true; });
+  const vw = document.documentElement.clientWidth;
+  return {vw, page: document.documentElement.scrollWidth, body: document.body.scrollWidth,
+          boxes: Array.from(document.querySelectorAll('.tbl'))
+                      .filter((t) => t.scrollWidth > t.clientWidth + 1).length};
+}"""
+
+
+@pytest.fixture(scope="module")
+def wide_pages(tmp_path_factory):
+    """A comparison of 14 runs with long names, config differences and evaluations, and the
+    report of one of them: tables far wider than any screen."""
+    from plinth.track.run import append_evals
+
+    root = tmp_path_factory.mktemp("wide")
+    runs = []
+    for i in range(14):
+        path = root / f"a-rather-long-experiment-name-{i:02d}-lr-sweep-with-warmup-and-cosine"
+        write_synthetic_run(
+            path, steps=40, seed=i, eval_every=20, checkpoint_every=20, system=False,
+            overrides=(f"optim.lr={0.001 * (i + 1)}", f"optim.warmup_steps={i + 1}",
+                       f"tracking.run_name=run-{'x' * 90}-{i}", "tracking.log_every=1"),
+        )
+        append_evals(path, [
+            {"step": 40, "time": 0.0, "event": "task_eval", "model": str(path),
+             "task": f"a_task_with_a_long_name_{j}", "n": 3, "shots": 0,
+             "metrics": {f"a_long_metric_name_{k}": 0.5 + i / 100 for k in range(3)}}
+            for j in range(5)
+        ])
+        runs.append(load_run(path))
+    report = root / "report.html"
+    report.write_text(render_report(runs[0]), encoding="utf-8")
+    cmp = root / "compare.html"
+    cmp.write_text(render_compare(runs, comparison(runs)), encoding="utf-8")
+    return report, cmp
+
+
+@pytest.mark.parametrize("width", [1400, 600])
+def test_wide_tables_scroll_inside_their_box_not_the_page(browser, wide_pages, width):
+    for path in wide_pages:
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(path.as_uri())
+        page.wait_for_function("window.__plinth && window.__plinth.ready", timeout=15_000)
+        got = page.evaluate(NO_OVERFLOW)
+        assert got["page"] <= got["vw"] and got["body"] <= got["vw"], (path.name, got)
+        if path.name == "compare.html":
+            assert got["boxes"] >= 1, got  # the wide tables are there, scrolling sideways
+        page.close()
+
+
+def _single_point_run(path: Path, step: int, loss: float) -> Path:
+    from plinth.track.run import RunDir
+
+    run = RunDir(path, heartbeat=False)
+    run.log_event(0, "start", total_steps=step)
+    run.log_metrics(step, tokens=step * 4096, **{"train/loss": loss, "val/loss": loss + 0.1})
+    run.close()
+    return path
+
+
+ORANGE_PIXELS = """(sel) => {
+  const c = document.querySelector(sel + ' canvas');
+  const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < px.length; i += 4)
+    if (Math.abs(px[i] - 255) < 12 && Math.abs(px[i + 1] - 127) < 12 &&
+        Math.abs(px[i + 2] - 14) < 12 && px[i + 3] > 200) n++;
+  return n;
+}"""
+
+
+def test_a_run_with_one_logged_point_shows_as_a_marker(browser, tmp_path):
+    many = load_run(write_synthetic_run(tmp_path / "many", steps=300, system=False))
+    one = load_run(_single_point_run(tmp_path / "one", 150, 2.0))
+    lone = load_run(_single_point_run(tmp_path / "lone", 20, 4.0))
+    for runs, name in (([many, one], "mixed.html"), ([lone, one], "single.html")):
+        out = tmp_path / name
+        out.write_text(render_compare(runs, comparison(runs)), encoding="utf-8")
+        page, problems, _ = open_page(browser, out)
+        charts = {c["id"]: c for c in page.evaluate("window.__plinth.charts")}
+        assert charts["train-loss"]["points"] >= 2 and charts["val-loss"]["points"] >= 2
+        for chart in ("#chart-train-loss", "#chart-val-loss"):
+            # the second run's colour (#ff7f0e) is on the canvas: its single point is drawn
+            assert page.evaluate(ORANGE_PIXELS, chart) > 20, (name, chart)
+        assert problems == [], problems
+        page.close()

@@ -108,7 +108,7 @@ def test_plinth_eval_lm_eval_prints_and_records_task_eval_events(tiny_run, tmp_p
     (task,) = json.loads(out.read_text())["tasks"]
     assert task["task"] == "le_mc" and task["n"] == 3 and task["limit"] == 3
     assert len(task["examples"]) == 3 and len(task["examples"][0]["loglikelihoods"]) == 3
-    (ev,) = [e for e in read_jsonl(tiny_run / "events.jsonl") if e["event"] == "task_eval"]
+    (ev,) = [e for e in read_jsonl(tiny_run / "evals.jsonl") if e["event"] == "task_eval"]
     assert ev["step"] == 7 and ev["task"] == "le_mc" and ev["n"] == 3
     assert ev["metrics"] == task["metrics"] and set(ev["metrics"]) == {"acc", "acc_norm"}
 
@@ -254,7 +254,7 @@ def test_bad_input_and_missing_lm_eval_are_usage_errors(tiny_run, tmp_path, caps
     assert main(["eval", str(tiny_run), "--lm-eval", "x.yaml"]) == 2
     err = capsys.readouterr().err
     assert 'pip install "plinth[eval]"' in err and "lm-eval" in err
-    assert not (tiny_run / "events.jsonl").exists()
+    assert not (tiny_run / "evals.jsonl").exists()
 
 
 def test_chat_template_multiple_choice_agrees_with_plinth_chat(tiny_run, tmp_path):

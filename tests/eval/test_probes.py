@@ -198,8 +198,8 @@ def test_counterfactual_probe_reports_the_planted_gap(skewed_run, tmp_path, caps
     diffs = [e["scores"]["male"] - e["scores"]["female"] for e in ex]
     assert gm["gap/male-female"] == pytest.approx(sum(diffs) / 9)
     assert ex[0]["terms"]["male"]["he"]["tokens"] == 3  # "he was tired" after the prefix
-    # and it lands in the run's events, like every task
-    (ev,) = [e for e in read_jsonl(skewed_run / "events.jsonl")
+    # and it lands in the run's evals, like every task
+    (ev,) = [e for e in read_jsonl(skewed_run / "evals.jsonl")
              if e["event"] == "task_eval" and e["task"] == "male_jobs"]
     assert ev["type"] == "counterfactual" and ev["step"] == 80
     assert ev["metrics"]["gap/male-female"] == gm["gap/male-female"]

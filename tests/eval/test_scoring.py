@@ -160,7 +160,8 @@ def test_plinth_eval_end_to_end_writes_json_and_run_events(tiny_run, tmp_path, c
     assert [t["task"] for t in record["tasks"]] == ["mc", "capitals"]
     assert all(t["n"] == 3 and t["shots"] == 0 for t in record["tasks"])
     assert record["lm"][0]["tokens"] == 20
-    events = read_jsonl(tiny_run / "events.jsonl")
+    events = read_jsonl(tiny_run / "evals.jsonl")  # never the training events
+    assert not (tiny_run / "events.jsonl").exists()
     evals = [e for e in events if e["event"] == "task_eval"]
     assert [e["task"] for e in evals] == ["mc", "capitals"]
     assert evals[0]["step"] == 7 and evals[0]["limit"] == 3 and evals[0]["n"] == 3
@@ -175,7 +176,7 @@ def test_plinth_eval_bad_input_exits_2(tiny_run, tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
     assert main(["eval", str(tiny_run)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert not (tiny_run / "events.jsonl").exists()
+    assert not (tiny_run / "evals.jsonl").exists()
 
 
 @pytest.mark.slow
@@ -239,7 +240,7 @@ def test_code_exec_metric_runs_the_rows_tests(tmp_path):
 def test_a_checkpoint_directory_records_its_step(tiny_run, capsys):
     ckpt = next((tiny_run / "checkpoints").glob("step_*"))
     assert main(["eval", str(ckpt), "--tasks", "capitals", "--limit", "2"]) == 0
-    (ev,) = [e for e in read_jsonl(tiny_run / "events.jsonl") if e["event"] == "task_eval"]
+    (ev,) = [e for e in read_jsonl(tiny_run / "evals.jsonl") if e["event"] == "task_eval"]
     assert ev["step"] == 7 and ev["model"] == str(ckpt) and ev["n"] == 2
 
 

@@ -11,7 +11,7 @@ from plinth.cli import main
 from plinth.report.compare import comparison, config_diff, divergence, render_compare
 from plinth.report.rundata import load_run
 from plinth.report.synthetic import write_synthetic_run
-from plinth.track.run import RunDir
+from plinth.track.run import RunDir, append_evals
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +126,19 @@ def test_evaluations_side_by_side(tmp_path, capsys):
     paths = []
     for name, acc, ece, bpb in (("a", 0.40, 0.20, 1.5), ("b", 0.55, 0.10, 1.7)):
         p = write_synthetic_run(tmp_path / name, seed=1, steps=50)
-        run = RunDir(p)  # appends
+        run = RunDir(p, heartbeat=False)  # appends
         run.log_metrics(50, **{"eval/capitals/acc": acc - 0.1})
-        run.log_event(50, "task_eval", task="capitals", metrics={"acc": acc - 0.3})  # older
-        run.log_event(50, "task_eval", task="capitals", metrics={"acc": acc, "ece": ece})
-        run.log_event(50, "lm_eval", source="/x/wiki.txt", perplexity=2**bpb, bits_per_byte=bpb)
-        if name == "b":
-            run.log_event(50, "task_eval", task="bias", metrics={"gap/male-female": 1.2})
         run.close()
+        ev = {"step": 50, "time": 0.0, "event": "task_eval", "model": str(p)}
+        evals = [
+            {**ev, "task": "capitals", "metrics": {"acc": acc - 0.3}},  # older
+            {**ev, "task": "capitals", "metrics": {"acc": acc, "ece": ece}},
+            {**ev, "event": "lm_eval", "source": "/x/wiki.txt", "perplexity": 2**bpb,
+             "bits_per_byte": bpb},
+        ]
+        if name == "b":
+            evals.append({**ev, "task": "bias", "metrics": {"gap/male-female": 1.2}})
+        append_evals(p, evals)
         paths.append(p)
     rows = {k: (v, d) for k, v, d in eval_rows([load_run(p) for p in paths])}
     assert rows["capitals acc"] == ([0.40, 0.55], 1)  # the newest plinth eval wins
@@ -149,3 +154,93 @@ def test_evaluations_side_by_side(tmp_path, capsys):
     assert "<h2>Evaluations" in html
     assert re.search(r'capitals ece</td>.*?0\.1 <small class="better">', html, re.S)
     assert re.search(r'wiki.txt bits_per_byte</td>.*?1\.7 <small class="worse">', html, re.S)
+
+
+# ------------------------------------------------------------------- issue 16
+
+
+@pytest.mark.parametrize(
+    ("name", "direction"),
+    [
+        ("val/loss", -1), ("val/ppl", -1), ("val/bpb", -1), ("train/loss", -1),
+        ("val_loss", -1), ("best_val_loss", -1), ("train_loss_tail", -1),
+        ("wiki.txt perplexity", -1), ("wiki.txt bits_per_byte", -1), ("x nll", -1),
+        ("capitals ece", -1), ("capitals ece@typos", -1), ("rtp mean_toxicity", -1),
+        ("peak_mem_mb", -1), ("capitals acc", 1), ("capitals acc@typos", 1),
+        ("val/accuracy", 1), ("val/f1", 1), ("tokens_per_s", 1), ("mfu", 1),
+        ("bias gap/male-female", 0), ("step", 0), ("tokens", 0), ("wall_s", 0),
+        ("compute_h", 0),
+    ],
+)
+def test_metric_direction_has_one_home(name, direction):
+    from plinth.report.rundata import eval_direction, metric_direction
+
+    assert metric_direction(name) == direction
+    assert eval_direction(name) == direction
+
+
+def test_lower_perplexity_and_bpb_are_coloured_better(tmp_path, capsys):
+    """val/ppl, val/bpb and val/loss: the run with the smaller value is the better one, in the
+    page and in the terminal."""
+    paths = []
+    for name, loss in (("hi", 3.0), ("lo", 2.0)):
+        run = RunDir(tmp_path / name, heartbeat=False)
+        run.log_event(0, "start", total_steps=10)
+        for step in (5, 10):
+            run.log_metrics(step, **{"train/loss": loss, "val/loss": loss,
+                                     "val/ppl": 2.718**loss, "val/bpb": loss / 2})
+        run.log_event(10, "end")
+        run.close()
+        paths.append(run.path)
+    rows = {k: d for k, _, d in __import__("plinth.report.compare", fromlist=["x"]).eval_rows(
+        [load_run(p) for p in paths])}
+    assert rows["val/ppl"] == rows["val/bpb"] == rows["val/loss"] == -1
+    out = tmp_path / "cmp.html"
+    assert main(["compare", str(paths[0]), str(paths[1]), "--output", str(out)]) == 0
+    html = out.read_text()
+    for key in ("val/ppl", "val/bpb", "val/loss"):
+        cell = re.search(rf"{re.escape(key)}</td>.*?<small class=\"(\w+)\">", html, re.S)
+        assert cell and cell.group(1) == "better", key
+        assert re.search(rf"{re.escape(key)}</td>", html)
+    assert 'class="worse"' not in html.split("<h2>Evaluations")[1].split("<h2>")[0]
+
+
+def test_terminal_tables_of_many_runs_fit_the_width(tmp_path):
+    """Twelve runs with long names: the terminal summary splits the runs into groups of
+    columns that fit, every name shown in full, no line wider than the terminal."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2] / "src"
+    paths = []
+    for i in range(12):
+        run = RunDir(tmp_path / f"sweep-learning-rate-{i:02d}-warmup-cosine", heartbeat=False)
+        run.log_event(0, "start", total_steps=10)
+        run.log_metrics(10, **{"train/loss": 3.0 - i / 10, "val/loss": 3.1 - i / 10})
+        run.log_event(10, "end")
+        run.close()
+        (run.path / "config.yaml").write_text(f"optim:\n  lr: {0.001 * (i + 1)}\n")
+        paths.append(str(run.path))
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "100"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "plinth", "compare", *paths, "--output", str(tmp_path / "c.html")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 200
+    headers = [line for line in lines if "┃" in line]
+    for p in paths:  # each run's column header shows its name whole, not cut with an ellipsis
+        assert any(Path(p).name in line for line in headers), (Path(p).name, proc.stdout)
+    assert "(runs 2-" in proc.stdout  # split into groups, each led by the baseline
+    runs_out = subprocess.run(
+        [sys.executable, "-m", "plinth", "runs", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert runs_out.returncode == 0 and "Traceback" not in runs_out.stderr
+    assert max(len(line) for line in runs_out.stdout.splitlines()) <= 200
+    for p in paths:
+        assert Path(p).name in runs_out.stdout.replace("\n", "").replace("│", "").replace(" ", "")

@@ -36,8 +36,9 @@ def eval_cmd(
     """Evaluate a decoder on tasks (multiple choice, generation) and language-model metrics.
 
     Prints a results table; `--output` also writes them as JSON. When MODEL is a training run
-    (or one of its checkpoints) each result is appended to RUN/events.jsonl (`task_eval` and
-    `lm_eval` events at the checkpoint's step), so the run's overview shows them.
+    (or one of its checkpoints) each result is appended to RUN/evals.jsonl (`task_eval` and
+    `lm_eval` records at the checkpoint's step), so the run's overview shows them without
+    changing its training timeline.
 
     Args:
         model: run directory (its latest checkpoint), checkpoint directory, `plinth import`
@@ -112,31 +113,32 @@ def eval_cmd(
         out.write_text(json.dumps(encode(record), indent=2, allow_nan=False) + "\n")
         print(f"wrote {out}")
     if lm.run_dir is not None:
-        log_events(lm.run_dir, lm.step or 0, model, results, lm_results)
-        print(f"recorded {len(results) + len(lm_results)} evaluation event(s) in "
-              f"{lm.run_dir / 'events.jsonl'}")
+        path = log_events(lm.run_dir, lm.step or 0, model, results, lm_results)
+        print(f"recorded {len(results) + len(lm_results)} evaluation result(s) in {path}")
     return 0
 
 
-def log_events(run: Path, step: int, model: str, results, lm_results) -> None:
-    """Append task_eval / lm_eval events to the run's events.jsonl (what overviews read)."""
-    from plinth.track.run import JsonlWriter
+def log_events(run: Path, step: int, model: str, results, lm_results) -> Path:
+    """Record task_eval / lm_eval results in the run's evals.jsonl (listed by `plinth report`
+    and `compare`, never part of the training timeline: wall time and compute stay as they
+    were). Returns the file written."""
+    from plinth.track.run import append_evals
 
-    writer = JsonlWriter(Path(run) / "events.jsonl")
-    try:
-        now = time.time()
-        for r in results:
-            writer.write({
-                "step": step, "time": now, "event": "task_eval", "model": model,
-                "task": r.task, "type": r.type, "metrics": r.metrics, "shots": r.shots,
-                "limit": r.limit, "n": r.n, "truncated": r.truncated, "chat": r.chat,
-                "seconds": round(r.seconds, 3),
-            })
-        for r in lm_results:
-            writer.write({"step": step, "time": now, "event": "lm_eval", "model": model,
-                          **r.to_json()})
-    finally:
-        writer.close()
+    now = time.time()
+    records = [
+        {
+            "step": step, "time": now, "event": "task_eval", "model": model,
+            "task": r.task, "type": r.type, "metrics": r.metrics, "shots": r.shots,
+            "limit": r.limit, "n": r.n, "truncated": r.truncated, "chat": r.chat,
+            "seconds": round(r.seconds, 3),
+        }
+        for r in results
+    ]
+    records += [
+        {"step": step, "time": now, "event": "lm_eval", "model": model, **r.to_json()}
+        for r in lm_results
+    ]
+    return append_evals(run, records)
 
 
 KINDS = {"multiple_choice": "MC", "generation": "gen", "counterfactual": "CF", "toxicity": "tox"}

@@ -58,6 +58,7 @@ from plinth.report.rundata import (
     finite,
     health,
     load_run,
+    metric_direction,
     summarize,
 )
 
@@ -65,19 +66,23 @@ DIVERGENCE_WINDOW = 10
 DIVERGENCE_Z = 4.0
 DIVERGENCE_REL_FLOOR = 0.005
 
-# (summary key, label, which direction is better: -1 lower, +1 higher, 0 neither)
+# (summary key, label, which direction is better: -1 lower, +1 higher, 0 neither; from
+# rundata.metric_direction, the one home for it)
 FINAL_METRICS = [
-    ("step", "steps", 0),
-    ("tokens", "tokens", 0),
-    ("wall_s", "wall time", 0),
-    ("compute_h", "compute (device-h)", 0),
-    ("train_loss_tail", "final train loss (last 5%)", -1),
-    ("best_train_loss", "best train loss", -1),
-    ("val_loss", "final val loss", -1),
-    ("best_val_loss", "best val loss", -1),
-    ("tokens_per_s", "tokens/s", 1),
-    ("mfu", "MFU", 1),
-    ("peak_mem_mb", "peak memory (MB)", -1),
+    (key, label, metric_direction(key))
+    for key, label in [
+        ("step", "steps"),
+        ("tokens", "tokens"),
+        ("wall_s", "wall time"),
+        ("compute_h", "compute (device-h)"),
+        ("train_loss_tail", "final train loss (last 5%)"),
+        ("best_train_loss", "best train loss"),
+        ("val_loss", "final val loss"),
+        ("best_val_loss", "best val loss"),
+        ("tokens_per_s", "tokens/s"),
+        ("mfu", "MFU"),
+        ("peak_mem_mb", "peak memory (MB)"),
+    ]
 ]
 HEALTH_METRICS = [
     ("nonfinite", "non-finite steps"),
@@ -343,74 +348,105 @@ def _divergence_text(label: str, base_label: str, dv: dict | None) -> str:
 # -------------------------------------------------------------------------------- terminal
 
 
+MAX_COL = 40  # widest a run's column is planned at (longer cells fold inside it)
+
+
+def _plain_width(cell: str) -> int:
+    from rich.text import Text
+
+    return max((len(line) for line in Text.from_markup(cell).plain.splitlines()), default=0)
+
+
+def column_groups(width: int, first: list[str], columns: list[list[str]]) -> list[list[int]]:
+    """Which run columns go into each table so that none is wider than `width`: every column
+    fits whole (cells fold at MAX_COL), and the baseline (column 0) leads every group."""
+    cost = [min(MAX_COL, max(map(_plain_width, col), default=1)) + 3 for col in columns]
+    room = width - 1 - (min(MAX_COL, max(map(_plain_width, first), default=1)) + 3)
+    if sum(cost) <= room or len(columns) < 2:
+        return [list(range(len(columns)))]
+    groups: list[list[int]] = []
+    current: list[int] = [0]
+    used = cost[0]
+    for i in range(1, len(columns)):
+        if len(current) > 1 and used + cost[i] > room:
+            groups.append(current)
+            current, used = [0], cost[0]
+        current.append(i)
+        used += cost[i]
+    groups.append(current)
+    return groups
+
+
+def _print_wide(con, title: str, head: str, names: list[str], rows: list[tuple]) -> None:
+    """A table with one column per run, split into several when the runs do not fit across:
+    `rows` are (label, [cell per run]) with rich markup in the cells."""
+    from rich.table import Table
+
+    headers = [n + (" (baseline)" if i == 0 else "") for i, n in enumerate(names)]
+    columns = [[headers[i], *(cells[i] for _, cells in rows)] for i in range(len(names))]
+    groups = column_groups(con.width, [head, *(label for label, _ in rows)], columns)
+    for group in groups:
+        part = ""
+        if len(groups) > 1:
+            part = f" (runs {group[1] + 1}-{group[-1] + 1} of {len(names)}, with the baseline)"
+        t = Table(title=title + part, title_justify="left")
+        t.add_column(head, overflow="fold", max_width=MAX_COL)
+        for i in group:
+            t.add_column(headers[i], justify="right", overflow="fold", max_width=MAX_COL)
+        for label, cells in rows:
+            t.add_row(label, *(cells[i] for i in group))
+        con.print(t)
+
+
+def _with_delta(text: str, base: Any, value: Any, better: int, key: str = "") -> str:
+    delta, cls = _delta(base, value, better, key)
+    if not delta:
+        return text
+    color = {"better": "green", "worse": "red"}.get(cls, "dim")
+    return f"{text} [{color}]{delta}[/]"
+
+
 def print_summary(runs: list[Run], result: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     con = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
     names = result["labels"]
-    t = Table(title="runs", title_justify="left")
-    t.add_column("metric")
-    for i, n in enumerate(names):
-        t.add_column(n + (" (baseline)" if i == 0 else ""), justify="right")
-    base = result["summaries"][0]
-    t.add_row("status", *[s["status"] for s in result["summaries"]])
+    summaries = result["summaries"]
+    base = summaries[0]
+    rows: list[tuple] = [("status", [s["status"] for s in summaries])]
     for key, label, better in FINAL_METRICS:
-        cells = []
-        for i, s in enumerate(result["summaries"]):
-            text = _metric(s, key)
-            if i:
-                delta, cls = _delta(base.get(key), s.get(key), better, key)
-                if delta:
-                    color = {"better": "green", "worse": "red"}.get(cls, "dim")
-                    text += f" [{color}]{delta}[/]"
-            cells.append(text)
-        t.add_row(label, *cells)
+        cells = [_metric(s, key) for s in summaries]
+        for i in range(1, len(cells)):
+            cells[i] = _with_delta(cells[i], base.get(key), summaries[i].get(key), better, key)
+        rows.append((label, cells))
     for key, label in HEALTH_METRICS:
-        t.add_row(label, *[str(h[key]) for h in result["health"]])
-    con.print(t)
+        rows.append((label, [str(h[key]) for h in result["health"]]))
+    _print_wide(con, "runs", "metric", names, rows)
 
     evals = result["evaluations"]
     if evals:
-        et = Table(title=f"evaluations ({len(evals)})", title_justify="left")
-        et.add_column("task metric")
-        for i, n in enumerate(names):
-            et.add_column(n + (" (baseline)" if i == 0 else ""), justify="right")
+        rows = []
         for key, values, better in evals:
-            cells = []
-            for i, v in enumerate(values):
-                text = fmt_num(v) if v is not None else "-"
-                if i and v is not None:
-                    delta, cls = _delta(values[0], v, better)
-                    if delta:
-                        color = {"better": "green", "worse": "red"}.get(cls, "dim")
-                        text += f" [{color}]{delta}[/]"
-                cells.append(text)
-            et.add_row(key, *cells)
-        con.print(et)
+            cells = [fmt_num(v) if v is not None else "-" for v in values]
+            for i in range(1, len(cells)):
+                if values[i] is not None:
+                    cells[i] = _with_delta(cells[i], values[0], values[i], better)
+            rows.append((key, cells))
+        _print_wide(con, f"evaluations ({len(evals)})", "task metric", names, rows)
 
     diff = result["config_diff"]
     if diff:
-        ct = Table(title=f"config differences ({len(diff)})", title_justify="left")
-        ct.add_column("key")
-        for n in names:
-            ct.add_column(n)
-        for key, values in diff[:60]:
-            ct.add_row(key, *[_show(v) for v in values])
-        con.print(ct)
+        rows = [(key, [_show(v) for v in values]) for key, values in diff[:60]]
+        _print_wide(con, f"config differences ({len(diff)})", "key", names, rows)
         if len(diff) > 60:
             con.print(f"... and {len(diff) - 60} more (see the HTML page)")
     else:
         con.print("config: identical")
     differing = [(w, v) for w, v, d in result["versions"] if d]
     if differing:
-        vt = Table(title="code / data / environment differences", title_justify="left")
-        vt.add_column("what")
-        for n in names:
-            vt.add_column(n)
-        for what, values in differing:
-            vt.add_row(what, *[_show(v) if v is not None else "-" for v in values])
-        con.print(vt)
+        rows = [(what, [_show(v) if v is not None else "-" for v in values])
+                for what, values in differing]
+        _print_wide(con, "code / data / environment differences", "what", names, rows)
     else:
         con.print("code, data and environment: same git SHA, data fingerprint and packages")
     for label, dv in zip(names[1:], result["divergence"][1:], strict=True):

@@ -128,7 +128,8 @@ def table(
         )
         body.append(f"<tr {attrs}>{tds}</tr>")
     ident = f' id="{tid}"' if tid else ""
-    return f"<table{ident}>{thead}<tbody>{''.join(body)}</tbody></table>"
+    # wide tables (many runs or metrics) scroll inside their box instead of widening the page
+    return f'<div class="tbl"><table{ident}>{thead}<tbody>{"".join(body)}</tbody></table></div>'
 
 
 def cards(items: list[tuple[str, str]], cls: str = "") -> str:

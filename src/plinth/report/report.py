@@ -212,7 +212,8 @@ def run_chart_specs(run: Run, axes: Axes, max_points: int = MAX_POINTS) -> tuple
 def _status_section(run: Run, summary: dict, hl: dict) -> str:
     st = summary["status"]
     age = summary["last_record_age_s"]
-    when = f" · last record {fmt_duration(age)} ago" if st in ("running", "crashed") else ""
+    live = st in ("running", "crashed", "killed")
+    when = f" · last record {fmt_duration(age)} ago" if live else ""
     steps = fmt_num(summary["step"])
     if summary["total_steps"]:
         steps += f" <small>/ {fmt_num(summary['total_steps'])}</small>"
@@ -348,7 +349,7 @@ def _checkpoints_section(run: Run) -> str:
 
 def _evals_section(run: Run) -> str:
     """Validation metrics and tasks scored during training (`eval/<task>/<metric>`) per step,
-    then results of `plinth eval` on the run's checkpoints (task_eval events)."""
+    then results of `plinth eval` on the run's checkpoints (evals.jsonl)."""
     keys = [k for k in run.numeric_keys() if k.startswith(("val/", "eval/"))]
     if not keys:
         return "<h2>Evaluations</h2><p>No evaluations yet.</p>" + _task_evals(run)
@@ -372,18 +373,24 @@ def _evals_section(run: Run) -> str:
 
 
 def _task_evals(run: Run) -> str:
-    """`plinth eval RUN` results: one row per task and checkpoint, newest last."""
-    evs = [e for e in run.events if e.get("event") == "task_eval" and "task" in e]
+    """`plinth eval RUN` results (RUN/evals.jsonl): one row per task or text and checkpoint,
+    newest last. They are listed here, never on the training timeline."""
+    evs = [e for e in run.evals if ("task" in e or "source" in e)]
     if not evs:
         return ""
     rows = []
     for e in evs[-MAX_TABLE_ROWS:]:
-        metrics = e.get("metrics") or {}
+        if "task" in e:
+            metrics = e.get("metrics") if isinstance(e.get("metrics"), dict) else {}
+            what, n = e.get("task"), e.get("n")
+        else:
+            metrics = {k: e.get(k) for k in ("loss", "perplexity", "bits_per_byte") if k in e}
+            what, n = Path(str(e.get("source"))).name, e.get("docs")
         shown = ", ".join(f"{k} {fmt_num(v)}" for k, v in metrics.items())
-        rows.append([esc(fmt_num(e.get("step"))), esc(str(e.get("task"))),
-                     esc(fmt_num(e.get("shots"))), esc(fmt_num(e.get("n"))), esc(shown)])
+        rows.append([esc(fmt_num(e.get("step"))), esc(str(what)), esc(fmt_num(e.get("shots"))),
+                     esc(fmt_num(n)), esc(shown), esc(fmt_time(e.get("time")))])
     return "<h3>Task evaluations (plinth eval)</h3>" + table(
-        ["step", "task", "shots", "examples", "metrics"], rows, num={0, 2, 3}
+        ["step", "task / text", "shots", "examples", "metrics", "evaluated"], rows, num={0, 2, 3}
     )
 
 

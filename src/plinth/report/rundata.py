@@ -8,9 +8,19 @@ Status rule (`run_status`):
 - `finished`: an `end` event after the last `start` event.
 - `halted`: the stability guard stopped it (an `anomaly` event with action `halt` after the
   last `start`), with or without an `end` event.
-- `running`: no `end` yet and the newest record (metrics, events or system samples) is recent:
-  younger than max(10 minutes, 5 x the median interval between its metric records).
-- `crashed`: no `end` and the newest record is older than that (killed, lost node, OOM).
+- `running`: no `end` yet and the writer recorded in writer.json is alive (its pid on this
+  machine, its heartbeat elsewhere: plinth.track.writer).
+- `killed`: no `end` and the writer is gone without saying why (SIGKILL, lost node, OOM
+  killer) or stopped it on purpose (Ctrl-C, `stop_after`): resumable from its last checkpoint.
+- `crashed`: no `end` and the writer ended with an error.
+
+Runs without a writer.json (written by older versions) fall back to record times: `running`
+while the newest record (metrics, events or system samples) is younger than max(10 minutes,
+5 x the median interval between its metric records), `crashed` after that.
+
+Results of `plinth eval` on a run live in RUN/evals.jsonl (older versions appended them to
+events.jsonl as task_eval / lm_eval events carrying a `model`; those are moved to `evals` on
+load), so they never count as training time.
 """
 
 from __future__ import annotations
@@ -28,10 +38,12 @@ from typing import Any
 import yaml
 
 from plinth.track.checkpoints import checkpoint_step, list_checkpoints
-from plinth.track.run import read_jsonl
+from plinth.track.run import EVALS_FILE, read_jsonl
+from plinth.track.writer import read_writer, writer_alive
 
 STALE_AFTER_S = 600.0
-STATUSES = ("running", "finished", "crashed", "halted")
+STATUSES = ("running", "finished", "killed", "crashed", "halted")
+EVAL_EVENTS = ("task_eval", "lm_eval")
 RUN_FILES = ("metrics.jsonl", "events.jsonl", "manifest.json", "config.yaml")
 
 
@@ -56,6 +68,8 @@ class Run:
     samples: list[dict] = field(default_factory=list)
     system: list[dict] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)  # `plinth eval` results (evals.jsonl)
+    writer: dict = field(default_factory=dict)  # writer.json
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def _cached(self, key: tuple, compute):
@@ -240,6 +254,20 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """Size of every file under a checkpoint directory, keyed by its path relative to it as
+    meta.json names them (`ranks/rank_00000.pt`, `sharded/__0_0.distcp`): sub-directories
+    count."""
+    out = {}
+    for f in sorted(directory.rglob("*")):
+        try:
+            if f.is_file() and not f.is_symlink():
+                out[f.relative_to(directory).as_posix()] = f.stat().st_size
+        except OSError:
+            continue
+    return out
+
+
 def _checkpoints(path: Path, events: list[dict]) -> list[dict]:
     found: dict[int, dict] = {}
     ckdir = path / "checkpoints"
@@ -247,10 +275,11 @@ def _checkpoints(path: Path, events: list[dict]) -> list[dict]:
         for d in list_checkpoints(ckdir):
             step = checkpoint_step(d.name)
             meta = _read_json(d / "meta.json")
-            files = {f.name: f.stat().st_size for f in d.iterdir() if f.is_file()}
+            files = _file_sizes(d)
             expected = meta.get("files") if isinstance(meta.get("files"), dict) else {}
             complete = bool(meta) and all(
-                files.get(n) == (info or {}).get("bytes") for n, info in expected.items()
+                isinstance(info, dict) and files.get(str(n)) == info.get("bytes")
+                for n, info in expected.items()
             )
             found[step] = {
                 "step": step,
@@ -286,6 +315,12 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in RUN_FILES)
 
 
+def _is_eval_record(e: dict) -> bool:
+    """A `plinth eval` result (it names the model it scored; the training loop's own
+    task_eval events do not)."""
+    return e.get("event") in EVAL_EVENTS and "model" in e
+
+
 def load_run(path: str | Path) -> Run:
     """Everything `plinth report` needs from one run directory."""
     p = Path(path)
@@ -312,7 +347,11 @@ def load_run(path: str | Path) -> Run:
         run.config_lines = parse_config_lines(text)
     run.manifest = _read_json(p / "manifest.json")
     run.records = [r for r in read_jsonl(p / "metrics.jsonl") if isinstance(r, dict)]
-    run.events = [r for r in read_jsonl(p / "events.jsonl") if isinstance(r, dict)]
+    events = [r for r in read_jsonl(p / "events.jsonl") if isinstance(r, dict)]
+    run.events = [e for e in events if not _is_eval_record(e)]
+    run.evals = [e for e in events if _is_eval_record(e)]  # older runs kept them there
+    run.evals += [r for r in read_jsonl(p / EVALS_FILE) if isinstance(r, dict)]
+    run.writer = read_writer(p)
     run.samples = [r for r in read_jsonl(p / "samples.jsonl") if isinstance(r, dict)]
     run.system = [r for r in read_jsonl(p / "system.jsonl") if isinstance(r, dict)]
     run.checkpoints = _checkpoints(p, run.events)
@@ -326,6 +365,11 @@ def run_status(run: Run, now: float | None = None) -> str:
         return "halted"
     if any(e.get("event") == "end" for e in recent):
         return "finished"
+    alive = writer_alive(run.writer, now)
+    if alive is not None:
+        if alive:
+            return "running"
+        return "crashed" if run.writer.get("exit") == "failed" else "killed"
     last = run.last_record_time()
     if last is None:
         try:
@@ -385,10 +429,33 @@ def summarize(run: Run, now: float | None = None) -> dict[str, Any]:
     }
 
 
-# metric-name fragments where a smaller value is better (everything else: larger is better)
-LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_byte", "ece", "toxicity", "drop", "mae")
-# ... and where neither is (bias gaps and preference rates: their sign is the finding)
-NEUTRAL = ("gap", "prefer", "truncated")
+# Metric direction, the one home for it (compare's deltas, report highlights): names are split
+# into words (`val/ppl` -> val, ppl; `bits_per_byte` -> bits, per, byte), and a name with any
+# of these words is better when smaller ...
+LOWER_IS_BETTER = frozenset({
+    "loss", "losses", "ppl", "perplexity", "bpb", "bits", "nll", "ece", "brier", "toxicity",
+    "toxic", "drop", "mae", "mse", "rmse", "error", "errors", "err", "wer", "cer", "mem",
+    "memory",
+})
+# ... or has no better direction (bias gaps, preference rates: their sign is the finding)
+NEUTRAL = frozenset({"gap", "prefer", "preferred", "truncated"})
+# summary keys whose words would mislead: counts and costs are neither better nor worse
+_DIRECTION = {
+    "step": 0, "steps": 0, "tokens": 0, "wall_s": 0, "compute_h": 0, "devices": 0,
+    "params": 0, "tokens_per_s": 1, "mfu": 1,
+}
+
+
+def metric_direction(name: str) -> int:
+    """-1 when a smaller value of this metric is better, +1 when larger is, 0 neither. `name`
+    is a metric key (`val/bpb`, `train_loss_tail`) or an evaluation ("<task> <metric>")."""
+    if name in _DIRECTION:
+        return _DIRECTION[name]
+    metric = name.rsplit(" ", 1)[-1]
+    words = set(re.split(r"[^a-z0-9]+", metric.lower()))
+    if words & NEUTRAL:
+        return 0
+    return -1 if words & LOWER_IS_BETTER else 1
 
 
 def evaluations(run: Run) -> dict[str, float]:
@@ -402,7 +469,7 @@ def evaluations(run: Run) -> dict[str, float]:
             if pts:
                 name = key.split("/", 1)[1].replace("/", " ") if key.startswith("eval/") else key
                 out[name] = pts[-1]["value"]
-    for e in run.events:
+    for e in run.evals:
         if e.get("event") == "task_eval" and "task" in e:
             for metric, v in (e.get("metrics") or {}).items():
                 if finite(v):
@@ -416,11 +483,8 @@ def evaluations(run: Run) -> dict[str, float]:
 
 
 def eval_direction(key: str) -> int:
-    """-1 when a smaller value of this evaluation is better, +1 when larger is, 0 neither."""
-    metric = key.rsplit(" ", 1)[-1]
-    if any(f in metric for f in NEUTRAL):
-        return 0
-    return -1 if any(f in metric for f in LOWER_IS_BETTER) else 1
+    """The direction of an evaluation "<task> <metric>" (see `metric_direction`)."""
+    return metric_direction(key)
 
 
 def health(run: Run) -> dict[str, int]:

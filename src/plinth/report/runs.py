@@ -5,9 +5,10 @@
 
 A run is a directory holding metrics.jsonl, events.jsonl, manifest.json or config.yaml, found
 at most two levels down (runs/<name> or runs/<group>/<name>). Status: `finished` (an `end` event
-after the last start), `halted` (the stability guard stopped it), `running` (no end, newest
-record younger than max(10 min, 5 x its logging interval)) or `crashed` (no end, older than
-that); see plinth.report.rundata.
+after the last start), `halted` (the stability guard stopped it), `running` (no end, the
+writer alive: its pid on this machine, its heartbeat elsewhere), `killed` (the writer is gone
+without an end: SIGKILL, lost node, Ctrl-C; resumable) or `crashed` (it ended with an error);
+see plinth.report.rundata.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def runs(
     Args:
         directory: where to look (default: runs/, the default tracking.output_dir)
         filter: only runs whose name matches this glob, e.g. 'lr-*'
-        status: only runs with this status: running, finished, crashed or halted
+        status: only runs with this status: running, finished, killed, crashed or halted
         json: print one JSON object per run instead of a table
     """
     from plinth.errors import UsageError
@@ -89,7 +90,9 @@ def _print_table(root: Path, rows: list[tuple[str, dict]]) -> None:
     if not rows:
         con.print(f"no runs under {root} match")
         return
-    colors = {"finished": "green", "running": "blue", "crashed": "red", "halted": "red"}
+    colors = {
+        "finished": "green", "running": "blue", "crashed": "red", "halted": "red", "killed": "red"
+    }
     t = Table(title=f"{len(rows)} runs under {root}", title_justify="left")
     for col, justify in [
         ("run", "left"),
@@ -103,7 +106,9 @@ def _print_table(root: Path, rows: list[tuple[str, dict]]) -> None:
         ("created", "left"),
         ("git", "left"),
     ]:
-        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+        # long run names fold onto more lines rather than being cut with an ellipsis
+        overflow = "fold" if col in ("run", "status") else "ellipsis"
+        t.add_column(col, justify=justify, overflow=overflow)  # type: ignore[arg-type]
     for rel, s in rows:
         step = fmt_num(s["step"]) + (f"/{fmt_num(s['total_steps'])}" if s["total_steps"] else "")
         created = (

@@ -62,7 +62,7 @@ def write_synthetic_run(
 
     rng = random.Random(seed)
     path = Path(path)
-    run = RunDir(path)
+    run = RunDir(path, heartbeat=False)  # fake times: status by record age
     overrides = list(overrides)
     resolved = load_config([], overrides)
     run.write_config(render_yaml(resolved) + "\n")

@@ -1,7 +1,12 @@
 """The run directory: the single source of truth that reports and comparisons read.
 
     runs/<name>/config.yaml  manifest.json  metrics.jsonl  events.jsonl  samples.jsonl
-                checkpoints/step_XXXXXXX/
+                writer.json  evals.jsonl  checkpoints/step_XXXXXXX/
+
+`writer.json` says which process writes the run and when it was last alive (see
+plinth.track.writer). `evals.jsonl` holds results of `plinth eval` on the run's checkpoints:
+kept apart from events.jsonl so that evaluating later never changes the training timeline
+(wall time, compute, status).
 
 JSON lines are appended and flushed as written, so a killed run loses at most the record being
 written. JSON has no NaN/Infinity, so non-finite floats are written as the strings "NaN",
@@ -95,9 +100,14 @@ class RunPaths:
 
 
 class RunDir:
-    """Writes one run directory; only rank 0 creates one (the others get `RunPaths`)."""
+    """Writes one run directory; only rank 0 creates one (the others get `RunPaths`).
 
-    def __init__(self, path: str | Path):
+    `heartbeat` (default) records this process as the run's writer in writer.json and keeps
+    that fresh from a daemon thread, so a killed writer is told apart from a running one."""
+
+    def __init__(self, path: str | Path, *, heartbeat: bool = True):
+        from plinth.track.writer import Heartbeat
+
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
@@ -105,6 +115,7 @@ class RunDir:
         self.metrics = JsonlWriter(self.path / "metrics.jsonl")
         self.events = JsonlWriter(self.path / "events.jsonl")
         self.samples = JsonlWriter(self.path / "samples.jsonl")
+        self.heartbeat = Heartbeat(self.path) if heartbeat else None
 
     def log_metrics(self, step: int, **values: Any) -> None:
         self.metrics.write({"step": step, "time": time.time(), **values})
@@ -121,9 +132,32 @@ class RunDir:
     def write_manifest(self, manifest: dict) -> None:
         _atomic_write(self.path / "manifest.json", json.dumps(encode(manifest), indent=2) + "\n")
 
+    def set_exit(self, status: str) -> None:
+        """Record how the writer's training call ended (finished, killed, failed, halted)."""
+        if self.heartbeat is not None:
+            self.heartbeat.set_exit(status)
+
     def close(self) -> None:
         for w in (self.metrics, self.events, self.samples):
             w.close()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
+
+
+EVALS_FILE = "evals.jsonl"
+
+
+def append_evals(run_path: str | Path, records: list[dict]) -> Path:
+    """Append evaluation results (`plinth eval` on a run) to RUN/evals.jsonl, never to the
+    training events: evaluating a run later must not change its timeline."""
+    path = Path(run_path) / EVALS_FILE
+    writer = JsonlWriter(path)
+    try:
+        for record in records:
+            writer.write(record)
+    finally:
+        writer.close()
+    return path
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -104,7 +104,10 @@ class MetricLogger:
             self.run.log_sample(step, prompt, text)
 
     def close(self, status: str = "finished") -> None:
-        """Finish the mirrors; status is `finished`, `failed` or `killed`."""
+        """Finish the mirrors; status is `finished`, `failed` or `killed` (also recorded as the
+        writer's exit in writer.json)."""
+        if self.run is not None and hasattr(self.run, "set_exit"):
+            self.run.set_exit(status)
         for sink in self.sinks:
             try:
                 sink.close(status)

@@ -62,18 +62,22 @@
     for (const s of spec.series) {
       const col = new Array(xs.length).fill(null);
       const sx = s.x[axis];
+      let own = 0;
       if (sx) {
         for (let i = 0; i < sx.length; i++) {
           const y = s.y[i];
           if (sx[i] == null || y == null || (logy && y <= 0)) continue;
           col[pos.get(sx[i])] = y;
-          points++;
+          own++;
         }
       }
+      points += own;
+      // a line needs two points: a series with one logged point is drawn as a marker
+      const single = own === 1;
       const base = {
         label: s.label, stroke: s.color, width: s.width || 1.5, scale: s.scale || "y",
         spanGaps: true, value: (u, v) => fmtY(v), dash: s.dash ? [6, 4] : undefined,
-        points: { show: !!s.points, size: 5, fill: s.color },
+        points: { show: !!s.points || single, size: single ? 9 : 5, fill: s.color },
       };
       if (s.smooth) {
         data.push(col);
