@@ -148,7 +148,8 @@ def _flatten(data: dict, source: str, prefix: str = "", model: type[BaseModel] =
             if not isinstance(v, dict):
                 raise ConfigError(
                     f"{source}: '{key}' is a section and needs a mapping of its keys, got "
-                    f"{type(v).__name__} {quote(v, 80)}. Write e.g. `{key}: {{...}}` or set `{key}.<field>`."
+                    f"{type(v).__name__} {quote(v, 80)}. Write e.g. `{key}: {{...}}` or set "
+                    f"`{key}.<field>`."
                 )
             flat.update(_flatten(v, source, f"{key}.", sub))
         else:
