@@ -326,7 +326,7 @@ def _validation_message(err: ValidationError, values: dict, sources: dict) -> st
                 )
                 continue
             shown = values.get(key) if key == dotted else item.get("input", values.get(key))
-            lines.append(f"{dotted} = {quote(shown)} (from {src}): {msg}.{_fix(key)}")
+            lines.append(f"{dotted} = {quote(shown, 100)} (from {src}): {msg}.{_fix(key)}")
         else:
             where = key or "config (across sections)"
             related = sorted({s for k, s in sources.items() if k.startswith(f"{where}.")})
@@ -361,7 +361,7 @@ def _fix(key: str) -> str:
         parts.append("required")
     else:
         default = to_jsonable_python(info.get_default(call_default_factory=True))
-        parts.append(f"default {quote(default, 80)}")
+        parts.append(f"default {quote(default, 60)}")
     return (
         f" Fix: set {key} to a valid value ({'; '.join(parts)}); see `plinth config explain {key}`."
     )

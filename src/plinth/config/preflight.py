@@ -85,7 +85,7 @@ def check_batch(resolved: Resolved, seq_len: int, world_size: int = 1, rows: str
         if optim.batch_unit == "tokens":
             keys.append("optim.batch_unit")
         origin = ", ".join(f"{k} from {resolved.source(k)}" for k in keys)
-        procs = f"; {world_size} processes" if world_size > 1 else ""
+        procs = f"; torchrun started {world_size} processes" if world_size > 1 else ""
         raise ConfigError(f"{e} ({origin}{rows}{procs}).") from None
 
 

@@ -34,8 +34,7 @@ class TrackingConfig(Section):
             raise ValueError(
                 "must be one plain directory name inside tracking.output_dir (no '/', '\\', "
                 "'..', leading '~' or control characters, at most 200 characters); to write "
-                "elsewhere set tracking.output_dir and give run_name a plain name, e.g. "
-                "run_name=my-run"
+                "elsewhere, set tracking.output_dir"
             )
         return v
 
