@@ -158,8 +158,8 @@ def run_pretraining(
 def text_sampler(cfg: Config, ds):
     """The sample hook of a pretraining run: continuations of `tracking.sample_prompts`
     (decoders only), drawn from a generator seeded by the step, so sampling never disturbs
-    the training RNG."""
-    if cfg.model.arch != "decoder":
+    the training RNG. No prompts (`tracking.sample_prompts=[]`): no samples."""
+    if cfg.model.arch != "decoder" or not cfg.tracking.sample_prompts:
         return None
 
     def sample(model, step: int, device) -> list[tuple[str, str]]:

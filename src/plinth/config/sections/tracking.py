@@ -74,7 +74,8 @@ class TrackingConfig(Section):
     """Steps between text samples from the fixed prompts (decoder models)."""
 
     sample_prompts: list[str] = Field(default_factory=lambda: ["def ", "The "])
-    """Fixed prompts sampled during training, so samples compare across steps and runs."""
+    """Fixed prompts sampled during training, so samples compare across steps and runs; empty:
+    no samples."""
 
     sinks: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["jsonl"]
