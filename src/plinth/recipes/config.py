@@ -247,7 +247,6 @@ def check_recipe(resolved: Resolved, recipe: str) -> None:
     preflight(resolved, 1, recipe)
     cfg = resolved.config
     if recipe == "pretrain":  # the checks `plinth data prepare` makes before reading anything
-        from plinth.data.clean import decontam_spec
         from plinth.data.sources import check_source_config
 
         if not cfg.data.sources:
@@ -256,7 +255,10 @@ def check_recipe(resolved: Resolved, recipe: str) -> None:
             )
         for i, src in enumerate(cfg.data.sources):
             check_source_config(src, f"data.sources[{i}]")
-        decontam_spec(cfg.data, build=False)
+        if cfg.data.decontaminate:  # the evaluation sets exist and are readable
+            from plinth.data.clean import decontam_spec
+
+            decontam_spec(cfg.data, build=False)
     else:
         from plinth.config.tasks import head_sizes, task_specs
 
