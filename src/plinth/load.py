@@ -12,24 +12,19 @@ special-token roles and chat template; every command and library module loads th
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from plinth.config.bases import import_dir, models_home
 from plinth.errors import UsageError
 from plinth.hf.layout import IMPORT_FILE
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-def models_home() -> Path:
-    return Path(os.environ.get("PLINTH_HOME", "~/.cache/plinth")).expanduser() / "models"
 
 
 # ---------------------------------------------------------------------------------- resolving
@@ -71,8 +66,7 @@ def resolve(spec: str | Path, key: str = "model") -> Path:
         )
     hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
     if (p.is_file() and p.suffix == ".gguf") or hf_dir:
-        digest = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12]
-        return _imported(p, models_home() / f"{p.stem or p.name}-{digest}")
+        return _imported(p, import_dir(p))
     find_run(p)  # a clear error for anything else
     return p
 

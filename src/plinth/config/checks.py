@@ -22,6 +22,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_visible() -> bool:
+    """Whether a CUDA device is visible, without importing torch when it is not loaded yet
+    (`plinth config validate` stays fast): the NVIDIA driver's /proc entry and
+    CUDA_VISIBLE_DEVICES decide."""
+    import os
+    import sys
+
+    if "torch" in sys.modules:
+        return bool(sys.modules["torch"].cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").is_file()
+
+
 def environment_warnings(
     resolved: Resolved, cuda_available: bool | None = None, native_bf16: bool | None = None
 ) -> list[str]:

@@ -4,7 +4,8 @@
 
 Precedence, lowest first: schema defaults < preset < YAML files (in order) < `key=value`
 overrides. Each layer is flattened to dotted keys, so a file that sets `optim.lr` leaves the
-rest of `optim` to lower layers. Files are read with `yaml.safe_load` only. Every problem
+rest of `optim` to lower layers. Files are read with plinth.config.yamlio (`yaml.safe_load`
+with limits on aliases, depth and duplicate keys). Every problem
 becomes a `ConfigError`: one paragraph naming the key, where its value came from, and the fix.
 """
 
@@ -20,9 +21,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from plinth.config.presets import PRESETS
 from plinth.config.schema import Config, Section
+from plinth.config.yamlio import LimitError, describe_error, quote, safe_load
 from plinth.errors import ConfigError
 
 DEFAULT = "default"
@@ -129,7 +132,8 @@ def _flatten(data: dict, source: str, prefix: str = "", model: type[BaseModel] =
     for k, v in data.items():
         if not isinstance(k, str):
             raise ConfigError(
-                f"{source}: key {k!r} under '{prefix or 'top level'}' must be a string"
+                f"{source}: key {quote(k, 80)} under '{prefix or 'top level'}' must be a string; "
+                "quote it or rename it"
             )
         key = f"{prefix}{k}"
         info = model.model_fields.get(k)
@@ -144,7 +148,8 @@ def _flatten(data: dict, source: str, prefix: str = "", model: type[BaseModel] =
             if not isinstance(v, dict):
                 raise ConfigError(
                     f"{source}: '{key}' is a section and needs a mapping of its keys, got "
-                    f"{type(v).__name__} {v!r}. Write e.g. `{key}: {{...}}` or set `{key}.<field>`."
+                    f"{type(v).__name__} {quote(v, 80)}. Write e.g. `{key}: {{...}}` or set "
+                    f"`{key}.<field>`."
                 )
             flat.update(_flatten(v, source, f"{key}.", sub))
         else:
@@ -164,15 +169,13 @@ def read_yaml(path: str | Path) -> tuple[Path, dict]:
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(
-            f"config file {p} is not valid YAML{at}: {problem}. Check the indentation and "
-            "quoting there (values with ':' or '#' need quotes)."
-        ) from None
+        fix = (
+            "" if isinstance(e, LimitError)
+            else " Check the indentation and quoting there (values with ':' or '#' need quotes)."
+        )
+        raise ConfigError(f"config file {p} is not valid YAML{describe_error(e)}.{fix}") from None
     if data is None:
         return p, {}
     if not isinstance(data, dict):
@@ -223,7 +226,11 @@ def parse_override(text: str) -> tuple[str, Any]:
             "model.n_layers=4); run `plinth config explain` for the keys"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
+    except LimitError as e:
+        raise ConfigError(
+            f"override {quote(key, 80)}=...: the value is not valid YAML{describe_error(e)}."
+        ) from None
     except yaml.YAMLError:
         value = raw  # e.g. "a: b" - keep the text and let the schema judge it
     return key, value
@@ -304,21 +311,38 @@ def _validation_message(err: ValidationError, values: dict, sources: dict) -> st
     lines = []
     for item in err.errors():
         loc = [str(p) for p in item["loc"]]
+        dotted = ".".join(loc)
         # find the deepest dotted key we know a source for (list items have numeric parts)
-        key = ".".join(loc)
+        key = dotted
         while key and key not in sources and "." in key:
             key = key.rsplit(".", 1)[0]
-        msg = item["msg"].removeprefix("Value error, ").rstrip(".")
+        msg = _short(item["msg"].removeprefix("Value error, ").rstrip("."))
         if key in sources:
             src = sources[key]
-            lines.append(f"{'.'.join(loc)} = {values.get(key)!r} (from {src}): {msg}.{_fix(key)}")
+            if item["type"] == "missing":
+                lines.append(
+                    f"{dotted} is missing (in {key} from {src}): it is required. Fix: add "
+                    f"{loc[-1]} there; see `plinth config explain {key}`."
+                )
+                continue
+            shown = values.get(key) if key == dotted else item.get("input", values.get(key))
+            lines.append(f"{dotted} = {quote(shown, 100)} (from {src}): {msg}.{_fix(key)}")
         else:
             where = key or "config (across sections)"
             related = sorted({s for k, s in sources.items() if k.startswith(f"{where}.")})
             origin = f" (values from {', '.join(related)})" if related else ""
             lines.append(f"{where}{origin}: {msg}.")
-    head = "invalid config: " if len(lines) == 1 else f"invalid config ({len(lines)} problems): "
+    if len(lines) > 5:
+        lines = [*lines[:5], f"(and {len(lines) - 5} more)"]
+    n = len(err.errors())
+    head = "invalid config: " if n == 1 else f"invalid config ({n} problems): "
     return head + " ".join(lines)
+
+
+def _short(msg: str) -> str:
+    """A pydantic or validator message, cut so a huge quoted input cannot flood the paragraph."""
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= 400 else msg[:400] + "..."
 
 
 def _fix(key: str) -> str:
@@ -333,7 +357,11 @@ def _fix(key: str) -> str:
         parts.append(f"allowed: {', '.join(map(str, allowed))}")
     if bounds:
         parts.append(f"must be {bounds}")
-    parts.append(f"default {info.default!r}" if not info.is_required() else "required")
+    if info.is_required():
+        parts.append("required")
+    else:
+        default = to_jsonable_python(info.get_default(call_default_factory=True))
+        parts.append(f"default {quote(default, 60)}")
     return (
         f" Fix: set {key} to a valid value ({'; '.join(parts)}); see `plinth config explain {key}`."
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from plinth.config.sections.base import Section
+from plinth.config.sections.base import SEED_MAX, Section
 from plinth.config.sections.data import (
     DataConfig,
     DedupConfig,
@@ -68,8 +68,9 @@ class Config(Section):
     """Named starting point applied before your YAML (see `plinth config presets`), e.g.
     `small` for a ~125M decoder or `ref-cpu-decoder` for the CPU benchmark workload."""
 
-    seed: int = 1337
-    """Seed for weights, data order, masking and dropout. Same seed + config = same run."""
+    seed: int = Field(1337, ge=0, le=SEED_MAX)
+    """Seed for weights, data order, masking and dropout. Same seed + config = same run.
+    0 .. 2**32-1 (what numpy's generators accept)."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     """Architecture (see `plinth config explain model`)."""

@@ -143,12 +143,9 @@ def eval_files(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
 
 
 def _task_data(path: Path) -> tuple[str, Path]:
-    import yaml
+    from plinth.config.yamlio import read_yaml_file
 
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read the task file {path}: {e}") from None
+    spec = read_yaml_file(path, "task file")
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
         raise UsageError(f"task file {path} has no `data:` JSONL file to check for overlap")
     data = (path.parent / spec["data"]).resolve()

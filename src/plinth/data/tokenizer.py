@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plinth.config.preflight import BYTE_ALPHABET, base_ids, check_vocab  # noqa: F401
 from plinth.data.layout import TOKENIZER
 from plinth.errors import PlinthError, UsageError
 
@@ -39,46 +40,16 @@ SPLIT_PATTERN = (
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 UNK = "<|unk|>"
-BYTE_ALPHABET = 256
 
 
 def sentinel_token(i: int) -> str:
     return f"<|extra_{i}|>"
 
 
-def base_ids(kind: str, n_special: int) -> int:
-    """Ids a tokenizer of this kind needs before any learned token: specials (+ unk) + bytes."""
-    return n_special + (BYTE_ALPHABET if kind == "bpe" else 1)
-
-
 def sentinel_count(kind: str, vocab_size: int, n_special: int, requested: int) -> int:
     """Sentinels actually reserved: the requested number, but never more than a quarter of the
     ids left after the base ids, so a tiny vocab still has room to learn real tokens."""
     return max(0, min(requested, (vocab_size - base_ids(kind, n_special)) // 4))
-
-
-def check_vocab(kind: str, vocab_size: int, special_tokens: list[str], key: str) -> None:
-    """UsageError when the vocab cannot hold the special tokens plus a minimal alphabet."""
-    if not special_tokens:
-        raise UsageError(
-            "data.tokenizer.special_tokens is empty; it needs at least the end-of-document "
-            "token (default ['<|endoftext|>', '<|pad|>', '<|mask|>', '<|bos|>'])."
-        )
-    if len(set(special_tokens)) != len(special_tokens):
-        raise UsageError(f"data.tokenizer.special_tokens has duplicates: {special_tokens}")
-    need = base_ids(kind, len(special_tokens)) + (0 if kind == "bpe" else 63)
-    if vocab_size < need:
-        alphabet = (
-            f"the {BYTE_ALPHABET} byte tokens of byte-level BPE"
-            if kind == "bpe"
-            else "an unknown token and a minimal alphabet of 63 characters"
-        )
-        raise UsageError(
-            f"vocab size {vocab_size} ({key}) is too small for a {kind} tokenizer: it needs "
-            f"{len(special_tokens)} special tokens plus {alphabet}, i.e. at least {need} ids. "
-            f"Set {key} to {need} or more (a few thousand is typical)"
-            + (", or use data.tokenizer.kind=unigram for a tiny vocab." if kind == "bpe" else ".")
-        )
 
 
 def reserved_tokens(kind: str, vocab_size: int, special_tokens: list[str], sentinels: int):

@@ -37,8 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from plinth.config.yamlio import read_yaml_file
 from plinth.errors import UsageError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
@@ -262,10 +261,7 @@ def load_tasks(specs: list[str]) -> list[Task]:
 def load_task(path: str | Path) -> Task:
     """Read and validate one task YAML and its JSONL rows (clear errors with file and line)."""
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read task file {path}: {e}") from None
+    spec = read_yaml_file(path, "task file")
     if not isinstance(spec, dict):
         raise UsageError(f"{path}: a task file is a YAML mapping (name, type, data, prompt, ...)")
     _check_keys(path, spec, TOP_KEYS, "")

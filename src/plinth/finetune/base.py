@@ -14,48 +14,13 @@ from pathlib import Path
 
 from torch import nn
 
+from plinth.config.bases import (  # noqa: F401 (the pure half lives in the config layer)
+    CHANGEABLE,
+    base_defaults,
+    check_architecture,
+)
 from plinth.errors import UsageError
 from plinth.hf.layout import IMPORT_FILE
-
-# model keys a fine-tune may change; everything else must match the base's weights
-CHANGEABLE = ("model.dropout", "model.max_seq_len")
-
-
-def base_defaults(base_dir: Path) -> dict:
-    """Flat config values the base fixes: the whole model section and the tokenizer's special
-    tokens (what ids mean)."""
-    from plinth.config.load import load_config
-
-    cfg = load_config([base_dir / "config.yaml"]).config
-    values = {f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()}
-    values["data.tokenizer.special_tokens"] = list(cfg.data.tokenizer.special_tokens)
-    return values
-
-
-def check_architecture(resolved, defaults: dict, base_dir: Path) -> None:
-    """Model keys a user layer changed away from the base's (only CHANGEABLE ones may)."""
-    from plinth.config.load import get_value
-
-    changed = [
-        (k, v, get_value(resolved.config, k))
-        for k, v in defaults.items()
-        if k.startswith("model.") and k not in CHANGEABLE
-        and get_value(resolved.config, k) != v
-    ]
-    if changed:
-        k, want, got = changed[0]
-        raise UsageError(
-            f"{k}={got!r} (from {resolved.source(k)}) differs from the base model's {want!r} "
-            f"({base_dir / 'config.yaml'}): a fine-tune keeps the base's architecture, or its "
-            f"weights would not fit. Remove {k} from the config; only "
-            f"{', '.join(CHANGEABLE)} may change."
-        )
-    if resolved.config.model.max_seq_len > defaults["model.max_seq_len"]:
-        raise UsageError(
-            f"model.max_seq_len={resolved.config.model.max_seq_len} is longer than the base "
-            f"model's {defaults['model.max_seq_len']}; positions beyond it were never trained "
-            "(learned position tables have no rows for them). Lower it."
-        )
 
 
 def base_info(base_dir: Path) -> dict:

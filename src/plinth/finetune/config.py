@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from plinth.config.bases import load_with_base_dir, relative_to_config  # noqa: F401
 from plinth.config.load import Resolved, load_config
 from plinth.errors import UsageError
-from plinth.finetune.base import base_defaults, check_architecture
 from plinth.load import resolve
 
 BASE_SOURCE = "base model"
@@ -34,31 +34,4 @@ def load_finetune_config(
             "ref-minilm), e.g. finetune.base=ref-smollm2."
         )
     base_dir = resolve(base, "finetune.base")
-    defaults = base_defaults(base_dir)
-    resolved = load_config(
-        files, overrides, defaults=defaults, defaults_source=f"{BASE_SOURCE} {base_dir}"
-    )
-    check_architecture(resolved, defaults, base_dir)
-    relative_to_config(resolved)
-    return resolved, base_dir
-
-
-def relative_to_config(resolved: Resolved) -> None:
-    """Data paths a config file gives that do not exist from here are read next to that file
-    (so `plinth finetune sft-smollm2-lora` finds the recipe's data from any directory)."""
-    ft = resolved.config.finetune
-
-    def fix(value: str | None, key: str) -> str | None:
-        src = resolved.source(key)
-        if value is None or Path(value).is_absolute() or Path(value).exists():
-            return value
-        if not src.startswith("file "):
-            return value
-        cand = Path(src[len("file "):]).parent / value
-        return str(cand) if cand.exists() else value
-
-    for key in ("dataset", "val_dataset", "chat_template"):
-        setattr(ft, key, fix(getattr(ft, key), f"finetune.{key}"))
-    for t in ft.tasks:
-        t.dataset = fix(t.dataset, "finetune.tasks")
-        t.val_dataset = fix(t.val_dataset, "finetune.tasks")
+    return load_with_base_dir(files, overrides, base_dir), base_dir

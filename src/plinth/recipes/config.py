@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from plinth.config.bases import load_with_base_dir, peek_base, relative_to_config
+from plinth.config.checks import cuda_visible, environment_warnings, reject_unsupported
 from plinth.config.load import (
     DEFAULT,
     Resolved,
@@ -31,9 +34,11 @@ from plinth.config.load import (
     split_args,
     type_text,
 )
+from plinth.config.preflight import UNSUPPORTED_BY, preflight
 from plinth.config.presets import PRESETS
 from plinth.config.render import format_value, render_yaml
 from plinth.config.schema import Config, ModelConfig, Section
+from plinth.config.yamlio import quote
 from plinth.errors import ConfigError
 
 
@@ -53,15 +58,21 @@ def _first_sentence(text: str | None) -> str:
     return text
 
 
-def load_with_base(files, overrides):
+def load_with_base(files, overrides, notes: list[str] | None = None) -> Resolved:
     """load_config, with a fine-tune's base model (finetune.base) as the lowest layer, so the
-    model shown is the one that will train."""
+    model shown is the one that will train. Never imports a model or torch: a base not imported
+    yet is left out (a note in `notes` says so)."""
     resolved = load_config(files, overrides)
-    if resolved.config.finetune.base is None:
+    base = resolved.config.finetune.base
+    if base is None:
         return resolved
-    from plinth.finetune.config import load_finetune_config  # imports torch: only when needed
-
-    return load_finetune_config(files, overrides)[0]
+    base_dir, note = peek_base(base)
+    if base_dir is None:
+        if notes is not None and note:
+            notes.append(note)
+        relative_to_config(resolved)
+        return resolved
+    return load_with_base_dir(files, overrides, base_dir)
 
 
 def explain(key: str | None = None, configs: list[str] = ()) -> int:
@@ -77,8 +88,11 @@ def explain(key: str | None = None, configs: list[str] = ()) -> int:
     if key is not None and ("=" in key or key.endswith((".yaml", ".yml"))):
         configs, key = [key, *configs], None  # no key given, only config files/overrides
     files, overrides = split_args(configs)
-    resolved = load_with_base(files, overrides)
+    notes: list[str] = []
+    resolved = load_with_base(files, overrides, notes)
     con = _console()
+    for note in notes:
+        con.print(f"[yellow]note:[/] {escape(note)}")
     if key is None:
         _explain_overview(con, resolved)
     else:
@@ -181,42 +195,83 @@ def show(config: str | None = None, overrides: list[str] = (), *, all: bool = Fa
         all: annotate every value with its source, defaults included
     """
     files, overs = split_args([config] if config else [], overrides)
-    resolved = load_with_base(files, overs)
+    notes: list[str] = []
+    resolved = load_with_base(files, overs, notes)
     print(render_yaml(resolved, annotate_defaults=all))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
 def validate(configs: list[str], *, quiet: bool = False) -> int:
     """Check config files without running anything; each file is checked on its own.
 
-    Reports the first problem as one paragraph with the key, the file and the fix (exit code
-    2), or a one-line summary per file plus any warnings about running it on this machine.
+    Refuses what `plinth pretrain` (or `plinth finetune`, when finetune.base is set) would
+    refuse before training: the schema, the batch and vocab arithmetic, options the recipe
+    does not honour, data sources and the run directory, as one paragraph with the key, the
+    file and the fix (exit code 2). Otherwise prints a one-line summary per file plus any
+    warnings about running it on this machine. Imports no model and no torch (a second or so).
 
     Args:
         configs: YAML files (or shipped recipe names), then key=value overrides for each
         quiet: print nothing on success
     """
-    from plinth.config.checks import environment_warnings
-
     files, overrides = split_args(configs)
     if not files:
         raise ConfigError("give at least one config file to validate, e.g. configs/quickstart.yaml")
     con = _console()
     for file in files:
-        resolved = load_with_base([file], overrides)
+        notes: list[str] = []
+        resolved = load_with_base([file], overrides, notes)
+        recipe = "pretrain" if resolved.config.finetune.base is None else "finetune"
+        check_recipe(resolved, recipe)
         cfg, m = resolved.config, resolved.config.model
         if not quiet:
+            model = "" if notes else (
+                f"{m.arch} {m.n_layers}x{m.d_model}, {m.param_count() / 1e6:.1f}M parameters, "
+            )
             con.print(
-                f"[green]ok[/] {escape(str(resolved.files[0]))}: "
-                f"{m.arch} {m.n_layers}x{m.d_model}, "
-                f"{m.param_count() / 1e6:.1f}M parameters, "
-                + (f"objective {cfg.objective}" if cfg.finetune.base is None else
-                   f"finetune {cfg.finetune.method} of {cfg.finetune.base}")
+                f"[green]ok[/] {escape(str(resolved.files[0]))}: {model}"
+                + (f"objective {cfg.objective}" if recipe == "pretrain" else
+                   f"finetune {cfg.finetune.method} of {escape(cfg.finetune.base)}")
                 + f", optimizer {cfg.optim.name}"
             )
-        for w in environment_warnings(resolved):
+        for w in [*notes, *environment_warnings(resolved, cuda_available=cuda_visible())]:
             con.print(f"[yellow]warning:[/] {escape(w)}")
     return 0
+
+
+def check_recipe(resolved: Resolved, recipe: str) -> None:
+    """What `plinth pretrain`/`plinth finetune` refuse before any work (one process)."""
+    reject_unsupported(resolved, UNSUPPORTED_BY[recipe], recipe)
+    preflight(resolved, 1, recipe)
+    cfg = resolved.config
+    if recipe == "pretrain":  # the checks `plinth data prepare` makes before reading anything
+        from plinth.data.sources import check_source_config
+
+        if not cfg.data.sources:
+            raise ConfigError(
+                "data.sources is empty; add at least one source (e.g. kind: stdlib_code)"
+            )
+        for i, src in enumerate(cfg.data.sources):
+            check_source_config(src, f"data.sources[{i}]")
+        if cfg.data.decontaminate:  # the evaluation sets exist and are readable
+            from plinth.data.clean import decontam_spec
+
+            decontam_spec(cfg.data, build=False)
+    else:
+        from plinth.config.tasks import head_sizes, task_specs
+
+        for spec in task_specs(cfg):
+            key = "finetune" if spec.name == "main" else f"finetune.tasks[{spec.name}]"
+            for field, path in (("dataset", spec.dataset), ("val_dataset", spec.val_dataset)):
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(
+                        f"{key}.{field} {quote(path)} (from {resolved.source(f'finetune.{field}')})"
+                        " does not exist; point it at a JSONL file (relative paths are read "
+                        "from the working directory or next to the config file)."
+                    )
+        head_sizes(cfg)
 
 
 def schema(*, output: str | None = None) -> int:

@@ -29,8 +29,7 @@ def import_cmd(source: str, out: str, *, force: bool = False) -> int:
         out: directory to write the plinth model to
         force: replace OUT if it already exists
     """
-    import yaml
-
+    from plinth.config.yamlio import read_yaml_file
     from plinth.hf.importer import import_model
     from plinth.hf.layout import IMPORT_FILE
 
@@ -43,7 +42,7 @@ def import_cmd(source: str, out: str, *, force: bool = False) -> int:
     print(f"fingerprint {info['fingerprint']}")
     for note in info["notes"]:
         print(f"note: {note}")
-    if yaml.safe_load((path / "config.yaml").read_text())["model"]["arch"] == "decoder":
+    if read_yaml_file(path / "config.yaml", "config")["model"]["arch"] == "decoder":
         print(f'try: plinth generate {path} --prompt "Hello" --temperature 0')
     print(f"back to Hugging Face: plinth export {path} OUT --format hf")
     return 0

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from plinth.config.load import Resolved, split_args
+from plinth.config.preflight import UNSUPPORTED_BY, preflight
 from plinth.config.render import render_yaml
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
@@ -24,11 +25,7 @@ from plinth.finetune.config import load_finetune_config
 from plinth.train.hooks import Hooks
 from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
 
-UNSUPPORTED = {
-    "compress.quantization": "quantisation is applied to a trained model, not during training",
-    "compress.pruning": "pruning is applied to a trained model, not during training",
-    "compress.distill_teacher": "distillation is its own recipe",
-}
+UNSUPPORTED = UNSUPPORTED_BY["finetune"]  # options fine-tuning refuses (config validate too)
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
           "chat_template.jinja")
 
@@ -104,6 +101,7 @@ def run_finetuning(
     placement = start(resolved, UNSUPPORTED, "finetune")
     env, device, strategy = placement.env, placement.device, placement.strategy
     resuming = run_path is not None
+    preflight(resolved, env.world_size, "finetune")  # what `plinth config validate` checks too
     if base_dir is None:
         base_dir = Path(run_path) if resuming else resolve(cfg.finetune.base, "finetune.base")
     task = build_task(cfg, base_dir)
@@ -118,10 +116,6 @@ def run_finetuning(
     task.verbose = env.is_main
     if resuming:
         task.base_dir = None  # the checkpoint holds every weight
-    try:
-        cfg.optim.accum_steps(task.seq_len, env.world_size)
-    except ValueError as e:
-        raise UsageError(f"{e} (rows are finetune.max_length={task.seq_len} tokens)") from None
     init_process_group(cfg, env, device)
     try:
         run = open_run(cfg, env, run_path, f"finetune-{cfg.finetune.method}")

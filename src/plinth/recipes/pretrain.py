@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from plinth.config.load import Resolved, load_config, split_args
+from plinth.config.preflight import UNSUPPORTED_BY, preflight
 from plinth.config.render import render_yaml
 from plinth.config.schema import Config
 from plinth.distributed.env import DistEnv
@@ -22,12 +23,7 @@ from plinth.train.hooks import Hooks
 from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
-UNSUPPORTED = {
-    "compress.quantization": "quantisation is applied to a trained model, not during pretraining",
-    "compress.pruning": "pruning is applied to a trained model, not during pretraining",
-    "compress.distill_teacher": "distillation is its own recipe",
-    "finetune.base": "starting from a pretrained model is `plinth finetune`",
-}
+UNSUPPORTED = UNSUPPORTED_BY["pretrain"]
 
 
 def pretrain(
@@ -94,10 +90,7 @@ def run_pretraining(
     cfg = resolved.config
     placement = start(resolved, UNSUPPORTED, "pretrain")
     env, device, strategy = placement.env, placement.device, placement.strategy
-    try:
-        accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
-    except ValueError as e:
-        raise UsageError(f"{e} (torchrun started {env.world_size} processes)") from None
+    accum = preflight(resolved, env.world_size)  # what `plinth config validate` checks too
     check_fits(
         cfg,
         device,
@@ -165,8 +158,8 @@ def run_pretraining(
 def text_sampler(cfg: Config, ds):
     """The sample hook of a pretraining run: continuations of `tracking.sample_prompts`
     (decoders only), drawn from a generator seeded by the step, so sampling never disturbs
-    the training RNG."""
-    if cfg.model.arch != "decoder":
+    the training RNG. No prompts (`tracking.sample_prompts=[]`): no samples."""
+    if cfg.model.arch != "decoder" or not cfg.tracking.sample_prompts:
         return None
 
     def sample(model, step: int, device) -> list[tuple[str, str]]:

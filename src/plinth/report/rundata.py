@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from plinth.config.yamlio import safe_load
 from plinth.track.checkpoints import checkpoint_step, list_checkpoints
 from plinth.track.run import EVALS_FILE, read_jsonl
 from plinth.track.writer import read_writer, writer_alive
@@ -233,13 +234,13 @@ def _split_comment(line: str) -> tuple[str, str | None]:
     if "#" not in line:
         return line, None
     try:
-        whole = yaml.safe_load(line.strip())
+        whole = safe_load(line.strip())
     except yaml.YAMLError:
         return line, None
     for m in re.finditer(r"\s#\s?", line):
         head = line[: m.start()]
         try:
-            if yaml.safe_load(head.strip()) == whole:
+            if safe_load(head.strip()) == whole:
                 return head, line[m.end() :].strip() or None
         except yaml.YAMLError:
             continue
@@ -340,7 +341,7 @@ def load_run(path: str | Path) -> Run:
     if cfg_path.is_file():
         text = cfg_path.read_text(encoding="utf-8")
         try:
-            loaded = yaml.safe_load(text)
+            loaded = safe_load(text)
             run.config = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             run.config = {}

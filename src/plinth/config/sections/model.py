@@ -42,7 +42,7 @@ class ModelConfig(Section):
     Fewer KV heads shrink the KV cache and speed up generation with little quality loss; must
     divide n_heads (1 = multi-query attention)."""
 
-    d_ff: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1, le=1_048_576)
     """Hidden width of the MLP. None derives it: 4*d_model for gelu(_tanh)/relu2, 8/3*d_model
     rounded up to a multiple of 64 for swiglu (same parameter count as a 4x gelu MLP)."""
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from plinth.config.sections.base import Section
+from plinth.config.sections.base import SEED_MAX, Section
 
 # ------------------------------------------------------------------------------------ hardware
 
@@ -72,13 +72,13 @@ class DistributedConfig(Section):
     backward (ZeRO-3, least memory). false keeps them until backward (ZeRO-2-like, less
     communication, more memory)."""
 
-    bucket_mb: int = Field(25, ge=1)
+    bucket_mb: int = Field(25, ge=1, le=65_536)
     """ddp: gradient bucket size in MB; each full bucket is all-reduced while backward goes on."""
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend. auto: nccl on GPUs, gloo on CPU."""
 
-    timeout_s: int = Field(600, ge=10)
+    timeout_s: int = Field(600, ge=10, le=30 * 86_400)
     """Seconds a collective waits for the other ranks before failing. When a rank dies the
     others stop with a clear error after at most this long instead of hanging (torchrun usually
     stops them sooner)."""
@@ -115,8 +115,8 @@ class InferenceConfig(Section):
     stop: list[str] = Field(default_factory=list)
     """Strings that end generation when produced (not included in the output)."""
 
-    seed: int | None = None
-    """Seed for reproducible sampling; None draws fresh randomness."""
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    """Seed for reproducible sampling (0 .. 2**32-1); None draws fresh randomness."""
 
 
 # ------------------------------------------------------------------------------------ compress
@@ -129,7 +129,7 @@ class CompressConfig(Section):
     """Weight-only quantisation. int8 halves memory vs bf16 with negligible loss; int4 quarters
     it with a measurable loss (check perplexity)."""
 
-    group_size: int = Field(128, ge=8)
+    group_size: int = Field(128, ge=8, le=65_536)
     """Weights sharing one quantisation scale (int4). Smaller groups are more accurate and use
     a little more memory."""
 

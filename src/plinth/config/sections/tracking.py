@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from plinth.config.sections.base import Section
 
@@ -18,7 +18,25 @@ class TrackingConfig(Section):
     """Run directory, logging cadence and metric sinks."""
 
     run_name: str | None = None
-    """Name of the run directory under output_dir; None uses the recipe name and a timestamp."""
+    """Name of the run directory under output_dir; None uses the recipe name. One plain
+    directory name: no `/`, `\\` or `..` (it may not point outside output_dir)."""
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        bad = (
+            not v.strip() or v == "." or "/" in v or "\\" in v or ".." in v or v.startswith("~")
+            or any(ord(c) < 32 for c in v) or len(v) > 200
+        )
+        if bad:
+            raise ValueError(
+                "must be one plain directory name inside tracking.output_dir (no '/', '\\', "
+                "'..', leading '~' or control characters, at most 200 characters); to write "
+                "elsewhere, set tracking.output_dir"
+            )
+        return v
 
     output_dir: str = "runs"
     """Parent directory of run directories; `plinth runs` lists what is under it. Point it at
@@ -56,7 +74,8 @@ class TrackingConfig(Section):
     """Steps between text samples from the fixed prompts (decoder models)."""
 
     sample_prompts: list[str] = Field(default_factory=lambda: ["def ", "The "])
-    """Fixed prompts sampled during training, so samples compare across steps and runs."""
+    """Fixed prompts sampled during training, so samples compare across steps and runs; empty:
+    no samples."""
 
     sinks: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["jsonl"]

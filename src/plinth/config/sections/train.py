@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -76,9 +76,12 @@ class OptimConfig(Section):
     """Peak learning rate. Too high diverges, too low wastes compute. Smaller models tolerate
     higher rates (~1e-3 at 10M params, ~3e-4 at 1B); fine-tuning uses ~1e-5 full, ~1e-4 LoRA."""
 
-    betas: tuple[float, float] = (0.9, 0.95)
-    """Adam momentum coefficients. beta2=0.95 reacts faster to gradient changes and is more
-    stable for LLM pretraining than 0.999."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
+    """Adam momentum coefficients, each in [0, 1) (torch refuses others). beta2=0.95 reacts
+    faster to gradient changes and is more stable for LLM pretraining than 0.999."""
 
     eps: float = Field(1e-8, gt=0, le=1)
     """Adam epsilon; raise (1e-6) if low-precision training shows instability."""
