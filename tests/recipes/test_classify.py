@@ -96,17 +96,28 @@ def multi_run(base_run, tmp_path_factory) -> Path:
     return out / "multi"
 
 
+_LOADED: dict = {}
+
+
+def _loaded(run: Path):
+    """The run loaded once per test module (load_model: weights, tokenizer, config)."""
+    if run not in _LOADED:
+        m = load_model(run, chat=False)
+        m.tokenizer.no_padding()
+        m.tokenizer.no_truncation()
+        _LOADED[run] = m
+    return _LOADED[run]
+
+
 def _reference_outputs(run: Path, texts: list[str], task: str) -> torch.Tensor:
     """Each text alone through the training forward (head_outputs), as run by training."""
-    m = load_model(run, chat=False)
-    tok, cfg = m.tokenizer, m.cfg
-    tok.no_padding()
-    tok.no_truncation()
+    m = _loaded(run)
+    cfg = m.cfg
     pooling = resolve_pooling(cfg.finetune.pooling, cfg.model.arch)
     rows = []
     with torch.no_grad():
         for t in texts:
-            ids = tok.encode(t).ids[: cfg.finetune.max_length]
+            ids = m.tokenizer.encode(t).ids[: cfg.finetune.max_length]
             batch = {"input_ids": torch.tensor([ids]),
                      "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
             rows.append(head_outputs(m.model, batch, task, pooling)[0])
@@ -155,28 +166,27 @@ def test_classify_matches_the_training_forward(minilm_run, tmp_path):
 
 
 def test_classify_reads_txt_and_jsonl_files(minilm_run, tmp_path, capsys):
+    """A .txt file (blank lines skipped) to --output, a .jsonl file's --field to stdout: the
+    same labels in input order, whatever the batch size."""
     txt = tmp_path / "texts.txt"
     txt.write_text("\n".join([TEXTS[0], "", TEXTS[1], "   ", *TEXTS[2:]]) + "\n")
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "body": t}) + "\n"
                              for i, t in enumerate(TEXTS)))
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    assert main(["classify", str(minilm_run), "--file", str(txt), "--output", str(a),
+    out = tmp_path / "a.jsonl"
+    assert main(["classify", str(minilm_run), "--file", str(txt), "--output", str(out),
                  "--batch-size", "3"]) == 0
-    assert main(["classify", str(minilm_run), "--file", str(jsonl), "--field", "body",
-                 "--output", str(b), "--batch-size", "1"]) == 0
-    ra, rb = _rows(a), _rows(b)
-    assert [r["text"] for r in ra] == [r["text"] for r in rb] == TEXTS  # blank lines skipped
-    for x, y in zip(ra, rb, strict=True):  # batching and padding change nothing
-        assert x["label"] == y["label"]
-        assert x["probability"] == pytest.approx(y["probability"], abs=TOL)
-    # a jsonl without --field uses the run's finetune.text_field ("text")
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    rows = _rows(out)
+    assert [r["text"] for r in rows] == TEXTS
+    probs = _reference_outputs(minilm_run, TEXTS, "main").softmax(-1)
+    for row, p in zip(rows, probs, strict=True):
+        assert row["probability"] == pytest.approx(float(p.max()), abs=TOL)
     capsys.readouterr()
-    assert main(["classify", str(minilm_run), "--file", str(plain), "--no-progress"]) == 0
-    labels = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()]
-    assert labels == [r["label"] for r in ra]
+    assert main(["classify", str(minilm_run), "--file", str(jsonl), "--field", "body",
+                 "--batch-size", "1", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == [r["label"] for r in rows]
+    assert [line.split("  ")[-1] for line in lines] == TEXTS
 
 
 def test_classify_several_heads_and_regression(multi_run, tmp_path, capsys):
@@ -218,6 +228,10 @@ def test_classify_bad_input_exits_2(minilm_run, base_run, tmp_path, capsys):
     assert "one of the two" in err
     err = _refused(capsys, "classify", run, "--text", "a", "--batch-size", "0")
     assert "--batch-size 0" in err
+    err = _refused(capsys, "classify", run, "--text", "a", "--device", "gpu0")
+    assert "'gpu0' is not a device" in err
+    assert "no such CUDA device" in _refused(capsys, "classify", run, "--text", "a",
+                                             "--device", "cuda:7")
     err = _refused(capsys, "classify", run, "--text", "a", "--task", "nope")
     assert "'nope'" in err and "main" in err
     err = _refused(capsys, "classify", run, "--file", str(tmp_path / "missing.txt"))
@@ -263,10 +277,7 @@ def test_classify_a_text_without_tokens_is_named(multi_run, capsys):
 # -------------------------------------------------------------------------------------- export
 
 
-def _hf_logits(out: Path, ids: list[list[int]], pad: int = 0) -> torch.Tensor:
-    from transformers import AutoModelForSequenceClassification
-
-    hf = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
+def _hf_logits(hf, ids: list[list[int]], pad: int = 0) -> torch.Tensor:
     width = max(map(len, ids))
     x = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
@@ -274,11 +285,14 @@ def _hf_logits(out: Path, ids: list[list[int]], pad: int = 0) -> torch.Tensor:
         return hf(input_ids=x, attention_mask=mask).logits
 
 
+def _hf_model(out: Path):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
+
+
 def _ids(run: Path, texts: list[str]) -> list[list[int]]:
-    m = load_model(run, chat=False)
-    m.tokenizer.no_padding()
-    m.tokenizer.no_truncation()
-    return [m.tokenizer.encode(t).ids for t in texts]
+    return [_loaded(run).tokenizer.encode(t).ids for t in texts]
 
 
 def test_export_minilm_head_matches_transformers(minilm_run, tmp_path, capsys):
@@ -298,12 +312,12 @@ def test_export_minilm_head_matches_transformers(minilm_run, tmp_path, capsys):
     assert state["classifier.weight"].shape == (4, 384) and state["classifier.bias"].shape == (4,)
     assert "bert.embeddings.word_embeddings.weight" in state
     assert not any("pooler" in k or k.startswith("heads.") for k in state)
-    got = _hf_logits(out, _ids(minilm_run, TEXTS))
+    hf = _hf_model(out)
+    got = _hf_logits(hf, _ids(minilm_run, TEXTS))
     want = _reference_outputs(minilm_run, TEXTS, "main")
     assert (got - want).abs().max().item() <= TOL
     # the exported tokenizer gives the same ids, so transformers alone reproduces the run
     tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
-    hf = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         again = hf(**tok(TEXTS, padding=True, return_tensors="pt")).logits
     assert (again - want).abs().max().item() <= TOL
@@ -330,7 +344,7 @@ def test_export_decoder_heads_match_transformers(multi_run, tmp_path, capsys):
         state = load_file(str(out / "model.safetensors"))
         assert "score.weight" in state and "score.bias" in state and "lm_head.weight" not in state
         assert all(k.startswith(("model.", "score.")) for k in state)
-        got = _hf_logits(out, ids)
+        got = _hf_logits(_hf_model(out), ids)
         want = _reference_outputs(multi_run, TEXTS, head)
         assert (got - want).abs().max().item() <= TOL, head
     assert config["num_labels"] == 1 and config["id2label"] == {"0": "value"}

@@ -66,6 +66,7 @@ def classify_cmd(
                          "--file FILE (.txt, one per line, or .jsonl), one of the two")
     if output is not None and file is not None and _same_file(output, file):
         raise UsageError(f"--output {output} is the input --file; write the results elsewhere")
+    _check_device(device)
     if output is not None and not Path(output).parent.is_dir():
         raise UsageError(f"--output {output}: the directory {Path(output).parent} does not "
                          "exist; create it or write elsewhere")
@@ -161,6 +162,24 @@ def _same_file(a: str, b: str) -> bool:
         return pa.resolve() == pb.resolve() or (pa.exists() and pa.samefile(pb))
     except OSError:
         return False
+
+
+def _check_device(device: str) -> None:
+    """A clear refusal for a device torch cannot use here, before any loading."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device[:QUOTE]!r} is not a device; use cpu, cuda or "
+                         "cuda:N") from None
+    if d.type == "cuda" and (not torch.cuda.is_available()
+                             or (d.index or 0) >= torch.cuda.device_count()):
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise UsageError(f"--device {device}: no such CUDA device ({seen} visible); use "
+                         "--device cpu" + (" or cuda:0" if seen else ""))
+    if d.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device[:QUOTE]!r}: classify runs on cpu or cuda")
 
 
 def _pad_id(loaded) -> int:
