@@ -221,7 +221,8 @@ def _refused(capsys, *argv: str) -> str:
 def test_classify_bad_input_exits_2(minilm_run, base_run, tmp_path, capsys):
     run = str(minilm_run)
     err = _refused(capsys, "classify", str(base_run), "--text", "hello")
-    assert "no classification or regression head" in err and "plinth finetune" in err
+    assert "no classification or regression head (it is not a fine-tune)" in err
+    assert "plinth finetune configs/cls-minilm.yaml" in err
     err = _refused(capsys, "classify", run)
     assert "--text" in err and "--file" in err
     err = _refused(capsys, "classify", run, "--text", "a", "--file", "x.txt")
@@ -236,6 +237,7 @@ def test_classify_bad_input_exits_2(minilm_run, base_run, tmp_path, capsys):
     assert "'nope'" in err and "main" in err
     err = _refused(capsys, "classify", run, "--file", str(tmp_path / "missing.txt"))
     assert "missing.txt: no such file" in err
+    assert "is not a regular file" in _refused(capsys, "classify", run, "--file", str(tmp_path))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     assert "has no texts" in _refused(capsys, "classify", run, "--file", str(empty))
@@ -249,6 +251,8 @@ def test_classify_bad_input_exits_2(minilm_run, base_run, tmp_path, capsys):
     rows.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     err = _refused(capsys, "classify", run, "--file", str(rows))
     assert "rows.jsonl line 2 has no field 'text'" in err and "--field" in err
+    err = _refused(capsys, "classify", run, "--text", "a", "--field", "body")
+    assert "--field 'body'" in err and ".jsonl" in err
     rows.write_text('{"text": "fine"}\n{"text": 3}\n')
     assert "line 2: 'text' must be a string" in _refused(capsys, "classify", run, "--file",
                                                          str(rows))
@@ -358,3 +362,19 @@ def test_export_decoder_heads_match_transformers(multi_run, tmp_path, capsys):
 def test_export_of_a_run_without_heads_refuses_a_head(base_run, tmp_path, capsys):
     err = _refused(capsys, "export", str(base_run), str(tmp_path / "hf"), "--head", "main")
     assert "has no task head" in err
+
+
+def test_repeated_list_options_add_up():
+    """`--text a --text b c` is [a, b, c] (argparse's default would keep only the last)."""
+    import argparse
+
+    from plinth.cli import _add_arguments
+
+    def fn(model: str, *, text: list[str] = (), stop_token_ids: list[int] = ()) -> int:
+        return 0
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser, fn)
+    args = parser.parse_args(["m", "--text", "a", "--text", "b", "c", "--stop-token-ids", "1"])
+    assert args.text == ["a", "b", "c"] and args.stop_token_ids == ["1"]
+    assert parser.parse_args(["m"]).text == []

@@ -75,17 +75,21 @@ def classify_cmd(
     cfg = load_config([run / "config.yaml"]).config
     heads = head_labels(cfg) if cfg.finetune.base is not None else {}
     if not heads:
+        what = (f"it was fine-tuned with finetune.task={cfg.finetune.task}"
+                if cfg.finetune.base is not None else "it is not a fine-tune")
         raise UsageError(
-            f"{model} has no classification or regression head (finetune.task="
-            f"{cfg.finetune.task if cfg.finetune.base else 'none: not a fine-tune'}); classify "
-            "needs a run fine-tuned with one, e.g. `plinth finetune configs/cls-minilm.yaml`, "
-            "then `plinth classify runs/cls-minilm --text ...`."
+            f"{model} has no classification or regression head ({what}); classify needs a run "
+            "fine-tuned with one, e.g. `plinth finetune configs/cls-minilm.yaml`, then "
+            "`plinth classify runs/cls-minilm --text ...`."
         )
     if task is not None:
         if task not in heads:
             raise UsageError(f"--task {task[:QUOTE]!r}: {model} has no such head; its heads: "
                              f"{', '.join(heads)}")
         heads = {task: heads[task]}
+    if field is not None and (file is None or not _is_jsonl(Path(file))):
+        raise UsageError(f"--field {field[:QUOTE]!r} names the text's field in a .jsonl --file; "
+                         "drop it for --text and .txt files")
     if file is not None:
         where, texts = read_texts(Path(file), field or cfg.finetune.text_field)
     else:
@@ -112,8 +116,9 @@ def classify_cmd(
 def read_texts(path: Path, field: str) -> tuple[list[str], list[str]]:
     """(where each text came from, the texts) of a .txt (one per line) or .jsonl file."""
     if not path.is_file():
-        raise UsageError(f"--file {path}: no such file; give a .txt file (one text per line) or "
-                         "a .jsonl file")
+        what = "is not a regular file" if path.exists() else "no such file"
+        raise UsageError(f"--file {path}: {what}; give a .txt file (one text per line) or a "
+                         ".jsonl file")
     data = path.read_bytes()
     if b"\x00" in data[:65536]:
         raise UsageError(f"--file {path} contains NUL bytes: it looks binary, not text. Give a "
@@ -124,7 +129,7 @@ def read_texts(path: Path, field: str) -> tuple[list[str], list[str]]:
         raise UsageError(f"--file {path} is not UTF-8 text (byte {e.start}); convert it to "
                          "UTF-8 or give another file") from None
     lines = content.splitlines()
-    jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    jsonl = _is_jsonl(path)
     where, texts = [], []
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -137,6 +142,10 @@ def read_texts(path: Path, field: str) -> tuple[list[str], list[str]]:
         raise UsageError(f"--file {path} has no texts (it is empty or blank); give one text per "
                          "line" + (f", each a JSON object with {field!r}" if jsonl else ""))
     return where, texts
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in (".jsonl", ".json", ".ndjson")
 
 
 def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
