@@ -37,11 +37,13 @@ from transformers import (
     Qwen2Config,
     Qwen2Model,
     Qwen2PreTrainedModel,
-    Qwen3Config,
-    Qwen3Model,
-    Qwen3PreTrainedModel,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
+
+try:
+    from transformers import Qwen3Config, Qwen3Model, Qwen3PreTrainedModel
+except ImportError:  # transformers before 4.51 has no Qwen3 (and no plinth_qwen3 export)
+    Qwen3Config = Qwen3Model = Qwen3PreTrainedModel = None
 
 
 def plinth_pool(h: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -163,18 +165,19 @@ class PlinthQwen2ForSequenceClassification(_PlinthHead, Qwen2PreTrainedModel):
         self.post_init()
 
 
-class PlinthQwen3Config(Qwen3Config):
-    model_type = "plinth_qwen3"
+if Qwen3Config is not None:
 
+    class PlinthQwen3Config(Qwen3Config):
+        model_type = "plinth_qwen3"
 
-class PlinthQwen3ForSequenceClassification(_PlinthHead, Qwen3PreTrainedModel):
-    config_class = PlinthQwen3Config
+    class PlinthQwen3ForSequenceClassification(_PlinthHead, Qwen3PreTrainedModel):
+        config_class = PlinthQwen3Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Qwen3Model(config)
-        self._make_head(config)
-        self.post_init()
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = Qwen3Model(config)
+            self._make_head(config)
+            self.post_init()
 
 
 class PlinthGPT2Config(GPT2Config):
