@@ -23,6 +23,12 @@ QUOTE = 200  # at most this many characters of user input in a message
 PREVIEW = 100  # characters of each text shown next to its prediction
 
 
+def _q(value) -> str:
+    """A user-given value (path, name) as quoted in a message: at most QUOTE characters."""
+    text = str(value)
+    return text if len(text) <= QUOTE else text[: QUOTE - 3] + "..."
+
+
 def classify_cmd(
     model: str,
     *,
@@ -65,10 +71,10 @@ def classify_cmd(
         raise UsageError("give the texts to classify with --text TEXT (repeatable) or "
                          "--file FILE (.txt, one per line, or .jsonl), one of the two")
     if output is not None and file is not None and _same_file(output, file):
-        raise UsageError(f"--output {output} is the input --file; write the results elsewhere")
+        raise UsageError(f"--output {_q(output)} is the input --file; write the results elsewhere")
     _check_device(device)
     if output is not None and not Path(output).parent.is_dir():
-        raise UsageError(f"--output {output}: the directory {Path(output).parent} does not "
+        raise UsageError(f"--output {_q(output)}: its directory does not "
                          "exist; create it or write elsewhere")
     path = resolve(model)
     run, _ = find_run(path)
@@ -78,13 +84,13 @@ def classify_cmd(
         what = (f"it was fine-tuned with finetune.task={cfg.finetune.task}"
                 if cfg.finetune.base is not None else "it is not a fine-tune")
         raise UsageError(
-            f"{model} has no classification or regression head ({what}); classify needs a run "
+            f"{_q(model)} has no classification or regression head ({what}); classify needs a run "
             "fine-tuned with one, e.g. `plinth finetune configs/cls-minilm.yaml`, then "
             "`plinth classify runs/cls-minilm --text ...`."
         )
     if task is not None:
         if task not in heads:
-            raise UsageError(f"--task {task[:QUOTE]!r}: {model} has no such head; its heads: "
+            raise UsageError(f"--task {task[:QUOTE]!r}: {_q(model)} has no such head; its heads: "
                              f"{', '.join(heads)}")
         heads = {task: heads[task]}
     if field is not None and (file is None or not _is_jsonl(Path(file))):
@@ -117,16 +123,16 @@ def read_texts(path: Path, field: str) -> tuple[list[str], list[str]]:
     """(where each text came from, the texts) of a .txt (one per line) or .jsonl file."""
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "no such file"
-        raise UsageError(f"--file {path}: {what}; give a .txt file (one text per line) or a "
+        raise UsageError(f"--file {_q(path)}: {what}; give a .txt file (one text per line) or a "
                          ".jsonl file")
     data = path.read_bytes()
     if b"\x00" in data[:65536]:
-        raise UsageError(f"--file {path} contains NUL bytes: it looks binary, not text. Give a "
+        raise UsageError(f"--file {_q(path)} contains NUL bytes: it looks binary, not text. Give a "
                          ".txt file (one text per line) or a .jsonl file")
     try:
         content = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UsageError(f"--file {path} is not UTF-8 text (byte {e.start}); convert it to "
+        raise UsageError(f"--file {_q(path)} is not UTF-8 text (byte {e.start}); convert it to "
                          "UTF-8 or give another file") from None
     lines = content.splitlines()
     jsonl = _is_jsonl(path)
@@ -136,11 +142,12 @@ def read_texts(path: Path, field: str) -> tuple[list[str], list[str]]:
             continue
         if jsonl:
             line = _jsonl_text(path, n, line, field)
-        where.append(f"{path} line {n}")
+        where.append(f"{_q(path)} line {n}")
         texts.append(line)
     if not texts:
-        raise UsageError(f"--file {path} has no texts (it is empty or blank); give one text per "
-                         "line" + (f", each a JSON object with {field!r}" if jsonl else ""))
+        raise UsageError(f"--file {_q(path)} has no texts (it is empty or blank); give one "
+                         "text per line"
+                         + (f", each a JSON object with {_q(field)!r}" if jsonl else ""))
     return where, texts
 
 
@@ -152,15 +159,15 @@ def _jsonl_text(path: Path, n: int, line: str, field: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be one "
-                         f'object like {{"{field}": "..."}} (a .txt file takes plain lines)'
+        raise UsageError(f"{_q(path)} line {n}: not valid JSON ({e.msg}); each line must be one "
+                         f'object like {{"{_q(field)}": "..."}} (a .txt file takes plain lines)'
                          ) from None
     if not isinstance(row, dict) or field not in row:
         keys = ", ".join(sorted(row))[:QUOTE] if isinstance(row, dict) else type(row).__name__
-        raise UsageError(f"{path} line {n} has no field {field!r} (found: {keys}); name the "
-                         "field that holds the text with --field")
+        raise UsageError(f"{_q(path)} line {n} has no field {_q(field)!r} (found: {keys}); "
+                         "name the field that holds the text with --field")
     if not isinstance(row[field], str):
-        raise UsageError(f"{path} line {n}: {field!r} must be a string, got "
+        raise UsageError(f"{_q(path)} line {n}: {_q(field)!r} must be a string, got "
                          f"{type(row[field]).__name__}")
     return row[field]
 
@@ -316,7 +323,7 @@ def write_jsonl(path: Path, texts: list[str], preds: list[dict[str, Prediction]]
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise UsageError(f"--output {path}: cannot write it ({e.strerror}); choose a writable "
+        raise UsageError(f"--output {_q(path)}: cannot write it ({e.strerror}); choose a writable "
                          "path") from None
 
 
