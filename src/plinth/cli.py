@@ -67,6 +67,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.serve:serve",
         "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching",
     ),
+    "classify": (
+        "plinth.recipes.classify:classify_cmd",
+        "label texts with a fine-tuned classification/regression head (--text or --file)",
+    ),
     "eval": (
         "plinth.eval.commands:eval_cmd",
         "score a model on tasks (multiple choice, generation) and perplexity / bits per byte",
@@ -170,7 +174,10 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
                 "help": _with_default(help_text, param.default),
             }
             if origin is list or scalar is list:
-                kwargs["nargs"] = "*"
+                # `--text a --text b` and `--text a b` both give [a, b] (repeats add up)
+                kwargs.update(nargs="*", action="extend")
+                if isinstance(param.default, tuple):
+                    kwargs["default"] = list(param.default)
             elif choices:
                 kwargs["choices"] = choices
             elif scalar in (int, float):

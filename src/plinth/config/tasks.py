@@ -63,3 +63,21 @@ def task_specs_or_empty(cfg: Config) -> list[TaskSpec]:
         return task_specs(cfg)
     except UsageError:  # no data configured: a model without heads (e.g. loading for generate)
         return []
+
+
+def head_labels(cfg: Config) -> dict[str, tuple[str, list[str]]]:
+    """Task name -> (kind, names of its head's outputs) for every classification/regression
+    head: the class names (or "0".."n-1" for integer labels), or `value` (`value_0`, ... for a
+    head with several outputs) for regression. Empty for a model without heads."""
+    sizes = head_sizes(cfg)
+    out = {}
+    for spec in task_specs_or_empty(cfg):
+        if spec.name not in sizes:
+            continue
+        n = sizes[spec.name]
+        if spec.task == "classification":
+            names = list(spec.labels) if spec.labels else [str(i) for i in range(n)]
+        else:
+            names = ["value"] if n == 1 else [f"value_{i}" for i in range(n)]
+        out[spec.name] = (spec.task, names)
+    return out

@@ -36,10 +36,11 @@ def base_info(base_dir: Path) -> dict:
     return info
 
 
-def merged_base(model: nn.Module, cfg) -> nn.Module:
+def merged_base(model: nn.Module, cfg, note: bool = True) -> nn.Module:
     """A fine-tuned model as a plain model of the base architecture: LoRA/DoRA/IA3 folded into
     the weights, task heads left out (they stay in the run's checkpoints). What `plinth export`
-    writes. Methods that add computation a plain model cannot hold are refused."""
+    writes (`note`: say the heads are left out). Methods that add computation a plain model
+    cannot hold are refused."""
     from plinth.models import build_model
     from plinth.peft.apply import merge
 
@@ -63,7 +64,7 @@ def merged_base(model: nn.Module, cfg) -> nn.Module:
     plain = build_model(cfg.model)
     state = model.state_dict()
     plain.load_state_dict({k: state[k] for k in plain.state_dict()})
-    if heads is not None:
+    if heads is not None and note:
         print(f"note: task heads ({', '.join(heads)}) are not part of the base architecture; "
               "they stay in the run's checkpoints")
     return plain.eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,13 +38,34 @@ _TRANSIENT = ("_name_or_path", "transformers_version", "quantization_config", "t
               "dtype", "architectures", "auto_map", "layer_types")
 
 
+# plinth's task heads as transformers classes (written next to an exported head)
+MODELING_FILE = "modeling_plinth.py"
+_HEAD_CLASSES = {"bert": "Bert", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+                 "qwen3": "Qwen3", "gpt2": "GPT2"}
+
+
+@dataclass
+class ExportHead:
+    """A fine-tune's task head, exported with its base as AutoModelForSequenceClassification."""
+
+    task: str  # the head's name in the run (heads.<task>)
+    kind: str  # classification | regression
+    labels: list[str]  # output names in head order (class names; value names for regression)
+    pooling: str  # mean | cls | last (plinth.models.heads.pool)
+    weight: torch.Tensor  # (outputs, d_model)
+    bias: torch.Tensor  # (outputs,)
+
+
 def export_hf(net: torch.nn.Module, cfg: Config, run: Path, out: str | Path,
-              force: bool = False) -> Path:
+              force: bool = False, head: ExportHead | None = None,
+              base_dir: Path | None = None) -> Path:
     """Write `net` (a plain model of `cfg.model`'s architecture, loaded from run directory
-    `run`, adapters already folded in) as a Hugging Face model directory `out`."""
+    `run`, adapters already folded in) as a Hugging Face model directory `out`; with `head`,
+    as a sequence classifier (see modeling_plinth.py). `base_dir`: the fine-tune's base,
+    resolved (its hf_config.json is the export's base config)."""
     out = Path(out)
     check_out(out, force)
-    base = _hf_base_dir(run, cfg)
+    base = _hf_base_dir(run, cfg, base_dir)
     hf_base = json.loads((base / HF_CONFIG_FILE).read_text()) if base else {}
     info = json.loads((base / IMPORT_FILE).read_text()) if base and (base / IMPORT_FILE).is_file() \
         else {}
@@ -66,12 +88,22 @@ def export_hf(net: torch.nn.Module, cfg: Config, run: Path, out: str | Path,
     config = {k: v for k, v in hf_base.items() if k not in _TRANSIENT}
     config.update(family.to_hf(cfg.model, mt))
     config.update(model_type=mt, architectures=[arch], dtype="float32")
+    if head is not None:  # the base under its *ForSequenceClassification prefix
+        prefix = family.prefix
     state = _to_hf_state(net, family, prefix)
-    if same and base is not None and (base / EXTRA_FILE).is_file():
+    if head is not None:
+        config.update(_head_config(mt, head))
+        state.pop("lm_head.weight", None)  # a classifier has no language-model head
+        name = "classifier" if mt == "bert" else "score"  # transformers' names
+        state[f"{name}.weight"] = head.weight.detach().float().cpu().contiguous()
+        state[f"{name}.bias"] = head.bias.detach().float().cpu().contiguous()
+    elif same and base is not None and (base / EXTRA_FILE).is_file():
         for k, t in load_file(str(base / EXTRA_FILE)).items():
             state.setdefault(k, t)
     with staged(out) as stage:
         save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+        if head is not None:
+            shutil.copyfile(Path(__file__).with_name(MODELING_FILE), stage / MODELING_FILE)
         tok_dirs = [d for d in (run, base) if d is not None]
         for name in TOKENIZER_FILES:
             found = next((d / name for d in tok_dirs if (d / name).is_file()), None)
@@ -85,13 +117,35 @@ def export_hf(net: torch.nn.Module, cfg: Config, run: Path, out: str | Path,
     return out
 
 
-def _hf_base_dir(run: Path, cfg: Config) -> Path | None:
+def _hf_base_dir(run: Path, cfg: Config, base_dir: Path | None = None) -> Path | None:
     """Where the original Hugging Face config lives: the imported directory itself, or the
     base model a fine-tuning run started from."""
-    for d in (run, Path(cfg.finetune.base) if cfg.finetune.base else None):
+    for d in (run, base_dir, Path(cfg.finetune.base) if cfg.finetune.base else None):
         if d is not None and (d / HF_CONFIG_FILE).is_file():
             return d
     return None
+
+
+def _head_config(model_type: str, head: ExportHead) -> dict:
+    """config.json fields of an exported head: the plinth_<type> classes of modeling_plinth.py
+    (found through auto_map), the labels, the problem type and plinth's pooling."""
+    name = _HEAD_CLASSES[model_type]
+    return dict(
+        model_type=f"plinth_{model_type}",
+        architectures=[f"Plinth{name}ForSequenceClassification"],
+        auto_map={
+            "AutoConfig": f"modeling_plinth.Plinth{name}Config",
+            "AutoModelForSequenceClassification":
+                f"modeling_plinth.Plinth{name}ForSequenceClassification",
+        },
+        num_labels=len(head.labels),
+        id2label={str(i): label for i, label in enumerate(head.labels)},
+        label2id={label: i for i, label in enumerate(head.labels)},
+        problem_type="regression" if head.kind == "regression"
+        else "single_label_classification",
+        plinth_pooling=head.pooling,
+        plinth_task=head.task,
+    )
 
 
 def _to_hf_state(net: torch.nn.Module, family: Family, prefix: str) -> dict[str, torch.Tensor]:
