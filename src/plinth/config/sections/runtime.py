@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from plinth.config.sections.base import Section
 
@@ -20,6 +20,17 @@ class HardwareConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device. auto picks cuda when a GPU is visible, else cpu."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_spellings(cls, data):
+        """torch's dtype names (bfloat16, float32, ...) accepted as bf16, fp32, ..."""
+        from plinth.config.dtypes import canonical_dtype
+
+        if isinstance(data, dict):
+            keys = ("precision", "param_dtype", "reduce_dtype")
+            data = {k: canonical_dtype(v) if k in keys else v for k, v in data.items()}
+        return data
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision of compute. bf16 autocast halves activation memory and is much faster
