@@ -85,17 +85,14 @@ def generate_cmd(
         adapter: LoRA/IA3 adapter directory to put on the model
         no_merge_adapter: apply the adapter on the fly instead of folding it into the weights
         device: cpu, cuda, cuda:1, ...
-        dtype: fp32, bf16 or fp16 weights (float32, bfloat16, float16 also accepted;
-            default: as stored)
+        dtype: fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted); default: as stored
         no_progress: no progress bar for --prompts-file
     """
 
     from plinth.infer.engine import Engine, SamplingParams, weight_dtype
     from plinth.load import no_chat_template
 
-    if dtype is not None:
-        weight_dtype(dtype)  # a bad --dtype is refused before the model loads
-
+    weight_dtype(dtype or "fp32")  # a bad --dtype is refused before the model loads
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
     if output is not None and prompts_file is None:

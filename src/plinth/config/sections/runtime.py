@@ -12,6 +12,15 @@ from pydantic import Field, model_validator
 
 from plinth.config.sections.base import Section
 
+
+def _dtype_spellings(data, keys: tuple[str, ...]):
+    """torch's dtype names (bfloat16, float32, ...) accepted as bf16, fp32, ... in `keys`."""
+    from plinth.config.dtypes import canonical_dtype
+
+    if isinstance(data, dict):
+        data = {k: canonical_dtype(v) if k in keys else v for k, v in data.items()}
+    return data
+
 # ------------------------------------------------------------------------------------ hardware
 
 
@@ -23,14 +32,8 @@ class HardwareConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _dtype_spellings(cls, data):
-        """torch's dtype names (bfloat16, float32, ...) accepted as bf16, fp32, ..."""
-        from plinth.config.dtypes import canonical_dtype
-
-        if isinstance(data, dict):
-            keys = ("precision", "param_dtype", "reduce_dtype")
-            data = {k: canonical_dtype(v) if k in keys else v for k, v in data.items()}
-        return data
+    def _dtypes(cls, data):
+        return _dtype_spellings(data, ("precision",))
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision of compute. bf16 autocast halves activation memory and is much faster
@@ -69,6 +72,11 @@ class DistributedConfig(Section):
     shard_size: int | None = Field(None, ge=1)
     """hsdp only: ranks that share one copy of the model; must divide the world size. None
     means the ranks of one node (torchrun's LOCAL_WORLD_SIZE)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtypes(cls, data):
+        return _dtype_spellings(data, ("param_dtype", "reduce_dtype"))
 
     param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """fsdp/hsdp mixed precision: dtype the gathered parameters compute in. auto follows
