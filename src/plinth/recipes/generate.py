@@ -262,7 +262,9 @@ def _fit_to_context(eng, ids: list[list[int]], params):
 def _logprob_fields(eng, c) -> dict:
     if c.logprobs is None:
         return {}
-    out = {"tokens": [eng.token_text(t) for t in c.token_ids], "logprobs": c.logprobs}
+    ids = c.token_ids  # each token as the text it adds (as top_logprobs' keys are)
+    out = {"tokens": [eng.token_text(t, ids[max(0, k - 6):k]) for k, t in enumerate(ids)],
+           "logprobs": c.logprobs}
     if c.top_logprobs is not None:
         out["top_logprobs"] = c.top_logprobs
     return out
