@@ -48,6 +48,9 @@ def test_generate_prompts_file_writes_jsonl(model_dir, tmp_path, capsys):
     assert [g["prompt_tokens"] for g in got] == [4, 1, 7, 7]  # template: w1 w3 w8 w9 w2 w1 w4
     assert got[1]["logprobs"] == pytest.approx(want[1].logprobs, abs=1e-5)
     assert len(got[1]["top_logprobs"][0]) == 1
+    for g in got:  # tokens are the text pieces top_logprobs are keyed by (greedy: the top one)
+        assert [next(iter(top)) for top in g["top_logprobs"]] == g["tokens"]
+        assert "".join(g["tokens"]).startswith(g["text"])
     assert "wrote 4 rows" in capsys.readouterr().err
 
 

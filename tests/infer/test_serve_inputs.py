@@ -49,7 +49,7 @@ def test_completion_prompts_default_max_tokens_and_echo():
     inputs = completion_inputs(engine, limits, req)
     assert inputs.prompts == [[5, 6], [7]] and inputs.prompt_lens == [2, 1]
     assert [p.max_new_tokens for p in inputs.params] == [16, 16]  # OpenAI's default
-    assert inputs.echo == ["w5 w6", "w7"]
+    assert inputs.texts == ["w5 w6", "w7"]  # what echo shows and text_offset counts from
     e = refused(completion_inputs, engine, limits, CompletionRequest(prompt=[[5], [500]]))
     assert (e.status, e.param, e.code) == (400, "prompt.1", "invalid_value")
     e = refused(completion_inputs, engine, limits, CompletionRequest(prompt="w1", max_tokens=40))

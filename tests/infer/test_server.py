@@ -206,11 +206,15 @@ def test_stop_seeds_n_logprobs_and_echo(engine, client):
     r = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=5,
                                   temperature=0, logprobs=3)
     lp = r.choices[0].logprobs
-    assert lp.tokens == r.choices[0].text.split() and len(lp.token_logprobs) == 5
+    # tokens are text pieces that add up to the text (" w8" after the first), as OpenAI's
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.token_logprobs) == 5
+    assert [t.strip() for t in lp.tokens] == r.choices[0].text.split()
     for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3 and max(top.values()) == pytest.approx(chosen)  # greedy: the top
         assert top[tok] == pytest.approx(chosen) and chosen < 0
-    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(set(lp.text_offset))
+    # text_offset counts from the start of the prompt, as OpenAI's legacy completions
+    assert lp.text_offset[0] == len(PROMPTS[0])
+    assert lp.text_offset[1:] == [lp.text_offset[k] + len(lp.tokens[k]) for k in range(4)]
 
     r = client.completions.create(model="tiny-llama", prompt=PROMPTS[0], max_tokens=5,
                                   temperature=0, echo=True)
@@ -220,7 +224,8 @@ def test_stop_seeds_n_logprobs_and_echo(engine, client):
                                        messages=[{"role": "user", "content": "w1"}],
                                        logprobs=True, top_logprobs=2)
     content = r.choices[0].logprobs.content
-    assert [c.token for c in content] == r.choices[0].message.content.split()
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token
                for c in content)
 

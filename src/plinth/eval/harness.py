@@ -7,6 +7,11 @@
     lm_eval.simple_evaluate(model="plinth", model_args="model=runs/quickstart",
                             tasks=["my_task.yaml"])
 
+    # lm-eval's own command line, with the model "plinth" registered (lm-eval 0.4 has no
+    # plugin entry points, so plain `lm_eval --model plinth` cannot find it):
+    python -m plinth.eval.harness --model plinth --model_args model=runs/quickstart \
+        --tasks my_task --include_path my_tasks/          # or: plinth-lm-eval ...
+
 `PlinthLM` answers lm-eval's three request types with plinth's own scoring code, so both
 harnesses give the same numbers on the same task:
 
@@ -68,7 +73,6 @@ def require_lm_eval():
     return lm_eval
 
 
-@_register_model("plinth")
 class PlinthLM(_LMBase):
     """A plinth decoder as an lm-eval LM.
 
@@ -114,7 +118,7 @@ class PlinthLM(_LMBase):
 
             self.lm = load_eval_model(
                 str(model),
-                device=device or "cpu",
+                device=_device(device),
                 max_len=None if max_length is None else int(max_length),
                 chat=_as_bool(chat),
             )
@@ -132,9 +136,14 @@ class PlinthLM(_LMBase):
         """`model=PATH,batch_size=4,...` (lm-eval's --model_args)."""
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """The model from --model_args (a dict) and lm-eval's own settings (batch_size, device:
+        its CLI always sends them, defaults included); a --model_args value wins."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        return cls(**{**args, **extra})
+        return cls(**{**extra, **arg_dict})
 
     @property
     def max_length(self) -> int:
@@ -260,6 +269,52 @@ class PlinthLM(_LMBase):
                     row = row[:-1]  # the text ends before end-of-text (lm-eval stops there)
                 texts[i] = cut_at_stop(lm.decode(row), list(until))
         return texts, truncated
+
+
+if __name__ != "__main__":  # `python -m plinth.eval.harness` registers the module's own class
+    _register_model("plinth")(PlinthLM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's own command line with the model "plinth" registered: lm-eval 0.4 finds models
+    only in its own table (no plugin entry points), so `lm_eval --model plinth` cannot find it;
+    this runs the same CLI after importing plinth's adapter.
+
+        python -m plinth.eval.harness --model plinth --model_args model=runs/x --tasks T.yaml
+        plinth-lm-eval run --model plinth --model_args model=ref-smollm2 --tasks my_task \\
+            --include_path my_tasks/ --limit 20
+
+    Every argument is lm-eval's (`lm_eval --help`). Bad plinth input (a model that does not
+    load, ...) exits 2 with plinth's message."""
+    from plinth.errors import PlinthError
+
+    try:
+        require_lm_eval()
+        import importlib
+
+        importlib.import_module("plinth.eval.harness")  # registers "plinth" (this may be __main__)
+        from lm_eval.__main__ import cli_evaluate
+
+        sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+        cli_evaluate()
+    except PlinthError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    return 0
+
+
+def _device(device: str | None) -> str:
+    """The device to load on: lm-eval's CLI sends --device cuda unless told otherwise, so
+    cuda without a GPU means the CPU (with a warning), as lm-eval's own HF model does."""
+    import torch
+
+    if not device:
+        return "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn(f"plinth lm-eval model: device {device!r} asked for, but no CUDA device "
+                      "is available; running on the CPU", stacklevel=3)
+        return "cpu"
+    return str(device)
 
 
 def _as_bool(v: bool | str) -> bool:
@@ -478,3 +533,7 @@ def _example(s: dict, kind: str, metric_names: list[str]) -> dict:
         if m in s and isinstance(s[m], int | float):
             ex[m] = s[m]
     return ex
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from plinth.config.schema import Config
 from plinth.errors import UsageError
@@ -32,6 +32,7 @@ from plinth.hf.layout import (
     check_out,
     staged,
 )
+from plinth.track.files import save_safetensors
 
 # config.json keys that describe one file or one library version, not the model
 _TRANSIENT = ("_name_or_path", "transformers_version", "quantization_config", "torch_dtype",
@@ -101,7 +102,7 @@ def export_hf(net: torch.nn.Module, cfg: Config, run: Path, out: str | Path,
         for k, t in load_file(str(base / EXTRA_FILE)).items():
             state.setdefault(k, t)
     with staged(out) as stage:
-        save_file(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(state, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
         if head is not None:
             shutil.copyfile(Path(__file__).with_name(MODELING_FILE), stage / MODELING_FILE)
         tok_dirs = [d for d in (run, base) if d is not None]

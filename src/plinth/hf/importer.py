@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from plinth.config.bases import REFERENCES, reference_path
 from plinth.config.schema import ModelConfig
@@ -40,6 +40,7 @@ from plinth.hf.layout import (
     check_out,
     staged,
 )
+from plinth.track.files import save_safetensors
 
 # ------------------------------------------------------------------------------------- reading
 
@@ -411,10 +412,10 @@ def _write_import(stage: Path, source, ck: HFCheckpoint, conv: Converted, tok_di
             shutil.copyfile(tok_dir / name, stage / name)
     tok = Tokenizer.from_file(str(stage / "tokenizer.json"))
     specials = special_tokens(ck.config, stage, tok)
-    save_file(conv.weights, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_safetensors(conv.weights, str(stage / WEIGHTS_FILE), metadata={"format": "pt"})
     if conv.extras:
         extras = {k: t.contiguous() for k, t in conv.extras.items()}
-        save_file(extras, str(stage / EXTRA_FILE), metadata={"format": "pt"})
+        save_safetensors(extras, str(stage / EXTRA_FILE), metadata={"format": "pt"})
     (stage / HF_CONFIG_FILE).write_text(json.dumps(ck.config, indent=2) + "\n")
     _write_config(stage / "config.yaml", conv, specials, source)
     info = {

@@ -31,9 +31,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from plinth.config.dtypes import canonical_dtype, dtype_choices
 from plinth.errors import NotSupportedError, UsageError
 from plinth.infer.beam import beam_search
 from plinth.infer.params import Completion, SamplingParams
+from plinth.infer.pieces import Pieces
 from plinth.infer.runners import DecoderRunner, Runner, Seq2SeqRunner
 from plinth.infer.session import DecodeSession
 from plinth.load import first_special_id
@@ -112,7 +114,7 @@ class Engine:
             _merge_adapters(net)
         net.requires_grad_(False)
         if dtype is not None:
-            net.to(_dtype(dtype))
+            net.to(weight_dtype(dtype))
         if quantize is not None:
             from plinth.infer.quant import quantize_model
 
@@ -131,9 +133,28 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids)
 
-    def token_text(self, token_id: int) -> str:
-        """One token's text (as top_logprobs keys show it)."""
-        return self.decode([token_id]) if self.tokenizer is not None else str(token_id)
+    def token_text(self, token_id: int, before: list[int] | tuple = ()) -> str:
+        """One token's text as logprobs show it: what it adds after the tokens `before`."""
+        if self.tokenizer is None:
+            return str(token_id)
+        return self.pieces.text(token_id, before)
+
+    def token_bytes(self, token_id: int, text: str) -> list[int]:
+        """A token's raw bytes (OpenAI's logprob `bytes`), given its text (`token_text`)."""
+        if self.tokenizer is None:
+            return list(text.encode("utf-8"))
+        return self.pieces.bytes(token_id, text)
+
+    def token_legacy(self, token_id: int, text: str) -> str:
+        """A token as the legacy completions logprobs name it ("bytes:\\xNN" when it holds
+        part of a character)."""
+        return text if self.tokenizer is None else self.pieces.legacy(token_id, text)
+
+    @property
+    def pieces(self):
+        if getattr(self, "_pieces", None) is None:
+            self._pieces = Pieces(self.tokenizer)
+        return self._pieces
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The conversation rendered by the model's chat template, ending with the assistant's
@@ -283,14 +304,16 @@ def _decoder_start(tok, cfg) -> int:
     return 0 if i is None else i
 
 
-def _dtype(d) -> torch.dtype:
+def weight_dtype(d) -> torch.dtype:
+    """The torch dtype of a weight dtype name: fp32, bf16, fp16 (or float32, bfloat16, ...)."""
     if isinstance(d, torch.dtype):
         return d
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if d not in names:
-        raise UsageError(f"dtype={d!r}: use one of {', '.join(names)}")
-    return names[d]
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    name = canonical_dtype(d)
+    if name not in names:
+        raise UsageError(f"--dtype {str(d)[:40]!r} is not a weight dtype: use "
+                         f"{dtype_choices()}.")
+    return names[name]
 
 
 def _merge_adapters(model: nn.Module) -> None:

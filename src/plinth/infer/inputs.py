@@ -40,12 +40,12 @@ class Limits:
 
 @dataclass
 class Inputs:
-    """A request's prompts (token ids), their sampling, and (completions with echo) the prompt
-    texts to put before each answer."""
+    """A request's prompts (token ids), their sampling, and (completions) the prompts' texts,
+    which echo puts before each answer and logprobs' text_offset counts from."""
 
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per prompt
-    echo: list[str] | None = None
+    texts: list[str] | None = None
 
     @property
     def prompt_lens(self) -> list[int]:
@@ -142,8 +142,8 @@ def completion_inputs(engine, limits: Limits, req: CompletionRequest) -> Inputs:
         mt = check_prompt(engine, limits, ids, max_tokens, param)
         prompts.append(ids)
         params.append(sampling_params(engine, req, mt, req.logprobs))
-    echo = [x if isinstance(x, str) else engine.decode(x) for x in raw] if req.echo else None
-    return Inputs(prompts, params, echo)
+    texts = [x if isinstance(x, str) else engine.decode(x) for x in raw]
+    return Inputs(prompts, params, texts)
 
 
 def chat_messages(req: ChatRequest) -> list[dict]:

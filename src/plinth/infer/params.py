@@ -79,5 +79,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[float] | None = None  # per generated token
     top_logprobs: list[dict[str, float]] | None = None  # per generated token, when logprobs>0
+    # the same as (token id, logprob) pairs, best first (token texts can coincide)
+    top_ids: list[list[tuple[int, float]]] | None = None
     score: float | None = None  # beam search: the hypothesis' length-penalised score
 

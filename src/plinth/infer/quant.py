@@ -9,7 +9,8 @@ w ~= scale[n] * q[n, :], scale = max|w[n, :]| / 127 (symmetric, round to nearest
 fp32's bytes, and decoding at batch 1 is bound by reading the weights. The product runs through,
 in order of preference:
 - on AVX2 CPUs, plinth's own kernel (int8_gemv.cpp, compiled once by torch.utils.cpp_extension
-  into torch's extension cache, ~30 s; PLINTH_INT8_KERNEL=0 turns it off): weights widened to
+  with the `ninja` package's ninja into ~/.cache/plinth/kernels, ~1 min, with a message;
+  PLINTH_INT8_KERNEL=0 turns it off): weights widened to
   fp32 in registers, fp32 activations, software prefetch; ~14 GB/s of int8 weights on one core
   of the development machine, where torch's kernel below reaches ~5.5 and an fp32 GEMV ~19 GB/s
   of fp32 weights (4x the bytes);
@@ -35,6 +36,79 @@ _HAS_PACK_MM = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _KERNEL = None  # the compiled CPU kernel module; False once it is known to be unavailable
 
 
+KERNEL_NAME = "plinth_int8_gemv"
+_CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
+def pinned_ninja() -> tuple[str, str]:
+    """(directory, version) of the ninja that builds plinth's kernels: the `ninja` package's
+    (a dependency of plinth), whatever PATH says; the first on PATH only without it. One
+    ninja for every build: a different one rejects the other's build log and rebuilds."""
+    try:
+        import ninja
+
+        return str(Path(ninja.BIN_DIR).resolve()), str(ninja.__version__)
+    except (ImportError, AttributeError):
+        import shutil
+        import subprocess
+
+        exe = shutil.which("ninja")
+        if exe is None:
+            raise FileNotFoundError("no ninja: pip install ninja") from None
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        return str(Path(exe).resolve().parent), out.stdout.strip()
+
+
+def kernel_build_dir() -> tuple[Path, str]:
+    """(build directory, ninja directory) of the CPU kernel. The directory is named by a key
+    of what the build depends on (source, flags, torch, Python, ninja's version), not by PATH,
+    so a build is reused until one of those changes. $PLINTH_KERNEL_DIR overrides the root
+    (default ~/.cache/plinth/kernels)."""
+    import hashlib
+    import platform
+    import sys
+
+    ninja_dir, ninja_version = pinned_ninja()
+    src = Path(__file__).with_name("int8_gemv.cpp")
+    h = hashlib.sha256(src.read_bytes())
+    for part in (*_CFLAGS, "|", *_LDFLAGS, torch.__version__, platform.machine(),
+                 f"py{sys.version_info[0]}{sys.version_info[1]}", f"ninja-{ninja_version}"):
+        h.update(part.encode() + b"\0")
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    root = Path(os.environ.get("PLINTH_KERNEL_DIR") or Path(cache) / "plinth" / "kernels")
+    return root / f"int8_gemv-{h.hexdigest()[:16]}", ninja_dir
+
+
+def _build_kernel():
+    """Build (once; later calls load the cached library) and import the kernel module."""
+    import sys
+    import time
+
+    from torch.utils.cpp_extension import load
+
+    build_dir, ninja_dir = kernel_build_dir()
+    first = not (build_dir / f"{KERNEL_NAME}.so").exists()
+    if first:
+        print(f"plinth: building the CPU decode kernel (once, about a minute) into {build_dir}",
+              file=sys.stderr, flush=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    t0, path = time.monotonic(), os.environ.get("PATH", "")
+    os.environ["PATH"] = ninja_dir + os.pathsep + path  # torch runs `ninja` from PATH
+    try:
+        # -fopenmp: at::parallel_for splits rows over torch's threads only when the
+        # extension itself is compiled with OpenMP (else it runs on one thread)
+        mod = load(KERNEL_NAME, [str(Path(__file__).with_name("int8_gemv.cpp"))],
+                   extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                   build_directory=str(build_dir), verbose=False)
+    finally:
+        os.environ["PATH"] = path
+    if first:
+        print(f"plinth: CPU decode kernel built in {time.monotonic() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    return mod
+
+
 def cpu_kernel():
     """plinth's AVX2 int8 kernel module (built on first use), or None where it cannot be."""
     global _KERNEL
@@ -43,14 +117,7 @@ def cpu_kernel():
         if os.environ.get("PLINTH_INT8_KERNEL", "1") != "0" and \
                 torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             try:
-                from torch.utils.cpp_extension import load
-
-                src = Path(__file__).with_name("int8_gemv.cpp")
-                # -fopenmp: at::parallel_for splits rows over torch's threads only when the
-                # extension itself is compiled with OpenMP (else it runs on one thread)
-                _KERNEL = load("plinth_int8_gemv", [str(src)], verbose=False,
-                               extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-                               extra_ldflags=["-fopenmp"])
+                _KERNEL = _build_kernel()
             except Exception as e:  # no compiler, no ninja, ...: torch's kernel instead
                 warnings.warn(f"plinth: the int8 CPU kernel could not be built ({type(e).__name__}"
                               f": {str(e)[:200]}); using torch's _weight_int8pack_mm", stacklevel=2)

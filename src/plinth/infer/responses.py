@@ -87,10 +87,18 @@ class Render:
                 "choices": [self.choice(i, c) for i, c in enumerate(outs)],
                 "usage": self.usage(outs)}
 
-    def token_text(self, tid: int) -> str:
-        tok = getattr(self.engine, "tokenizer", None)
-        t = tok.id_to_token(tid) if tok is not None else None
-        return t if t is not None else self.engine.decode([tid])
+    def pieces(self, c: Completion) -> tuple[list[str], list[list[tuple[int, str, float]]]]:
+        """The text of each logprob'd token, and of each top alternative at its step (what it
+        would have added there): (texts, [[(id, text, logprob)] per step])."""
+        ids = c.token_ids[:len(c.logprobs or [])]
+        texts = [self.engine.token_text(t, ids[max(0, k - 6):k]) for k, t in enumerate(ids)]
+        tops = [[(t, self.engine.token_text(t, ids[max(0, k - 6):k]), v) for t, v in step]
+                for k, step in enumerate(c.top_ids or [])]
+        return texts, tops
+
+    def entry(self, tid: int, text: str, lp: float) -> dict:
+        """A chat logprob entry: the token's text, its logprob and raw bytes."""
+        return {"token": text, "logprob": lp, "bytes": self.engine.token_bytes(tid, text)}
 
     # -- streaming -------------------------------------------------------------------------
     def chunk(self, choices: list[dict], usage: bool) -> str:
@@ -150,26 +158,36 @@ class CompletionRender(Render):
     object = chunk_object = "text_completion"
     prefix = "cmpl"
 
-    def __init__(self, engine, model, fingerprint, req, prompt_lens, echo):
+    def __init__(self, engine, model, fingerprint, req, prompt_lens, prompt_texts):
         super().__init__(engine, model, fingerprint, req, prompt_lens)
-        self.echo = echo
+        self.prompt_texts = prompt_texts
+        self.echo = prompt_texts if req.echo else None
 
     def choice(self, i: int, c: Completion) -> dict:
         text = c.text
         if self.echo is not None:
             text = self.echo[i // self.req.n] + text
-        return {"text": text, "index": i, "logprobs": self.logprobs(c),
+        return {"text": text, "index": i, "logprobs": self.logprobs(i, c),
                 "finish_reason": c.finish_reason}
 
-    def logprobs(self, c: Completion) -> dict | None:
+    def logprobs(self, i: int, c: Completion) -> dict | None:
+        """OpenAI's legacy logprobs: tokens as text pieces ("bytes:\\xNN" for part of a
+        character), and text_offset counting from the start of the prompt, as OpenAI's does
+        (with echo the choice's text starts with the prompt, so the offsets index it)."""
         if c.logprobs is None:
             return None
         ids = c.token_ids[:len(c.logprobs)]
-        tokens = [self.token_text(t) for t in ids]
-        # where each token starts in the text: the length of the text decoded before it
-        offsets = [len(self.engine.decode(ids[:k])) for k in range(len(ids))]
-        return {"tokens": tokens, "token_logprobs": c.logprobs,
-                "top_logprobs": c.top_logprobs, "text_offset": offsets}
+        texts, tops = self.pieces(c)
+        name = self.engine.token_legacy
+        offsets, at = [], len(self.prompt_texts[i // self.req.n])
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        top = None
+        if c.top_ids is not None:
+            top = [{name(t, s): v for t, s, v in step} for step in tops]
+        return {"tokens": [name(t, s) for t, s in zip(ids, texts, strict=True)],
+                "token_logprobs": c.logprobs, "top_logprobs": top, "text_offset": offsets}
 
     def first_delta(self, i: int) -> dict | None:
         if self.echo is None:
@@ -179,12 +197,8 @@ class CompletionRender(Render):
 
     def delta(self, i: int, text: str, finish: str | None, final: Completion | None = None):
         return {"text": text, "index": i,
-                "logprobs": self.logprobs(final) if final is not None else None,
+                "logprobs": self.logprobs(i, final) if final is not None else None,
                 "finish_reason": finish}
-
-
-def _logprob_entry(token: str, lp: float) -> dict:
-    return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8"))}
 
 
 class ChatRender(Render):
@@ -193,16 +207,16 @@ class ChatRender(Render):
 
     def choice(self, i: int, c: Completion) -> dict:
         return {"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.logprobs(c), "finish_reason": c.finish_reason}
+                "logprobs": self.logprobs(i, c), "finish_reason": c.finish_reason}
 
-    def logprobs(self, c: Completion) -> dict | None:
+    def logprobs(self, i: int, c: Completion) -> dict | None:
         if c.logprobs is None:
             return None
         content = []
+        texts, tops = self.pieces(c)
         for k, (t, lp) in enumerate(zip(c.token_ids, c.logprobs, strict=False)):
-            item = _logprob_entry(self.token_text(t), lp)
-            tops = c.top_logprobs[k] if c.top_logprobs else {}
-            item["top_logprobs"] = [_logprob_entry(s, v) for s, v in tops.items()]
+            item = self.entry(t, texts[k], lp)
+            item["top_logprobs"] = [self.entry(a, s, v) for a, s, v in (tops[k] if tops else [])]
             content.append(item)
         return {"content": content}
 
@@ -212,7 +226,7 @@ class ChatRender(Render):
 
     def delta(self, i: int, text: str, finish: str | None, final: Completion | None = None):
         return {"index": i, "delta": {"content": text} if text or final is None else {},
-                "logprobs": self.logprobs(final) if final is not None else None,
+                "logprobs": self.logprobs(i, final) if final is not None else None,
                 "finish_reason": finish}
 
 

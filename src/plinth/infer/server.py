@@ -199,7 +199,7 @@ async def completions(request: Request):
     req: CompletionRequest = await parse(request, served, CompletionRequest)
     inputs = completion_inputs(served.engine, served.limits, req)
     render = CompletionRender(served.engine, served.name, served.fingerprint, req,
-                              inputs.prompt_lens, inputs.echo)
+                              inputs.prompt_lens, inputs.texts)
     return await answer(request, served, inputs, req.n, req.stream, render)
 
 

@@ -148,7 +148,7 @@ class Row:
         self.on_token = on_token
         self.tokens: list[int] = []
         self.logprobs: list[float] | None = [] if params.logprobs is not None else None
-        self.top: list[dict[str, float]] | None = [] if params.logprobs else None
+        self.top: list[list[tuple[int, float]]] | None = [] if params.logprobs else None
         self.finish: str | None = None
         self.stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -164,7 +164,7 @@ class Row:
         if self.logprobs is not None and info is not None:
             self.logprobs.append(info[0])
             if self.top is not None:
-                self.top.append({self.engine.token_text(i): v for i, v in info[1]})
+                self.top.append([(int(i), v) for i, v in info[1]])
         stop_tok = tok in self.stop_ids
         if stop_tok:
             self.finish = "stop"
@@ -194,5 +194,8 @@ class Row:
             finish_reason=self.finish or "length",
             prompt_tokens=len(self.prompt),
             logprobs=self.logprobs,
-            top_logprobs=self.top,
+            top_logprobs=None if self.top is None else
+            [{self.engine.token_text(i, self.tokens[max(0, k - 6):k]): v for i, v in step}
+             for k, step in enumerate(self.top)],
+            top_ids=self.top,
         )

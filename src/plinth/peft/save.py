@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from plinth.config.schema import FinetuneConfig
@@ -68,6 +68,7 @@ from plinth.peft.ia3 import IA3Linear
 from plinth.peft.lora import LoRALinear
 from plinth.peft.names import HFNames, hf_names
 from plinth.peft.wrap import adapter_parameters
+from plinth.track.files import save_safetensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,7 +126,7 @@ def save_adapter(
             config["plinth_not_peft"] = why  # why peft's layout could not hold it
     common = {"base_model_name_or_path": base_model_name_or_path, FINGERPRINT: fp}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
+    save_safetensors(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / WEIGHTS_FILE)
     )
     (out / CONFIG_FILE).write_text(json.dumps({**config, **common}, indent=2) + "\n")

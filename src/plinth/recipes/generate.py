@@ -85,13 +85,14 @@ def generate_cmd(
         adapter: LoRA/IA3 adapter directory to put on the model
         no_merge_adapter: apply the adapter on the fly instead of folding it into the weights
         device: cpu, cuda, cuda:1, ...
-        dtype: fp32, bf16 or fp16 weights (default: as stored)
+        dtype: fp32, bf16 or fp16 (float32, bfloat16, float16 also accepted); default: as stored
         no_progress: no progress bar for --prompts-file
     """
 
-    from plinth.infer.engine import Engine, SamplingParams
+    from plinth.infer.engine import Engine, SamplingParams, weight_dtype
     from plinth.load import no_chat_template
 
+    weight_dtype(dtype or "fp32")  # a bad --dtype is refused before the model loads
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
     if output is not None and prompts_file is None:
@@ -261,7 +262,9 @@ def _fit_to_context(eng, ids: list[list[int]], params):
 def _logprob_fields(eng, c) -> dict:
     if c.logprobs is None:
         return {}
-    out = {"tokens": [eng.token_text(t) for t in c.token_ids], "logprobs": c.logprobs}
+    ids = c.token_ids  # each token as the text it adds (as top_logprobs' keys are)
+    out = {"tokens": [eng.token_text(t, ids[max(0, k - 6):k]) for k, t in enumerate(ids)],
+           "logprobs": c.logprobs}
     if c.top_logprobs is not None:
         out["top_logprobs"] = c.top_logprobs
     return out

@@ -9,7 +9,9 @@ The app itself is `plinth.infer.server.create_app`; this is only the command aro
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import warnings
 
 from plinth.errors import UsageError
@@ -47,7 +49,7 @@ def serve(
             model name (ref-smollm2)
         host: interface to bind; the default serves this machine only. Binding another address
             without an API key is allowed but warned about
-        port: TCP port
+        port: TCP port, 1-65535 (0: any free port, shown in the banner)
         api_key: require `Authorization: Bearer KEY` on every /v1 route (default: the
             PLINTH_API_KEY environment variable; no key means no authentication)
         served_name: model name clients send and /v1/models lists (default: the engine's)
@@ -58,14 +60,15 @@ def serve(
         max_body_bytes: largest request body; larger ones get 413
         timeout: seconds a request may take from arrival to its last token (504 after)
         device: torch device (cpu, cuda, cuda:1, ...)
-        dtype: weight dtype (float32, bfloat16, float16; default: the model's)
+        dtype: fp32, bf16 or fp16 weights (float32, bfloat16, float16 also accepted;
+            default: as stored)
         quantize: weight quantization (int8)
         adapter: a LoRA adapter directory applied on top of the model
         log_level: uvicorn log level (debug, info, warning, error)
     """
     import uvicorn
 
-    from plinth.infer.engine import Engine
+    from plinth.infer.engine import Engine, weight_dtype
     from plinth.infer.server import create_app
 
     key = api_key if api_key is not None else os.environ.get("PLINTH_API_KEY") or None
@@ -77,7 +80,15 @@ def serve(
         )
     if max_batch < 1 or max_queue < 1:
         raise UsageError(f"--max-batch ({max_batch}) and --max-queue ({max_queue}) must be >= 1")
-    engine = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
+    if dtype is not None:
+        weight_dtype(dtype)  # a bad --dtype is refused before the port is taken
+    sock = bind(host, port)  # before the model loads: a taken port fails at once
+    try:
+        engine = Engine.load(model, device=device, dtype=dtype, quantize=quantize,
+                             adapter=adapter)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(
         engine,
         api_key=key,
@@ -89,7 +100,41 @@ def serve(
         timeout_s=timeout,
         served_name=served_name,
     )
-    print(f"plinth serve: {app.state.model_name} on http://{host}:{port}/v1"
+    port = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"plinth serve: {app.state.model_name} on http://{shown}:{port}/v1"
           + (" (API key required)" if key else ""), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a UsageError naming the port (or host) and the fix:
+    out of range, already in use, not permitted, or an address this machine does not have."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UsageError(f"--port {str(port)[:20]} is not a TCP port: give 1-65535 (e.g. "
+                         "--port 8000), or 0 for any free port.")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host[:100]!r} is not an address of this machine ({e}); "
+                         "give an IP address or name such as 127.0.0.1 or 0.0.0.0.") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)  # held from now on: a second server on the port fails to bind
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"Port {port} on {host} is already in use (another plinth serve "
+                             "or server?): stop that process, or choose another port with "
+                             "--port N (--port 0 picks a free one).") from None
+        if e.errno == errno.EACCES:
+            raise UsageError(f"Binding port {port} on {host} is not permitted (ports below 1024 "
+                             "need privileges): choose a port above 1023 with --port N.") from None
+        raise UsageError(f"Cannot listen on {host}:{port}: {e.strerror or e}. Choose another "
+                         "--host or --port.") from None
+    return sock

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from plinth.distributed.env import DistEnv, barrier
 from plinth.errors import PlinthError
 from plinth.track.checkpoints import list_checkpoints, step_dir, tmp_dir
+from plinth.track.files import save_safetensors
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -151,7 +152,7 @@ def save_checkpoint(
     if not sharded or consolidate:
         weights = full_model_state(model, env)
         if env.is_main:
-            save_file(weights, str(tmp / MODEL_FILE))
+            save_safetensors(weights, str(tmp / MODEL_FILE))
     if optimizer is not None and not sharded:  # every rank: the call may synchronise
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 

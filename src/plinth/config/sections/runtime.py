@@ -8,9 +8,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from plinth.config.sections.base import SEED_MAX, Section
+
+
+def _dtype_spellings(data, keys: tuple[str, ...]):
+    """torch's dtype names (bfloat16, float32, ...) accepted as bf16, fp32, ... in `keys`."""
+    from plinth.config.dtypes import canonical_dtype
+
+    if isinstance(data, dict):
+        data = {k: canonical_dtype(v) if k in keys else v for k, v in data.items()}
+    return data
 
 # ------------------------------------------------------------------------------------ hardware
 
@@ -20,6 +29,11 @@ class HardwareConfig(Section):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Compute device. auto picks cuda when a GPU is visible, else cpu."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtypes(cls, data):
+        return _dtype_spellings(data, ("precision",))
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Numeric precision of compute. bf16 autocast halves activation memory and is much faster
@@ -58,6 +72,11 @@ class DistributedConfig(Section):
     shard_size: int | None = Field(None, ge=1)
     """hsdp only: ranks that share one copy of the model; must divide the world size. None
     means the ranks of one node (torchrun's LOCAL_WORLD_SIZE)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtypes(cls, data):
+        return _dtype_spellings(data, ("param_dtype", "reduce_dtype"))
 
     param_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """fsdp/hsdp mixed precision: dtype the gathered parameters compute in. auto follows
