@@ -73,3 +73,21 @@ def test_a_first_build_says_so(tmp_path):
     assert "plinth: building the CPU decode kernel (once, about a minute)" in r.stderr
     assert str(tmp_path / "k") in r.stderr
     assert "could not be built" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_build_killed_earlier_does_not_block_the_next(tmp_path):
+    """A SIGKILLed build leaves torch's `lock` file behind; torch alone would wait on it forever.
+    The next build removes it (under plinth's flock) and goes on (here to the /bin/false
+    compiler's failure and torch's fallback kernel)."""
+    pytest.importorskip("ninja")
+    if quant.torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2: the kernel is never built")
+    root = tmp_path / "k"
+    env = {**os.environ, "PLINTH_KERNEL_DIR": str(root), "CXX": "/bin/false"}
+    build_dir = kernel_build_dir()[0]
+    stale = root / build_dir.name / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    r = run_kernel(env)  # times out (300 s) without the fix
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    assert "could not be built" in r.stderr

@@ -82,6 +82,7 @@ def kernel_build_dir() -> tuple[Path, str]:
 
 def _build_kernel():
     """Build (once; later calls load the cached library) and import the kernel module."""
+    import fcntl
     import sys
     import time
 
@@ -95,7 +96,13 @@ def _build_kernel():
     build_dir.mkdir(parents=True, exist_ok=True)
     t0, path = time.monotonic(), os.environ.get("PATH", "")
     os.environ["PATH"] = ninja_dir + os.pathsep + path  # torch runs `ninja` from PATH
+    # torch's build lock is a plain file that a killed build leaves behind, and every later
+    # build then waits on it forever. An flock dies with its process: whoever holds it is the
+    # only builder, so a torch lock found then is stale and removed.
+    guard = open(build_dir / "plinth.flock", "a+")  # noqa: SIM115 (held for the whole build)
     try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
         # -fopenmp: at::parallel_for splits rows over torch's threads only when the
         # extension itself is compiled with OpenMP (else it runs on one thread)
         mod = load(KERNEL_NAME, [str(Path(__file__).with_name("int8_gemv.cpp"))],
@@ -103,6 +110,7 @@ def _build_kernel():
                    build_directory=str(build_dir), verbose=False)
     finally:
         os.environ["PATH"] = path
+        guard.close()  # releases the flock
     if first:
         print(f"plinth: CPU decode kernel built in {time.monotonic() - t0:.0f} s",
               file=sys.stderr, flush=True)
