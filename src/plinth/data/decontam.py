@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from plinth.data.paths import path_problem, read_regular
 from plinth.errors import UsageError
 
 DEFAULT_N = 13
@@ -135,9 +136,13 @@ def eval_files(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
         elif p.is_file():
             out.append((p.stem, p))
         else:
+            problem = path_problem(p)
+            what = "does not exist"
+            if problem is not None and problem[0] != "missing_path":
+                what = f"cannot be read ({problem[1]})"
             raise UsageError(
-                f"evaluation set {p} does not exist; give JSONL or text files, task YAML "
-                "files or directories of them"
+                f"evaluation set {p} {what} (data.decontaminate); give JSONL or text files, "
+                "task YAML files or directories of them"
             )
     return out
 
@@ -146,8 +151,8 @@ def _task_data(path: Path) -> tuple[str, Path]:
     import yaml
 
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        spec = yaml.safe_load(read_regular(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UsageError(f"cannot read the task file {path}: {e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
         raise UsageError(f"task file {path} has no `data:` JSONL file to check for overlap")
@@ -172,7 +177,7 @@ def load_eval_file(path: str | Path, fields: list[str] | None = None) -> list[st
     """The examples of one evaluation file as texts (see the module doc for the formats)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_regular(p).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the evaluation set {p}: {e}") from None
     if p.suffix != ".jsonl":
@@ -208,5 +213,11 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     """Hash of the contents of every evaluation file `paths` names (for dataset fingerprints)."""
     h = hashlib.sha256()
     for name, p in eval_files(paths):
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+        try:
+            data = read_regular(p)
+        except OSError as e:
+            raise UsageError(
+                f"cannot read the evaluation set {p} (data.decontaminate): {e}"
+            ) from None
+        h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()[:16]

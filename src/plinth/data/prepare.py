@@ -126,6 +126,8 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
     vocab_key = "data.tokenizer.vocab_size" if tc.vocab_size else "model.vocab_size"
     if tc.path is None:
         tkz.check_vocab(tc.kind, cfg.tokenizer_vocab_size, tc.special_tokens, vocab_key)
+    else:
+        tkz.tokenizer_file(tc.path)  # a missing file or a FIFO fails before any reading
     settings = flt.FilterSettings.from_config(data.filters)
     decontam_spec(data)  # bad evaluation sets fail here; the index is built before workers fork
 

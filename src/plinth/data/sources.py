@@ -9,14 +9,14 @@ Every reader is a generator that holds at most one document (or one Parquet/Arro
 memory, so corpora larger than memory stream through. Bad input never raises: it comes out as
 a `RawDoc` with `text=None` and a `reason` (empty_file, binary, not_utf8, invalid_json,
 missing_field, field_not_text, too_large, no_files, missing_path, unreadable, unparsable,
-no_docstrings, blank_line) that
+no_docstrings, blank_line; and, for entries never opened, fifo, device, socket, symlink_loop,
+broken_symlink, permission_denied, unlistable_dir: see plinth.data.paths) that
 the pipeline counts in the manifest and reports with the file (and line) it came from.
 """
 
 from __future__ import annotations
 
 import ast
-import glob
 import gzip
 import hashlib
 import io
@@ -24,10 +24,12 @@ import json
 import os
 import sys
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from plinth.data.paths import NotRegularFile, Scan, open_regular, scan_files
 from plinth.errors import UsageError
 
 DEFAULT_PATTERNS = {
@@ -122,19 +124,16 @@ def open_source(src, max_doc_bytes: int = 16_000_000) -> Iterator[RawDoc]:
 # ----------------------------------------------------------------------------- file listing
 
 
+def scan_source(src) -> Scan:
+    """Files a text/jsonl/parquet source reads (sorted) and the entries it skips unopened
+    (FIFOs, devices, sockets, symlink loops, broken links, unlistable directories)."""
+    patterns = (src.pattern,) if src.pattern else DEFAULT_PATTERNS[src.kind]
+    return scan_files(src.path, patterns)
+
+
 def list_files(src) -> list[Path]:
     """Files a text/jsonl/parquet source reads, sorted; a missing path gives []."""
-    path = src.path
-    patterns = (src.pattern,) if src.pattern else DEFAULT_PATTERNS[src.kind]
-    if glob.has_magic(path):
-        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        found = {f for pat in patterns for f in p.rglob(pat) if f.is_file()}
-        return sorted(f for f in found if not any(part.startswith(".") for part in f.parts[-2:]))
-    return []
+    return scan_source(src).files
 
 
 def stdlib_dir() -> Path:
@@ -161,7 +160,10 @@ def stat_signature(src) -> str:
         root = Path(src.path)
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.exists() else []
     else:
-        files = list_files(src)
+        scan = scan_source(src)
+        files = scan.files
+        for skip in scan.skipped:
+            h.update(f"{skip.path}|{skip.reason}\n".encode())
     for f in files:
         try:
             st = f.stat()
@@ -194,14 +196,22 @@ def decode_bytes(data: bytes, ref: str) -> RawDoc:
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """A regular file (NotRegularFile for FIFOs, devices, ...: never blocks), gunzipped."""
+    f = open_regular(path)
+    if path.suffix != ".gz":
+        return f
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    g.myfileobj = f  # closed with the GzipFile (as when gzip opens the file itself)
+    return g
 
 
 def _read_limited(path: Path, limit: int) -> tuple[bytes | None, str | None]:
     """Whole file, unless it is larger than `limit` (then nothing is read into memory)."""
-    if path.suffix != ".gz" and path.stat().st_size > limit:
-        return None, f"{path.stat().st_size:,} bytes, over data.max_doc_bytes={limit:,}"
-    with _open_binary(path) as f:
+    f = _open_binary(path)
+    with f:
+        size = os.fstat(f.fileno()).st_size if path.suffix != ".gz" else 0
+        if size > limit:
+            return None, f"{size:,} bytes, over data.max_doc_bytes={limit:,}"
         data = f.read(limit + 1)
     if len(data) > limit:
         return None, f"over data.max_doc_bytes={limit:,} bytes once decompressed"
@@ -211,7 +221,9 @@ def _read_limited(path: Path, limit: int) -> tuple[bytes | None, str | None]:
 def _read_doc_file(path: Path, ref: str, limit: int) -> RawDoc:
     try:
         data, too_large = _read_limited(path, limit)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except NotRegularFile as e:
+        return RawDoc(ref, None, e.reason, e.detail)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         return RawDoc(ref, None, "unreadable", f"cannot read: {e}")
     if data is None:
         return RawDoc(ref, None, "too_large", f"{too_large}; skipped unread")
@@ -222,7 +234,12 @@ def _read_doc_file(path: Path, ref: str, limit: int) -> RawDoc:
 
 
 def _files_source(src, limit: int) -> Iterator[RawDoc]:
-    files = list_files(src)
+    scan = scan_source(src)
+    for skip in scan.skipped:
+        yield RawDoc(skip.path, None, skip.reason, skip.detail)
+    files = scan.files
+    if not files and scan.skipped:
+        return
     if not files:
         p = Path(src.path)
         if p.is_dir():
@@ -250,7 +267,10 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
     try:
         f = _open_binary(path)
         head = f.peek(_BINARY_PROBE)[:_BINARY_PROBE] if hasattr(f, "peek") else b""
-    except OSError as e:
+    except NotRegularFile as e:
+        yield RawDoc(str(path), None, e.reason, e.detail)
+        return
+    except (OSError, EOFError, zlib.error) as e:
         yield RawDoc(str(path), None, "unreadable", f"cannot open: {e}")
         return
     with f:
@@ -261,7 +281,7 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
         while True:
             try:
                 line = f.readline(limit + 1)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 yield RawDoc(f"{path}:{lineno + 1}", None, "unreadable", f"read failed: {e}")
                 return
             if not line:

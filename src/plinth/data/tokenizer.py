@@ -166,21 +166,37 @@ def load_tokenizer(path: str | Path, special_tokens: list[str] | None = None):
     tokens the file already has (its end-of-text token first)."""
     from tokenizers import Tokenizer
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
+    p = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises bare Exceptions for missing/bad files
-        raise UsageError(
-            f"cannot load the tokenizer {p} (data.tokenizer.path): {e}. Give a tokenizer.json "
-            "written by Hugging Face tokenizers, or unset data.tokenizer.path to train one."
-        ) from None
+        raise _load_error(p, e) from None
     vocab = tok.get_vocab(with_added_tokens=True)
     missing = [t for t in special_tokens or [] if t not in vocab]
     if missing:
         tok.add_special_tokens(missing)
     return tok, missing
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json that `path` (a file, or a directory holding one) names; UsageError
+    when it is not a regular file (a FIFO or device would block the Rust reader forever)."""
+    from plinth.data.paths import path_problem
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER
+    problem = path_problem(p)
+    if problem is not None:
+        raise _load_error(p, problem[1])
+    return p
+
+
+def _load_error(p: Path, why) -> UsageError:
+    return UsageError(
+        f"cannot load the tokenizer {p} (data.tokenizer.path): {why}. Give a tokenizer.json "
+        "written by Hugging Face tokenizers, or unset data.tokenizer.path to train one."
+    )
 
 
 def role_ids(tok, special_tokens: list[str]) -> dict:
