@@ -21,7 +21,8 @@ result the next ones and the manifest take:
    (plinth.data.manifest).
 
 Everything is built in a temporary sibling directory and moved into `data.dir` at the end, so
-an interrupted run never damages a dataset that was already there. The output depends only on
+an interrupted run never damages a dataset that was already there; what a killed run leaves
+behind is removed (or put back) by the next one (`recover_leftovers`). The output depends only on
 the data config, the seed and the inputs, never on `workers`. A directory whose manifest
 records the same config fingerprint is reused without work.
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,7 +47,7 @@ from plinth.data import sources as srcs
 from plinth.data import tokenizer as tkz
 from plinth.data.clean import decontam_spec, read_sources
 from plinth.data.encode import write_shards
-from plinth.data.layout import FORMAT_VERSION, MANIFEST, TOKENIZER
+from plinth.data.layout import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER
 from plinth.data.manifest import build_manifest, write_manifest
 from plinth.data.shards import file_sha256
 from plinth.data.store import TextStore
@@ -131,6 +133,8 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
     settings = flt.FilterSettings.from_config(data.filters)
     decontam_spec(data)  # bad evaluation sets fail here; the index is built before workers fork
 
+    for line in recover_leftovers(out):
+        TaskProgress(progress).log(line)
     fingerprint = config_fingerprint(cfg)
     if not force and is_current(out, fingerprint):
         if progress:
@@ -151,10 +155,12 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        (tmp / TMP_MARKER).write_text("a plinth data prepare build; removed by the next run\n")
         pool = WorkerPool(data.workers)
         try:
             with TaskProgress(progress) as prog:
                 manifest = _build(cfg, tmp, names, settings, fingerprint, pool, prog)
+            (tmp / TMP_MARKER).unlink()
             _publish(tmp, out)
         finally:
             pool.close()
@@ -169,20 +175,80 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
 
 
 @contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """An exclusive advisory lock next to `out` (POSIX flock; a no-op where unavailable)."""
+def _lock(out: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive advisory lock next to `out` (POSIX flock; a no-op where unavailable).
+    Yields whether it is held: without `wait`, False when another process holds it."""
     try:
         import fcntl
     except ImportError:  # Windows
-        yield
+        yield True
         return
     path = out.parent / f".{out.name}.lock"
     with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# a killed build leaves `.NAME.tmp-PID` (the build, marked by TMP_MARKER) or, killed while
+# publishing, `.NAME.old-PID` (the previous dataset, moved aside); nothing else is touched
+TMP_MARKER = ".plinth-building"
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-\d+")
+_BUILD_FILES = re.compile(
+    r"clean\.txt|tokenizer\.json|manifest\.json(\.tmp)?|(train|val)_\d+\.bin(\.tmp)?"
+)
+
+
+def _is_ours(d: Path, kind: str) -> bool:
+    """A leftover directory plinth wrote: a marked build (or one from before the marker,
+    holding only build files), or a moved-aside dataset (its manifest says so)."""
+    if d.is_symlink() or not d.is_dir():
+        return False
+    if kind == "old":
+        try:
+            return json.loads((d / MANIFEST).read_text(encoding="utf-8"))["format"] == FORMAT
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+    if (d / TMP_MARKER).is_file():
+        return True
+    names = [f.name for f in d.iterdir()]
+    return all(_BUILD_FILES.fullmatch(n) for n in names)  # empty: killed right after mkdir
+
+
+def recover_leftovers(out: Path) -> list[str]:
+    """Clean up after a `data prepare` that was killed (kill -9, power loss): its temporary
+    build directories next to `out` are removed, and a dataset it had moved aside while
+    publishing is put back when `out` is missing. Only when no other process is preparing
+    `out` (its lock is free). Returns one line per action."""
+    if not out.parent.is_dir():
+        return []
+    lines: list[str] = []
+    with _lock(out, wait=False) as held:
+        if not held:
+            return []
+        found = []
+        for d in sorted(out.parent.iterdir(), key=lambda p: p.name):
+            m = _LEFTOVER.fullmatch(d.name)
+            if m and m["name"] == out.name and _is_ours(d, m["kind"]):
+                found.append((d, m["kind"]))
+        if not out.exists():
+            moved = [d for d, kind in found if kind == "old"]
+            if moved:
+                newest = max(moved, key=lambda p: p.stat().st_mtime)
+                os.rename(newest, out)
+                found.remove((newest, "old"))
+                lines.append(f"restored {out} from {newest.name} (left by a killed run)")
+        for d, kind in found:
+            shutil.rmtree(d, ignore_errors=True)
+            what = "build" if kind == "tmp" else "copy of a replaced dataset"
+            lines.append(f"removed {d} (a temporary {what} left by a killed run)")
+    return lines
 
 
 def _publish(tmp: Path, out: Path) -> None:
