@@ -52,7 +52,7 @@ from plinth.data.manifest import build_manifest, write_manifest
 from plinth.data.shards import file_sha256
 from plinth.data.store import TextStore
 from plinth.data.workers import WorkerPool
-from plinth.errors import UsageError
+from plinth.errors import PlinthError, UsageError
 from plinth.track.progress import TaskProgress
 
 if TYPE_CHECKING:
@@ -172,6 +172,40 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
             f"{manifest['fingerprint']}"
         )
     return out
+
+
+def resume_dataset(cfg: Config, recorded: str | None, what: str, progress: bool = True) -> Path:
+    """The dataset a resumed run continues on. A complete dataset in `data.dir` is used as it
+    is, never rebuilt or replaced, even when the inputs changed since (the run trained on it);
+    a missing or damaged one is prepared. UsageError, before anything is written, when its
+    content fingerprint is not `recorded` (the one `what`, the run, was started on)."""
+    from plinth.data.dataset import open_dataset
+
+    out = Path(cfg.data.dir)
+    try:
+        ds = open_dataset(out)
+    except PlinthError:
+        ds = None
+    if ds is not None:
+        _check_recorded(out, ds.fingerprint, recorded, what)
+        if ds.manifest.get("config_fingerprint") != config_fingerprint(cfg):
+            TaskProgress(True).log(
+                f"the inputs of {out} changed since it was prepared; {what} continues on the "
+                "dataset it started with (it is not rebuilt)"
+            )
+        return out
+    path = prepare_dataset(cfg, progress=progress)
+    _check_recorded(out, open_dataset(path).fingerprint, recorded, what)
+    return path
+
+
+def _check_recorded(out: Path, found: str, recorded: str | None, what: str) -> None:
+    if recorded is not None and found != recorded:
+        raise UsageError(
+            f"data.dir={out} holds dataset {found}, but {what} was trained on dataset "
+            f"{recorded}: resuming would continue on different data. Put the original "
+            "dataset back (prepare it from the same inputs), or start a new run."
+        )
 
 
 @contextmanager
