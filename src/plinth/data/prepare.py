@@ -77,6 +77,9 @@ def config_fingerprint(cfg: Config) -> str:
     ):
         p = Path(path) / TOKENIZER if path and Path(path).is_dir() else Path(path or "")
         extra[key] = file_sha256(p)[:16] if path and p.is_file() else None
+    budget, bounded = tkz.train_budget(cfg.data.tokenizer)
+    if bounded and not cfg.data.tokenizer.path:  # datasets of other kinds keep their hash
+        extra["tokenizer_sample_bytes"] = budget
     if cfg.data.decontaminate:
         try:
             extra["decontaminate_files"] = decontam_spec(cfg.data, build=False)[2]
