@@ -188,8 +188,8 @@ def load_eval_file(path: str | Path, fields: list[str] | None = None) -> list[st
             continue
         try:
             row = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{p}:{lineno} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise UsageError(f"{p}:{lineno} is not valid JSON ({str(e)[:200]})") from None
         if fields is not None:
             if not isinstance(row, dict) or not all(f in row for f in fields):
                 raise UsageError(f"{p}:{lineno} lacks one of the fields {fields}")

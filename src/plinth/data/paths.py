@@ -149,7 +149,7 @@ def scan_files(path: str, patterns: tuple[str, ...]) -> Scan:
 def _match_name(rel: tuple[str, ...], pat: str) -> bool:
     """rglob-style: a pattern without `/` matches the file name; with `/`, the path's end."""
     pparts = tuple(x for x in pat.split("/") if x)
-    if len(pparts) > len(rel):
+    if not pparts or len(pparts) > len(rel):
         return False
     return all(_match_part(n, q) for n, q in zip(rel[-len(pparts) :], pparts, strict=True))
 

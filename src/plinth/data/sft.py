@@ -123,9 +123,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
+                why = getattr(e, "msg", None) or "nested too deeply or a number too long"
                 raise UsageError(
-                    f"{p} line {n} is not valid JSON ({e.msg}); each line must be one object "
+                    f"{p} line {n} is not valid JSON ({why}); each line must be one object "
                     'like {"prompt": ..., "completion": ...}'
                 ) from None
             if not isinstance(rec, dict):

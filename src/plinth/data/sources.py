@@ -99,6 +99,18 @@ def check_source_config(src, where: str) -> None:
             f"{where}.path is required for kind={src.kind}: give a file, directory or glob "
             f"(e.g. {where}.path=corpus/)."
         )
+    for key in ("path", "pattern"):
+        value = getattr(src, key, None)
+        if value and "\x00" in value:
+            raise UsageError(
+                f"{where}.{key} contains a NUL character, which no file name can hold: "
+                f"{value[:200]!r}. Give the path of a file, directory or glob."
+            )
+    if src.pattern is not None and not src.pattern.strip("/"):
+        raise UsageError(
+            f"{where}.pattern={src.pattern!r} matches no file name; give a glob such as "
+            "'*.txt' or '**/*.md' (or leave it unset for the kind's defaults)."
+        )
     needs = {"parquet": "pyarrow", "hf_disk": "datasets"}.get(src.kind)
     if needs:
         try:
@@ -312,7 +324,11 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
                 yield RawDoc(ref, None, "not_utf8", "line is not UTF-8", len(line))
                 continue
             except ValueError as e:
-                yield RawDoc(ref, None, "invalid_json", f"not JSON ({e.msg} at column {e.colno})")
+                where = f"{e.msg} at column {e.colno}" if hasattr(e, "msg") else str(e)[:200]
+                yield RawDoc(ref, None, "invalid_json", f"not JSON ({where})")
+                continue
+            except RecursionError:
+                yield RawDoc(ref, None, "invalid_json", "JSON nested too deeply to read")
                 continue
             yield _record_text(record, field, ref, len(line))
         if not any_line:
@@ -340,7 +356,23 @@ def _record_text(record, field: str, ref: str, nbytes: int) -> RawDoc:
         )
     if not text.strip():
         return RawDoc(ref, None, "empty", f"'{field}' is empty", nbytes)
-    return RawDoc(ref, text, nbytes=len(text.encode("utf-8", "surrogatepass")))
+    return _unicode_doc(ref, text, field)
+
+
+def _unicode_doc(ref: str, text: str, field: str) -> RawDoc:
+    """A document of valid Unicode: JSON `\\ud800` escapes and Arrow strings can carry lone
+    surrogates, which no UTF-8 encoder (the text store, the tokenizer) accepts."""
+    try:
+        return RawDoc(ref, text, nbytes=len(text.encode("utf-8")))
+    except UnicodeEncodeError as e:
+        return RawDoc(
+            ref,
+            None,
+            "not_utf8",
+            f"'{field}' holds a lone surrogate at character {e.start} (e.g. a \\ud800 escape); "
+            "not valid Unicode text",
+            len(text),
+        )
 
 
 def _parquet_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
@@ -361,10 +393,29 @@ def _parquet_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
         )
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH, columns=[field]):
+    batches = pf.iter_batches(batch_size=_BATCH, columns=[field])
+    for batch in _guarded(batches):
+        if isinstance(batch, RawDoc):
+            batch.ref = f"{path}#{row}"
+            yield batch
+            return
         for value in batch.column(0).to_pylist():
             yield _column_value(value, field, f"{path}#{row}", limit)
             row += 1
+
+
+def _guarded(batches) -> Iterator:
+    """The batches of a columnar reader; a read error (a corrupt page past a valid footer)
+    ends them with one `unreadable` RawDoc instead of an exception."""
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # pyarrow and datasets raise many types for corrupt data
+            yield RawDoc("", None, "unreadable", f"read failed: {e}"[:300])  # ref: the caller
+            return
+        if batch is None:
+            return
+        yield batch
 
 
 def _column_value(value, field: str, ref: str, limit: int) -> RawDoc:
@@ -382,7 +433,7 @@ def _column_value(value, field: str, ref: str, limit: int) -> RawDoc:
             return RawDoc(ref, None, "too_large", f"{n:,} bytes, over max_doc_bytes", n)
     if not value.strip():
         return RawDoc(ref, None, "empty", f"'{field}' is empty")
-    return RawDoc(ref, value, nbytes=len(value.encode("utf-8", "surrogatepass")))
+    return _unicode_doc(ref, value, field)
 
 
 def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
@@ -418,7 +469,12 @@ def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
             )
             continue
         row = 0
-        for batch in ds.select_columns([field]).iter(batch_size=_BATCH):
+        batches = iter(ds.select_columns([field]).iter(batch_size=_BATCH))
+        for batch in _guarded(batches):
+            if isinstance(batch, RawDoc):
+                batch.ref = f"{prefix}#{row}"
+                yield batch
+                break
             for value in batch[field]:
                 yield _column_value(value, field, f"{prefix}#{row}", limit)
                 row += 1
