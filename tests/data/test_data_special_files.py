@@ -129,7 +129,7 @@ def test_a_fifo_named_by_the_config_is_refused_without_hanging(tmp_path, where):
     assert not (tmp_path / "ds").exists()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(300)  # torch imports slowly on a loaded machine; a FIFO hang is forever
 def test_sft_data_that_is_not_a_jsonl_text_file(tmp_path):
     from plinth.data.sft import read_jsonl
 
@@ -146,3 +146,23 @@ def test_sft_data_that_is_not_a_jsonl_text_file(tmp_path):
         with pytest.raises(UsageError) as e:
             read_jsonl(tmp_path / name)
         assert needle in str(e.value) and name in str(e.value)
+
+
+@pytest.mark.parametrize("name", [".ds.lock", "ds/manifest.json"])
+def test_a_fifo_in_plinths_own_places_neither_hangs_nor_loses_data(tmp_path, name):
+    write_text_corpus(tmp_path / "texts", 4, seed=6)
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    os.mkfifo(tmp_path / name)
+    if name.startswith("ds/"):
+        (tmp_path / "ds" / "notes.txt").write_text("the user's own file")
+    cfg = write_config(
+        tmp_path / "cfg.yaml", tmp_path / "ds", [{"kind": "text", "path": str(tmp_path / "texts")}]
+    )
+    r = run_plinth("data", "prepare", cfg, timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    if name == ".ds.lock":
+        assert "lock file" in r.stderr and "remove it" in r.stderr
+    else:  # a directory whose manifest.json is not a file is not a plinth dataset
+        assert "is not a plinth dataset" in r.stderr
+        assert (tmp_path / "ds" / "notes.txt").read_text() == "the user's own file"

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ from plinth.data.clean import decontam_spec, read_sources
 from plinth.data.encode import write_shards
 from plinth.data.layout import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER
 from plinth.data.manifest import build_manifest, write_manifest
+from plinth.data.paths import read_regular
 from plinth.data.shards import file_sha256
 from plinth.data.store import TextStore
 from plinth.data.workers import WorkerPool
@@ -99,8 +101,10 @@ def config_fingerprint(cfg: Config) -> str:
 def is_current(out: Path, fingerprint: str) -> bool:
     """True when `out` holds a complete dataset prepared from the same config fingerprint."""
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(read_regular(out / MANIFEST))
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(manifest, dict):
         return False
     if manifest.get("config_fingerprint") != fingerprint or not (out / TOKENIZER).is_file():
         return False
@@ -148,7 +152,7 @@ def prepare_dataset(cfg: Config, progress: bool = True, force: bool = False) -> 
         if not force and is_current(out, fingerprint):  # another one just built it
             return out
         foreign = out.exists() and (
-            not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
+            not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())
         )
         if foreign:
             raise UsageError(
@@ -221,7 +225,22 @@ def _lock(out: Path, wait: bool = True) -> Iterator[bool]:
         yield True
         return
     path = out.parent / f".{out.name}.lock"
-    with open(path, "w") as f:
+    not_a_file = UsageError(
+        f"{path} (the lock file of data.dir) is not a regular file; remove it and run again."
+    )
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise not_a_file
+    try:  # non-blocking: a FIFO planted at the lock's name must not hang the open
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UsageError(
+            f"cannot create the lock file {path} next to data.dir ({e.strerror}); make the "
+            "directory writable, or remove whatever is at that name."
+        ) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in since the check
+        os.close(fd)
+        raise not_a_file
+    with os.fdopen(fd, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
