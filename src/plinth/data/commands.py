@@ -115,7 +115,9 @@ def tokenizer_train(
     with TaskProgress(True) as prog:
         task = prog.task(f"train {tc.kind} tokenizer", total=budget)
         tok = tkz.train_for_config(tkz.fed_with_progress(texts(), prog, task), cfg)
-        prog.update(task, info=f"{used['bytes'] / 1e6:.1f} MB; vocab {tok.get_vocab_size()}")
+        fed = max(1, used["bytes"])
+        vocab = tok.get_vocab_size()
+        prog.update(task, total=fed, completed=fed, info=f"{fed / 1e6:.1f} MB; vocab {vocab}")
     seconds = time.perf_counter() - t0
     if used["docs"] == 0:
         raise UsageError(

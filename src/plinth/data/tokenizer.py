@@ -116,7 +116,9 @@ def fed_with_progress(texts: Iterable[str], prog, task) -> Iterator[str]:
         done += len(text.encode("utf-8", "surrogatepass"))
         prog.update(task, completed=done, info=f"{done / 1e6:.1f} MB read")
         yield text
-    prog.update(task, total=done, completed=done, info=f"{done / 1e6:.1f} MB; fitting the vocab")
+    # no total while fitting: the bar pulses and the elapsed time keeps counting (a finished
+    # task's clock stops); the caller completes it when training returns
+    prog.update(task, total=None, completed=done, info=f"{done / 1e6:.1f} MB; fitting the vocab")
 
 
 def train_for_config(texts: Iterable[str], cfg):
@@ -302,7 +304,10 @@ def dataset_tokenizer(cfg, corpus: Corpus, is_val: np.ndarray, out: Path, prog) 
         info["trained_on"] = {"docs": len(sample), "bytes": nbytes}
         if note:
             info["trained_on"]["limit_bytes"] = budget
-        prog.update(task, info=f"{nbytes / 1e6:.1f} MB; vocab {tok.get_vocab_size()}")
+        prog.update(
+            task, total=nbytes, completed=nbytes,
+            info=f"{nbytes / 1e6:.1f} MB; vocab {tok.get_vocab_size()}",
+        )
         n_sent = sentinel_count(
             tc.kind, cfg.tokenizer_vocab_size, len(tc.special_tokens), tc.sentinels
         )
