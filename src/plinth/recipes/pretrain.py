@@ -173,10 +173,10 @@ def _resume_data(cfg: Config, run_path: Path, progress: bool) -> Path:
     from plinth.data.prepare import resume_dataset
     from plinth.track.checkpoints import list_checkpoints
 
-    if not list_checkpoints(run_path / "checkpoints"):
-        raise UsageError(
-            f"--resume {run_path}: the run has no checkpoint to continue from. Start a new "
-            "run instead of resuming, or point --resume at a run that saved a checkpoint."
+    if not list_checkpoints(run_path / "checkpoints"):  # as the training loop would say
+        raise PlinthError(
+            f"no usable checkpoint under {run_path / 'checkpoints'} (none were written). Start a "
+            "new run instead of resuming, or point --resume at a run that saved a checkpoint."
         )
     try:
         recorded = json.loads((run_path / "manifest.json").read_text())["data"]["fingerprint"]
