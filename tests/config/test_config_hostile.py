@@ -277,3 +277,12 @@ def test_subprocess_bad_config_is_one_paragraph(write_yaml, tmp_path):
     )
     assert out.returncode == EXIT_USAGE and "Traceback" not in out.stderr
     assert "duplicate key 'seed'" in " ".join(out.stderr.split()) and str(f.name) in out.stderr
+
+
+def test_a_fifo_as_a_yaml_file_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "cfg.yaml"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match="not a regular file") as e:
+        read_yaml_file(fifo, "config file")
+    assert str(fifo) in str(e.value) and time.monotonic() - t0 < 5

@@ -56,3 +56,41 @@ def make_config(out: Path, sources: list[dict], seed: int = 7, vocab: int = 512,
         else:
             d[key] = value
     return Config.model_validate({"seed": seed, "model": {"vocab_size": vocab}, "data": d})
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def run_plinth(*args, timeout: float = 120, prefix: tuple = (), cwd=None):
+    """`python -m plinth ARGS` as a real process (this checkout's src first on the path);
+    a hang fails the test through subprocess.TimeoutExpired instead of stalling the suite."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "plinth", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+    )
+
+
+def write_config(path: Path, out: Path, sources: list[dict], vocab: int = 512, **data) -> Path:
+    """A YAML config file (JSON is YAML) for the `plinth data ...` commands."""
+    d = {"dir": str(out), "sources": sources, "val_fraction": 0.1, "workers": 1, **data}
+    path.write_text(json.dumps({"seed": 7, "model": {"vocab_size": vocab}, "data": d}))
+    return path
+
+
+def without_dac_override() -> tuple:
+    """A command prefix under which root meets permission checks (root ignores chmod), or
+    () when not root; None when that cannot be arranged here."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return ()
+    if shutil.which("setpriv") is None:
+        return None
+    caps = "-dac_override,-dac_read_search"
+    return ("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--")

@@ -198,6 +198,8 @@ def describe_error(err: yaml.YAMLError) -> str:
 def read_yaml_file(path: str | Path, what: str = "YAML file") -> Any:
     """Read and safely parse one YAML file; any problem is a one-paragraph UsageError."""
     p = Path(path)
+    if p.exists() and not p.is_file():  # a FIFO or device would block or never end
+        raise UsageError(f"{what} {p} is not a regular file; give the path of a YAML file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

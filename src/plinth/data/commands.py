@@ -59,6 +59,7 @@ def tokenizer_train(
       output: where to write the tokenizer.json
     """
     import os
+    import time
     from pathlib import Path
 
     from rich.console import Console
@@ -68,19 +69,24 @@ def tokenizer_train(
     from plinth.data import sources as srcs
     from plinth.data import tokenizer as tkz
     from plinth.errors import UsageError
+    from plinth.track.progress import TaskProgress
 
     cfg = load_config(files=[config], overrides=list(overrides)).config
     data, tc = cfg.data, cfg.data.tokenizer
+    if tc.path:
+        raise UsageError(
+            "data.tokenizer.path is set, so there is nothing to train; unset it "
+            "(data.tokenizer.path=null) to train a new tokenizer"
+        )
     for i, s in enumerate(data.sources):
         srcs.check_source_config(s, f"data.sources[{i}]")
     settings = flt.FilterSettings.from_config(data.filters)
-    console = Console(stderr=True)
+    budget, note = tkz.train_budget(tc)
     used = {"docs": 0, "bytes": 0}
     skipped: Counter = Counter()
     held_out: list[str] = []
 
     def texts():
-        budget = tc.train_max_bytes
         for src in data.sources:
             n = nbytes = 0
             for raw in srcs.open_source(src, data.max_doc_bytes):
@@ -105,13 +111,14 @@ def tokenizer_train(
                 ):
                     break
 
-    with console.status("training tokenizer..."):
-        if tc.path:
-            raise UsageError(
-                "data.tokenizer.path is set, so there is nothing to train; unset it "
-                "(data.tokenizer.path=null) to train a new tokenizer"
-            )
-        tok = tkz.train_for_config(texts(), cfg)
+    t0 = time.perf_counter()
+    with TaskProgress(True) as prog:
+        task = prog.task(f"train {tc.kind} tokenizer", total=budget)
+        tok = tkz.train_for_config(tkz.fed_with_progress(texts(), prog, task), cfg)
+        fed = max(1, used["bytes"])
+        vocab = tok.get_vocab_size()
+        prog.update(task, total=fed, completed=fed, info=f"{fed / 1e6:.1f} MB; vocab {vocab}")
+    seconds = time.perf_counter() - t0
     if used["docs"] == 0:
         raise UsageError(
             f"no document to train on after reading and filtering ({dict(skipped)}); check "
@@ -124,7 +131,8 @@ def tokenizer_train(
     os.replace(tmp, out)
     roles = tkz.role_ids(tok, tc.special_tokens)
     line = f"saved {out}: {tc.kind}, vocab {tok.get_vocab_size()}, trained on {used['docs']} docs "
-    line += f"({used['bytes'] / 1e6:.1f} MB), {len(roles['sentinel_ids'])} sentinels"
+    line += f"({used['bytes'] / 1e6:.1f} MB) in {seconds:.0f}s, {len(roles['sentinel_ids'])} "
+    line += "sentinels"
     if held_out:
         tok.encode_special_tokens = True
         n_tok = sum(len(e.ids) for e in tok.encode_batch(held_out, add_special_tokens=False))
@@ -133,6 +141,8 @@ def tokenizer_train(
     Console().print(line, markup=False, highlight=False)
     if skipped:
         Console().print(f"skipped: {dict(skipped.most_common())}", markup=False, highlight=False)
+    if note and budget and used["bytes"] >= budget:
+        Console(stderr=True).print(f"note: {note}", markup=False, highlight=False)
     return 0
 
 

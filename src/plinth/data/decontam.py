@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from plinth.data.paths import path_problem, read_regular
 from plinth.errors import UsageError
 
 DEFAULT_N = 13
@@ -135,9 +136,13 @@ def eval_files(paths: Iterable[str | Path]) -> list[tuple[str, Path]]:
         elif p.is_file():
             out.append((p.stem, p))
         else:
+            problem = path_problem(p)
+            what = "does not exist"
+            if problem is not None and problem[0] != "missing_path":
+                what = f"cannot be read ({problem[1]})"
             raise UsageError(
-                f"evaluation set {p} does not exist; give JSONL or text files, task YAML "
-                "files or directories of them"
+                f"evaluation set {p} {what} (data.decontaminate); give JSONL or text files, "
+                "task YAML files or directories of them"
             )
     return out
 
@@ -169,7 +174,7 @@ def load_eval_file(path: str | Path, fields: list[str] | None = None) -> list[st
     """The examples of one evaluation file as texts (see the module doc for the formats)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_regular(p).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read the evaluation set {p}: {e}") from None
     if p.suffix != ".jsonl":
@@ -180,8 +185,8 @@ def load_eval_file(path: str | Path, fields: list[str] | None = None) -> list[st
             continue
         try:
             row = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{p}:{lineno} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise UsageError(f"{p}:{lineno} is not valid JSON ({str(e)[:200]})") from None
         if fields is not None:
             if not isinstance(row, dict) or not all(f in row for f in fields):
                 raise UsageError(f"{p}:{lineno} lacks one of the fields {fields}")
@@ -205,5 +210,11 @@ def files_digest(paths: Iterable[str | Path]) -> str:
     """Hash of the contents of every evaluation file `paths` names (for dataset fingerprints)."""
     h = hashlib.sha256()
     for name, p in eval_files(paths):
-        h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+        try:
+            data = read_regular(p)
+        except OSError as e:
+            raise UsageError(
+                f"cannot read the evaluation set {p} (data.decontaminate): {e}"
+            ) from None
+        h.update(name.encode() + b"\0" + data + b"\0")
     return h.hexdigest()[:16]

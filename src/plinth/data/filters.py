@@ -16,7 +16,6 @@ import string
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 # --------------------------------------------------------------------------------- settings
 
@@ -71,10 +70,11 @@ class FilterSettings:
 def load_blocklist(path: str) -> tuple[frozenset[str], tuple[str, ...]]:
     """One term per line (blank lines and `#` comments ignored), matched case-insensitively as
     whole words; multi-word terms match as phrases."""
+    from plinth.data.paths import read_regular
     from plinth.errors import UsageError
 
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = read_regular(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(
             f"cannot read the blocklist file {path} (data.filters.blocklist): {e}. Give a UTF-8 "

@@ -96,19 +96,37 @@ class SFTData:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    from plinth.data.paths import open_regular, path_problem
+
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"fine-tuning data {p} does not exist; point finetune.dataset at a JSONL")
+    problem = path_problem(p)
+    if problem is not None:
+        what = "does not exist" if problem[0] == "missing_path" else f"cannot be read: {problem[1]}"
+        raise UsageError(f"fine-tuning data {p} {what}; point finetune.dataset at a JSONL file")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with open_regular(p) as f:
+        head = f.peek(8192)[:8192]
+        if b"\x00" in head:
+            raise UsageError(
+                f"fine-tuning data {p} contains NUL bytes: it looks binary, not JSONL text; "
+                "point finetune.dataset at a UTF-8 JSONL file"
+            )
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(
+                    f"{p} line {n} is not UTF-8 (invalid byte at offset {e.start}); re-encode "
+                    "the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
+                why = getattr(e, "msg", None) or "nested too deeply or a number too long"
                 raise UsageError(
-                    f"{p} line {n} is not valid JSON ({e.msg}); each line must be one object "
+                    f"{p} line {n} is not valid JSON ({why}); each line must be one object "
                     'like {"prompt": ..., "completion": ...}'
                 ) from None
             if not isinstance(rec, dict):

@@ -9,14 +9,14 @@ Every reader is a generator that holds at most one document (or one Parquet/Arro
 memory, so corpora larger than memory stream through. Bad input never raises: it comes out as
 a `RawDoc` with `text=None` and a `reason` (empty_file, binary, not_utf8, invalid_json,
 missing_field, field_not_text, too_large, no_files, missing_path, unreadable, unparsable,
-no_docstrings, blank_line) that
+no_docstrings, blank_line; and, for entries never opened, fifo, device, socket, symlink_loop,
+broken_symlink, permission_denied, unlistable_dir: see plinth.data.paths) that
 the pipeline counts in the manifest and reports with the file (and line) it came from.
 """
 
 from __future__ import annotations
 
 import ast
-import glob
 import gzip
 import hashlib
 import io
@@ -24,10 +24,12 @@ import json
 import os
 import sys
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from plinth.data.paths import NotRegularFile, Scan, open_regular, scan_files
 from plinth.errors import UsageError
 
 DEFAULT_PATTERNS = {
@@ -97,6 +99,18 @@ def check_source_config(src, where: str) -> None:
             f"{where}.path is required for kind={src.kind}: give a file, directory or glob "
             f"(e.g. {where}.path=corpus/)."
         )
+    for key in ("path", "pattern"):
+        value = getattr(src, key, None)
+        if value and "\x00" in value:
+            raise UsageError(
+                f"{where}.{key} contains a NUL character, which no file name can hold: "
+                f"{value[:200]!r}. Give the path of a file, directory or glob."
+            )
+    if src.pattern is not None and not src.pattern.strip("/"):
+        raise UsageError(
+            f"{where}.pattern={src.pattern!r} matches no file name; give a glob such as "
+            "'*.txt' or '**/*.md' (or leave it unset for the kind's defaults)."
+        )
     needs = {"parquet": "pyarrow", "hf_disk": "datasets"}.get(src.kind)
     if needs:
         try:
@@ -122,19 +136,16 @@ def open_source(src, max_doc_bytes: int = 16_000_000) -> Iterator[RawDoc]:
 # ----------------------------------------------------------------------------- file listing
 
 
+def scan_source(src) -> Scan:
+    """Files a text/jsonl/parquet source reads (sorted) and the entries it skips unopened
+    (FIFOs, devices, sockets, symlink loops, broken links, unlistable directories)."""
+    patterns = (src.pattern,) if src.pattern else DEFAULT_PATTERNS[src.kind]
+    return scan_files(src.path, patterns)
+
+
 def list_files(src) -> list[Path]:
     """Files a text/jsonl/parquet source reads, sorted; a missing path gives []."""
-    path = src.path
-    patterns = (src.pattern,) if src.pattern else DEFAULT_PATTERNS[src.kind]
-    if glob.has_magic(path):
-        return sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-    p = Path(path)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        found = {f for pat in patterns for f in p.rglob(pat) if f.is_file()}
-        return sorted(f for f in found if not any(part.startswith(".") for part in f.parts[-2:]))
-    return []
+    return scan_source(src).files
 
 
 def stdlib_dir() -> Path:
@@ -161,7 +172,10 @@ def stat_signature(src) -> str:
         root = Path(src.path)
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.exists() else []
     else:
-        files = list_files(src)
+        scan = scan_source(src)
+        files = scan.files
+        for skip in scan.skipped:
+            h.update(f"{skip.path}|{skip.reason}\n".encode())
     for f in files:
         try:
             st = f.stat()
@@ -194,14 +208,22 @@ def decode_bytes(data: bytes, ref: str) -> RawDoc:
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """A regular file (NotRegularFile for FIFOs, devices, ...: never blocks), gunzipped."""
+    f = open_regular(path)
+    if path.suffix != ".gz":
+        return f
+    g = gzip.GzipFile(fileobj=f, mode="rb")
+    g.myfileobj = f  # closed with the GzipFile (as when gzip opens the file itself)
+    return g
 
 
 def _read_limited(path: Path, limit: int) -> tuple[bytes | None, str | None]:
     """Whole file, unless it is larger than `limit` (then nothing is read into memory)."""
-    if path.suffix != ".gz" and path.stat().st_size > limit:
-        return None, f"{path.stat().st_size:,} bytes, over data.max_doc_bytes={limit:,}"
-    with _open_binary(path) as f:
+    f = _open_binary(path)
+    with f:
+        size = os.fstat(f.fileno()).st_size if path.suffix != ".gz" else 0
+        if size > limit:
+            return None, f"{size:,} bytes, over data.max_doc_bytes={limit:,}"
         data = f.read(limit + 1)
     if len(data) > limit:
         return None, f"over data.max_doc_bytes={limit:,} bytes once decompressed"
@@ -211,7 +233,9 @@ def _read_limited(path: Path, limit: int) -> tuple[bytes | None, str | None]:
 def _read_doc_file(path: Path, ref: str, limit: int) -> RawDoc:
     try:
         data, too_large = _read_limited(path, limit)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except NotRegularFile as e:
+        return RawDoc(ref, None, e.reason, e.detail)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         return RawDoc(ref, None, "unreadable", f"cannot read: {e}")
     if data is None:
         return RawDoc(ref, None, "too_large", f"{too_large}; skipped unread")
@@ -222,7 +246,12 @@ def _read_doc_file(path: Path, ref: str, limit: int) -> RawDoc:
 
 
 def _files_source(src, limit: int) -> Iterator[RawDoc]:
-    files = list_files(src)
+    scan = scan_source(src)
+    for skip in scan.skipped:
+        yield RawDoc(skip.path, None, skip.reason, skip.detail)
+    files = scan.files
+    if not files and scan.skipped:
+        return
     if not files:
         p = Path(src.path)
         if p.is_dir():
@@ -250,7 +279,10 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
     try:
         f = _open_binary(path)
         head = f.peek(_BINARY_PROBE)[:_BINARY_PROBE] if hasattr(f, "peek") else b""
-    except OSError as e:
+    except NotRegularFile as e:
+        yield RawDoc(str(path), None, e.reason, e.detail)
+        return
+    except (OSError, EOFError, zlib.error) as e:
         yield RawDoc(str(path), None, "unreadable", f"cannot open: {e}")
         return
     with f:
@@ -261,7 +293,7 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
         while True:
             try:
                 line = f.readline(limit + 1)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except (OSError, EOFError, zlib.error) as e:
                 yield RawDoc(f"{path}:{lineno + 1}", None, "unreadable", f"read failed: {e}")
                 return
             if not line:
@@ -292,7 +324,11 @@ def _jsonl_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
                 yield RawDoc(ref, None, "not_utf8", "line is not UTF-8", len(line))
                 continue
             except ValueError as e:
-                yield RawDoc(ref, None, "invalid_json", f"not JSON ({e.msg} at column {e.colno})")
+                where = f"{e.msg} at column {e.colno}" if hasattr(e, "msg") else str(e)[:200]
+                yield RawDoc(ref, None, "invalid_json", f"not JSON ({where})")
+                continue
+            except RecursionError:
+                yield RawDoc(ref, None, "invalid_json", "JSON nested too deeply to read")
                 continue
             yield _record_text(record, field, ref, len(line))
         if not any_line:
@@ -320,7 +356,23 @@ def _record_text(record, field: str, ref: str, nbytes: int) -> RawDoc:
         )
     if not text.strip():
         return RawDoc(ref, None, "empty", f"'{field}' is empty", nbytes)
-    return RawDoc(ref, text, nbytes=len(text.encode("utf-8", "surrogatepass")))
+    return _unicode_doc(ref, text, field)
+
+
+def _unicode_doc(ref: str, text: str, field: str) -> RawDoc:
+    """A document of valid Unicode: JSON `\\ud800` escapes and Arrow strings can carry lone
+    surrogates, which no UTF-8 encoder (the text store, the tokenizer) accepts."""
+    try:
+        return RawDoc(ref, text, nbytes=len(text.encode("utf-8")))
+    except UnicodeEncodeError as e:
+        return RawDoc(
+            ref,
+            None,
+            "not_utf8",
+            f"'{field}' holds a lone surrogate at character {e.start} (e.g. a \\ud800 escape); "
+            "not valid Unicode text",
+            len(text),
+        )
 
 
 def _parquet_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
@@ -341,10 +393,29 @@ def _parquet_file(path: Path, field: str, limit: int) -> Iterator[RawDoc]:
         )
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH, columns=[field]):
+    batches = pf.iter_batches(batch_size=_BATCH, columns=[field])
+    for batch in _guarded(batches):
+        if isinstance(batch, RawDoc):
+            batch.ref = f"{path}#{row}"
+            yield batch
+            return
         for value in batch.column(0).to_pylist():
             yield _column_value(value, field, f"{path}#{row}", limit)
             row += 1
+
+
+def _guarded(batches) -> Iterator:
+    """The batches of a columnar reader; a read error (a corrupt page past a valid footer)
+    ends them with one `unreadable` RawDoc instead of an exception."""
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # pyarrow and datasets raise many types for corrupt data
+            yield RawDoc("", None, "unreadable", f"read failed: {e}"[:300])  # ref: the caller
+            return
+        if batch is None:
+            return
+        yield batch
 
 
 def _column_value(value, field: str, ref: str, limit: int) -> RawDoc:
@@ -362,7 +433,7 @@ def _column_value(value, field: str, ref: str, limit: int) -> RawDoc:
             return RawDoc(ref, None, "too_large", f"{n:,} bytes, over max_doc_bytes", n)
     if not value.strip():
         return RawDoc(ref, None, "empty", f"'{field}' is empty")
-    return RawDoc(ref, value, nbytes=len(value.encode("utf-8", "surrogatepass")))
+    return _unicode_doc(ref, value, field)
 
 
 def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
@@ -398,7 +469,12 @@ def _hf_disk(path: str, field: str, limit: int) -> Iterator[RawDoc]:
             )
             continue
         row = 0
-        for batch in ds.select_columns([field]).iter(batch_size=_BATCH):
+        batches = iter(ds.select_columns([field]).iter(batch_size=_BATCH))
+        for batch in _guarded(batches):
+            if isinstance(batch, RawDoc):
+                batch.ref = f"{prefix}#{row}"
+                yield batch
+                break
             for value in batch[field]:
                 yield _column_value(value, field, f"{prefix}#{row}", limit)
                 row += 1

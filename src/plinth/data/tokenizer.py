@@ -19,7 +19,7 @@ the dataset.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,39 @@ def reserved_tokens(kind: str, vocab_size: int, special_tokens: list[str], senti
     named = list(special_tokens) + ([] if kind == "bpe" else [UNK])
     n = sentinel_count(kind, vocab_size, len(named) - (kind != "bpe"), sentinels)
     return named + [sentinel_token(i) for i in range(n)], n
+
+
+# Unigram training (a suffix-array seed vocabulary, then EM rounds over every piece) is by far
+# the slowest kind in `tokenizers`: minutes per few MB on a CPU core. Like SentencePiece's
+# input_sentence_size, it trains on a bounded sample unless the limit is chosen explicitly:
+# while data.tokenizer.train_max_bytes keeps its default, unigram uses at most this many bytes.
+UNIGRAM_SAMPLE_BYTES = 4_000_000
+
+
+def train_budget(tc) -> tuple[int | None, str | None]:
+    """(bytes to train on, or None for all; a note when unigram's default bound applies)."""
+    default = type(tc).model_fields["train_max_bytes"].default
+    if tc.kind == "unigram" and tc.train_max_bytes == default:
+        return UNIGRAM_SAMPLE_BYTES, (
+            f"unigram trains on a sample of at most {UNIGRAM_SAMPLE_BYTES / 1e6:g} MB (its "
+            "training time grows fast with the text; set data.tokenizer.train_max_bytes to "
+            "choose another limit)"
+        )
+    return tc.train_max_bytes, None
+
+
+def fed_with_progress(texts: Iterable[str], prog, task) -> Iterator[str]:
+    """`texts`, advancing `task` by the bytes handed to the trainer; once all are in, the
+    task says the vocabulary is being fitted (that part runs inside `tokenizers`, in Rust,
+    with no progress to report, so the bar shows the time elapsed)."""
+    done = 0
+    for text in texts:
+        done += len(text.encode("utf-8", "surrogatepass"))
+        prog.update(task, completed=done, info=f"{done / 1e6:.1f} MB read")
+        yield text
+    # no total while fitting: the bar pulses and the elapsed time keeps counting (a finished
+    # task's clock stops); the caller completes it when training returns
+    prog.update(task, total=None, completed=done, info=f"{done / 1e6:.1f} MB; fitting the vocab")
 
 
 def train_for_config(texts: Iterable[str], cfg):
@@ -137,21 +170,37 @@ def load_tokenizer(path: str | Path, special_tokens: list[str] | None = None):
     tokens the file already has (its end-of-text token first)."""
     from tokenizers import Tokenizer
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
+    p = tokenizer_file(path)
     try:
         tok = Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises bare Exceptions for missing/bad files
-        raise UsageError(
-            f"cannot load the tokenizer {p} (data.tokenizer.path): {e}. Give a tokenizer.json "
-            "written by Hugging Face tokenizers, or unset data.tokenizer.path to train one."
-        ) from None
+        raise _load_error(p, e) from None
     vocab = tok.get_vocab(with_added_tokens=True)
     missing = [t for t in special_tokens or [] if t not in vocab]
     if missing:
         tok.add_special_tokens(missing)
     return tok, missing
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json that `path` (a file, or a directory holding one) names; UsageError
+    when it is not a regular file (a FIFO or device would block the Rust reader forever)."""
+    from plinth.data.paths import path_problem
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER
+    problem = path_problem(p)
+    if problem is not None:
+        raise _load_error(p, problem[1])
+    return p
+
+
+def _load_error(p: Path, why) -> UsageError:
+    return UsageError(
+        f"cannot load the tokenizer {p} (data.tokenizer.path): {why}. Give a tokenizer.json "
+        "written by Hugging Face tokenizers, or unset data.tokenizer.path to train one."
+    )
 
 
 def role_ids(tok, special_tokens: list[str]) -> dict:
@@ -216,11 +265,20 @@ def dataset_tokenizer(cfg, corpus: Corpus, is_val: np.ndarray, out: Path, prog) 
                 f"{cfg.model.vocab_size}; raise model.vocab_size to at least the tokenizer's"
             )
     else:
-        task = prog.task("train tokenizer")
-        sample = _training_sample(corpus, is_val, cfg.seed, tc.train_max_bytes)
-        tok = train_for_config(corpus.texts(sample), cfg)
-        info["trained_on"] = {"docs": len(sample), "bytes": int(corpus.sizes[sample].sum())}
-        prog.update(task, total=1, completed=1, info=f"vocab {tok.get_vocab_size()}")
+        budget, note = train_budget(tc)
+        sample = _training_sample(corpus, is_val, cfg.seed, budget)
+        nbytes = int(corpus.sizes[sample].sum())
+        task = prog.task(f"train {tc.kind} tokenizer", total=nbytes)
+        if note and budget < corpus.sizes[~is_val].sum():
+            prog.log(note)
+        tok = train_for_config(fed_with_progress(corpus.texts(sample), prog, task), cfg)
+        info["trained_on"] = {"docs": len(sample), "bytes": nbytes}
+        if note:
+            info["trained_on"]["limit_bytes"] = budget
+        prog.update(
+            task, total=nbytes, completed=nbytes,
+            info=f"{nbytes / 1e6:.1f} MB; vocab {tok.get_vocab_size()}",
+        )
         n_sent = sentinel_count(
             tc.kind, cfg.tokenizer_vocab_size, len(tc.special_tokens), tc.sentinels
         )

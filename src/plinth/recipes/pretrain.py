@@ -104,7 +104,10 @@ def run_pretraining(
         data_dir: str | PlinthError | None = None
         if env.is_main:
             try:
-                data_dir = str(prepare_dataset(cfg, progress=progress))
+                if run_path is not None:  # refused before any data work: never rebuilt
+                    data_dir = str(_resume_data(cfg, run_path, progress))
+                else:
+                    data_dir = str(prepare_dataset(cfg, progress=progress))
             except PlinthError as e:  # tell the other ranks instead of leaving them waiting
                 data_dir = e
         data_dir = broadcast_object(data_dir, env)
@@ -153,6 +156,26 @@ def run_pretraining(
             run.close()
     finally:
         destroy_process_group()
+
+
+def _resume_data(cfg: Config, run_path: Path, progress: bool) -> Path:
+    """The dataset of a run being resumed, once the run can be resumed at all: the dataset
+    is used as it is (not rebuilt), and must be the one the run recorded."""
+    import json
+
+    from plinth.data.prepare import resume_dataset
+    from plinth.track.checkpoints import list_checkpoints
+
+    if not list_checkpoints(run_path / "checkpoints"):  # as the training loop would say
+        raise PlinthError(
+            f"no usable checkpoint under {run_path / 'checkpoints'} (none were written). Start a "
+            "new run instead of resuming, or point --resume at a run that saved a checkpoint."
+        )
+    try:
+        recorded = json.loads((run_path / "manifest.json").read_text())["data"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None  # no record to compare with: the dataset is still not rebuilt
+    return resume_dataset(cfg, recorded, f"run {run_path}", progress)
 
 
 def text_sampler(cfg: Config, ds):
