@@ -267,8 +267,11 @@ def load_task(path: str | Path) -> Task:
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}: " if mark is not None else ""
+        why = " ".join(str(getattr(e, "problem", None) or e).split())[:200]
         raise UsageError(
-            f"task file {path} is not valid YAML ({str(e)[:200]}); fix it (see docs/eval.md)"
+            f"task file {path} is not valid YAML ({at}{why}); fix it (see docs/eval.md)"
         ) from None
     except RecursionError:
         raise UsageError(f"task file {path} is nested too deeply to read; simplify it") from None
