@@ -301,33 +301,8 @@ def load_task(path: str | Path) -> Task:
             raise UsageError(f"{path}: {sect} must be a mapping of {sorted(SUB_KEYS[sect])}")
         _check_keys(path, val, SUB_KEYS[sect], f"{sect}.")
         subs[sect] = val
-    fs = subs["fewshot"]
-    fewshot = FewShot(
-        k=_typed(path, "fewshot.k", fs.get("k", 0), int, minimum=0),
-        seed=_typed(path, "fewshot.seed", fs.get("seed", 1234), int),
-        separator=_typed(path, "fewshot.separator", fs.get("separator", "\n\n"), str),
-        file=(path.parent / _typed(path, "fewshot.file", fs["file"], str))
-        if fs.get("file") else None,
-        answer=_typed(path, "fewshot.answer", fs.get("answer", "{answer}"), str),
-    )
-    g = subs["generation"]
-    gen = Generation(
-        max_new_tokens=_typed(path, "generation.max_new_tokens", g.get("max_new_tokens", 32),
-                              int, minimum=1),
-        stop=g.get("stop", ["\n\n"]),
-        metric=_typed(path, "generation.metric", g.get("metric", "exact_match"), str),
-        pattern=g.get("pattern"),
-        normalize=_typed(path, "generation.normalize", g.get("normalize", "strip"), str),
-    )
-    if isinstance(gen.stop, str):
-        gen.stop = [gen.stop]
-    if not isinstance(gen.stop, list) or not all(isinstance(x, str) and x for x in gen.stop):
-        raise UsageError(
-            f"{path}: generation.stop is {str(gen.stop)[:200]}; give a string or a list of "
-            'non-empty strings, e.g. stop: ["\\n"]'
-        )
-    if gen.pattern is not None:
-        _typed(path, "generation.pattern", gen.pattern, str)
+    fewshot = _fewshot(path, subs["fewshot"])
+    gen = _generation(path, subs["generation"])
     if gen.metric not in GEN_METRICS:
         raise UsageError(
             f"{path}: generation.metric is {gen.metric!r}; use one of {', '.join(GEN_METRICS)}"
@@ -398,6 +373,38 @@ def load_task(path: str | Path) -> Task:
     if fewshot.file is not None:
         task.shot_rows = _read_rows(task, fewshot.file)
     return task
+
+
+def _fewshot(path: Path, fs: dict) -> FewShot:
+    return FewShot(
+        k=_typed(path, "fewshot.k", fs.get("k", 0), int, minimum=0),
+        seed=_typed(path, "fewshot.seed", fs.get("seed", 1234), int),
+        separator=_typed(path, "fewshot.separator", fs.get("separator", "\n\n"), str),
+        file=(path.parent / _typed(path, "fewshot.file", fs["file"], str))
+        if fs.get("file") else None,
+        answer=_typed(path, "fewshot.answer", fs.get("answer", "{answer}"), str),
+    )
+
+
+def _generation(path: Path, g: dict) -> Generation:
+    gen = Generation(
+        max_new_tokens=_typed(path, "generation.max_new_tokens", g.get("max_new_tokens", 32),
+                              int, minimum=1),
+        stop=g.get("stop", ["\n\n"]),
+        metric=_typed(path, "generation.metric", g.get("metric", "exact_match"), str),
+        pattern=g.get("pattern"),
+        normalize=_typed(path, "generation.normalize", g.get("normalize", "strip"), str),
+    )
+    if isinstance(gen.stop, str):
+        gen.stop = [gen.stop]
+    if not isinstance(gen.stop, list) or not all(isinstance(x, str) and x for x in gen.stop):
+        raise UsageError(
+            f"{path}: generation.stop is {str(gen.stop)[:200]}; give a string or a list of "
+            'non-empty strings, e.g. stop: ["\\n"]'
+        )
+    if gen.pattern is not None:
+        _typed(path, "generation.pattern", gen.pattern, str)
+    return gen
 
 
 def _load_counterfactual(task: Task, spec: dict) -> None:

@@ -92,17 +92,7 @@ def generate_cmd(
     from plinth.infer.engine import Engine, SamplingParams
     from plinth.load import no_chat_template
 
-    for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams),
-                        ("--num-return-sequences", num_return_sequences)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
-    if num_return_sequences > num_beams > 1:
-        raise UsageError(f"--num-return-sequences {num_return_sequences} is more than "
-                         f"--num-beams {num_beams}; beam search returns at most one sequence "
-                         "per beam")
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be at least 1 (0: the run's default), got "
-                         f"{max_new_tokens}")
+    _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens)
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
     if output is not None and prompts_file is None:
@@ -143,6 +133,21 @@ def generate_cmd(
                    fit_to_context=not max_new_tokens)
     _write_results(eng, rows, results, output, num_return_sequences > 1)
     return 0
+
+
+def _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens) -> None:
+    """Counts in range before the model loads (UsageError naming the flag)."""
+    for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams),
+                        ("--num-return-sequences", num_return_sequences)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if num_return_sequences > num_beams > 1:
+        raise UsageError(f"--num-return-sequences {num_return_sequences} is more than "
+                         f"--num-beams {num_beams}; beam search returns at most one sequence "
+                         "per beam")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be at least 1 (0: the run's default), got "
+                         f"{max_new_tokens}")
 
 
 @dataclass
