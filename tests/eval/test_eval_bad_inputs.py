@@ -263,3 +263,28 @@ def test_hostile_chat_template_in_serve(hostile_model):
     with pytest.raises(APIError) as e:
         chat_inputs(eng, Limits(), req)
     assert e.value.status == 400 and "refused by the sandbox" in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value,expect", [
+    ("--max-batch", "0", "--max-batch must be at least 1"),
+    ("--max-queue", "-1", "--max-queue must be at least 1"),
+    ("--max-prompt-tokens", "0", "--max-prompt-tokens must be at least 1"),
+    ("--max-tokens-limit", "0", "--max-tokens-limit must be at least 1"),
+    ("--max-body-bytes", "-5", "--max-body-bytes must be at least 1"),
+    ("--timeout", "0", "--timeout must be a positive number"),
+    ("--timeout", "nan", "--timeout must be a positive number"),
+])
+def test_serve_limits_are_checked_before_loading(tmp_path, capsys, flag, value, expect):
+    code, err, _ = _main(capsys, "serve", str(tmp_path / "no-model"), flag, value)
+    assert code == 2 and expect in err, err
+
+
+def test_chat_sampling_options_are_checked(capsys, tiny_hf, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(tiny_hf[1], d)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    for args, expect in [(["--max-new-tokens", "0"], "max_new_tokens=0"),
+                         (["--temperature", "-1"], "temperature=-1"),
+                         (["--top-p", "nan"], "top_p=nan")]:
+        code, err, _ = _main(capsys, "chat", str(d), *args)
+        assert code == 2 and expect in err, (args, err)

@@ -141,6 +141,7 @@ def loglikelihoods(
     out: list[tuple[float, bool] | None] = [None] * len(prepared)
     device = next(lm.model.parameters()).device
     start = 0
+    _report(0, len(order), "scoring")
     while start < len(order):
         width = len(prepared[order[start]][0])
         rows = max(1, min(batch_size, batch_tokens // max(width, 1)))
@@ -304,6 +305,7 @@ def _greedy_texts(lm, task: Task, prompts: list[list[int]], batch_size: int) -> 
     gen = task.generation
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
+    _report(0, len(prompts), "generating")
     for s in range(0, len(prompts), batch_size):
         chunk = order[s : s + batch_size]
         outs = generate(

@@ -75,8 +75,9 @@ def serve(
             "can use the model. Set --api-key or PLINTH_API_KEY, or bind 127.0.0.1.",
             stacklevel=1,
         )
-    if max_batch < 1 or max_queue < 1:
-        raise UsageError(f"--max-batch ({max_batch}) and --max-queue ({max_queue}) must be >= 1")
+    _check_limits(max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
+                  timeout=timeout)
     engine = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter)
     app = create_app(
         engine,
@@ -93,3 +94,18 @@ def serve(
           + (" (API key required)" if key else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0
+
+
+def _check_limits(**values) -> None:
+    """Each server limit at least 1 (--timeout: above 0, finite), before the model loads."""
+    import math
+
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if name == "timeout":
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{flag} must be a positive number of seconds, got {value}")
+        elif value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
