@@ -288,3 +288,16 @@ def test_chat_sampling_options_are_checked(capsys, tiny_hf, tmp_path):
                          (["--top-p", "nan"], "top_p=nan")]:
         code, err, _ = _main(capsys, "chat", str(d), *args)
         assert code == 2 and expect in err, (args, err)
+
+
+def test_a_yaml_alias_bomb_in_a_task_key_is_refused_quickly(tmp_path):
+    import time
+
+    levels = ["&a ['lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol', 'lol']"]
+    for i in range(1, 9):
+        levels.append(f"&{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 9)}]")
+    text = TASK.replace('"Q: {question}"', "*i") + f"provenance: [{', '.join(levels)}]\n"
+    text = text.replace("prompt: *i\n", "") + "prompt: *i\n"  # the anchor comes first
+    t0 = time.monotonic()
+    _refused(_task(tmp_path, text), "t.yaml", "prompt is a list")
+    assert time.monotonic() - t0 < 10

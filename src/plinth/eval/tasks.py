@@ -399,7 +399,7 @@ def _generation(path: Path, g: dict) -> Generation:
         gen.stop = [gen.stop]
     if not isinstance(gen.stop, list) or not all(isinstance(x, str) and x for x in gen.stop):
         raise UsageError(
-            f"{path}: generation.stop is {str(gen.stop)[:200]}; give a string or a list of "
+            f"{path}: generation.stop is {_quote(gen.stop)}; give a string or a list of "
             'non-empty strings, e.g. stop: ["\\n"]'
         )
     if gen.pattern is not None:
@@ -522,6 +522,15 @@ def read_text_file(path: Path, what: str, expected: str) -> str:
         ) from None
 
 
+def _quote(value) -> str:
+    """A short repr of a YAML value (bounded even for nested aliases: a YAML bomb)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 2, 160, 160
+    return r.repr(value)[:200]
+
+
 def _check_types(path: Path, spec: dict) -> None:
     """The top-level keys that must be text are text (not numbers, lists or mappings)."""
     for key in ("name", "type", "data", "prompt", "template", "target_delimiter",
@@ -529,7 +538,7 @@ def _check_types(path: Path, spec: dict) -> None:
         if key in spec and spec[key] is not None and not isinstance(spec[key], str):
             kind = type(spec[key]).__name__
             raise UsageError(
-                f"{path}: {key} is a {kind} ({str(spec[key])[:200]}), not text; write it as a "
+                f"{path}: {key} is a {kind} ({_quote(spec[key])}), not text; write it as a "
                 "string (quote it in YAML), see docs/eval.md"
             )
 
@@ -539,7 +548,7 @@ def _typed(path: Path, key: str, value, kind: type, minimum: int | None = None):
     if isinstance(value, bool) or not isinstance(value, kind):
         name = "an integer" if kind is int else "text"
         raise UsageError(
-            f"{path}: {key} is {str(value)[:200]!r} ({type(value).__name__}); it must be {name}"
+            f"{path}: {key} is {_quote(value)} ({type(value).__name__}); it must be {name}"
         )
     if minimum is not None and value < minimum:
         raise UsageError(f"{path}: {key} is {value}; it must be at least {minimum}")
