@@ -209,6 +209,26 @@ def _record_eos_text(model_dir: Path) -> str | None:
 def chat_template_source(setting: str, model_dir: Path) -> str | None:
     """The Jinja2 chat template text a setting selects: a file, `auto` (the model's own, from
     chat_template.jinja or tokenizer_config.json; None when it has none) or `none`."""
+    found = chat_template_origin(setting, model_dir)
+    if found is None:
+        return None
+    p = Path(found)
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.name != TOKENIZER_CONFIG:
+            return text
+        tpl = json.loads(text).get("chat_template")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError) as e:
+        raise UsageError(
+            f"chat template {p}: cannot read it ({type(e).__name__}: {str(e)[:200]}); a chat "
+            "template is a UTF-8 Jinja2 text file (or tokenizer_config.json's chat_template). "
+            "Fix or remove the file, or set finetune.chat_template=none."
+        ) from None
+    return tpl if isinstance(tpl, str) else None
+
+
+def chat_template_origin(setting: str, model_dir: Path) -> str | None:
+    """The file a chat template setting reads (see chat_template_source), for messages."""
     if setting == "none":
         return None
     if setting != "auto":
@@ -218,15 +238,10 @@ def chat_template_source(setting: str, model_dir: Path) -> str | None:
                 f"finetune.chat_template={setting}: no such file. Give a Jinja2 template file, "
                 "`auto` (the base model's own, when it has one) or `none` (plain layout)."
             )
-        return p.read_text(encoding="utf-8")
-    jinja = Path(model_dir) / CHAT_TEMPLATE_FILE
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    tc = Path(model_dir) / TOKENIZER_CONFIG
-    if tc.is_file():
-        tpl = json.loads(tc.read_text()).get("chat_template")
-        if isinstance(tpl, str):
-            return tpl
+        return str(p)
+    for name in (CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG):
+        if (Path(model_dir) / name).is_file():
+            return str(Path(model_dir) / name)
     return None
 
 
@@ -250,7 +265,8 @@ def chat_template_for(spec, run: Path, cfg):
     for d in dirs:
         source = chat_template_source("auto", d)
         if source is not None:
-            return ChatTemplate(source, token_text(d, "bos_token"), token_text(d, "eos_token"))
+            return ChatTemplate(source, token_text(d, "bos_token"), token_text(d, "eos_token"),
+                                origin=str(chat_template_origin("auto", d)))
     return None
 
 

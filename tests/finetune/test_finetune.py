@@ -183,7 +183,7 @@ def test_a_label_outside_the_classes_is_named(base_run, tmp_path, capsys):
     err = _error(capsys, f"finetune.base={base_run}", f"finetune.dataset={bad}",
                  "finetune.task=classification", "finetune.labels=[sports, cooking]",
                  f"tracking.output_dir={tmp_path}")
-    assert f"{bad} example 2" in err and "'gardening'" in err and "sports, cooking" in err
+    assert f"{bad} line 2" in err and "'gardening'" in err and "sports, cooking" in err
     assert not (tmp_path / "finetune-lora").exists()  # nothing written
 
 

@@ -95,7 +95,20 @@ class SFTData:
         return out
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+MAX_LINE = 64 * 1024 * 1024  # bytes in one JSONL line (one example)
+EXAMPLE = '{"prompt": "...", "completion": "..."}'
+
+
+class Record(dict):
+    """One example of a JSONL file; `where` names its file and line for messages."""
+
+    where: str = ""
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """The objects of a JSONL file, each knowing its file and line (`Record.where`); blank
+    lines are skipped. Binary, non-UTF-8, malformed, oversized or empty files are refused
+    (UsageError naming the file and line)."""
     from plinth.data.paths import open_regular, path_problem
 
     p = Path(path)
@@ -105,35 +118,55 @@ def read_jsonl(path: str | Path) -> list[dict]:
         raise UsageError(f"fine-tuning data {p} {what}; point finetune.dataset at a JSONL file")
     records = []
     with open_regular(p) as f:
-        head = f.peek(8192)[:8192]
-        if b"\x00" in head:
-            raise UsageError(
-                f"fine-tuning data {p} contains NUL bytes: it looks binary, not JSONL text; "
-                "point finetune.dataset at a UTF-8 JSONL file"
-            )
-        for n, raw in enumerate(f, start=1):
+        n = 0
+        while line := f.readline(MAX_LINE + 1):
+            n += 1
+            where = f"{p} line {n}"
+            if len(line) > MAX_LINE:
+                raise UsageError(
+                    f"{where} is longer than {MAX_LINE // 2**20} MiB; each line must be one "
+                    f"example such as {EXAMPLE}. Split the file into one example per line."
+                )
+            if b"\0" in line:
+                raise UsageError(
+                    f"{where} holds NUL bytes: {p} looks like a binary file, not JSONL text. "
+                    f"Give a UTF-8 text file with one example per line such as {EXAMPLE}."
+                )
             try:
-                line = raw.decode("utf-8")
+                text = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UsageError(
-                    f"{p} line {n} is not UTF-8 (invalid byte at offset {e.start}); re-encode "
-                    "the file as UTF-8"
+                    f"{where} is not UTF-8 text (byte {e.start + 1}; is {p.name} a binary "
+                    f"file?); save the file as UTF-8 with one example per line such as "
+                    f"{EXAMPLE}"
                 ) from None
-            if not line.strip():
+            if not text.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                why = getattr(e, "msg", None) or "nested too deeply or a number too long"
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
                 raise UsageError(
-                    f"{p} line {n} is not valid JSON ({why}); each line must be one object "
-                    'like {"prompt": ..., "completion": ...}'
+                    f"{where} is not valid JSON ({e.msg} at column {e.colno}); each line must "
+                    f"be one object like {EXAMPLE}"
+                ) from None
+            except RecursionError:
+                raise UsageError(
+                    f"{where} is nested too deeply to read; each line must be one flat object "
+                    f"like {EXAMPLE}"
                 ) from None
             if not isinstance(rec, dict):
-                raise UsageError(f"{p} line {n} is a {type(rec).__name__}, not a JSON object")
+                raise UsageError(
+                    f"{where} is a JSON {type(rec).__name__}, not an object; each line must be "
+                    f"one object like {EXAMPLE}"
+                )
+            rec = Record(rec)
+            rec.where = where
             records.append(rec)
     if not records:
-        raise UsageError(f"{p} holds no examples")
+        raise UsageError(
+            f"{p} holds no examples (it is empty or blank); write one JSON object per line, "
+            f"such as {EXAMPLE}"
+        )
     return records
 
 
@@ -144,64 +177,128 @@ def detect_format(rec: dict, source: str = "the data") -> str:
         return "alpaca"
     if "prompt" in rec and "completion" in rec:
         return "prompt_completion"
+    keys = str(sorted(map(str, rec)))[:200]
     raise UsageError(
-        f"cannot tell the format of {source}: its first record has keys {sorted(rec)}. Use "
+        f"cannot tell the format of {source}: its first record has keys {keys}. Use "
         "prompt/completion, instruction/input/output (Alpaca) or messages (chat), or set "
         "finetune.format."
     )
 
 
+FIELDS = {  # format -> (required text fields, optional text fields)
+    "prompt_completion": (("prompt", "completion"), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+}
+
+
+def _where(rec: dict, fallback: str) -> str:
+    return getattr(rec, "where", "") or fallback
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def check_record(rec: dict, fmt: str, where: str) -> None:
+    """Every field the format reads is present and text (messages: a list of role/content
+    objects with known roles); UsageError naming the file, line and field otherwise."""
+    where = _where(rec, where)
+    if fmt == "messages":
+        _check_messages(rec, where)
+        return
+    required, optional = FIELDS[fmt]
+    for key in (*required, *optional):
+        if key not in rec:
+            if key in optional:
+                continue
+            raise UsageError(
+                f"{where}: missing field {key!r} for the {fmt} format (the record has "
+                f"{', '.join(sorted(map(str, rec)))[:200] or 'no fields'}); every example needs "
+                f"{' and '.join(required)}, or set finetune.format to the format the file uses"
+            )
+        value = rec[key]
+        if key in optional and value is None:
+            continue
+        if not isinstance(value, str):
+            raise UsageError(
+                f"{where}: field {key!r} is {_kind(value)} ({str(value)[:200]}), not text; "
+                f"write it as a JSON string, e.g. \"{key}\": \"...\""
+            )
+
+
+def _check_messages(rec: dict, where: str) -> None:
+    msgs = rec.get("messages")
+    shape = '{"role": "system"|"user"|"assistant", "content": "..."}'
+    if not isinstance(msgs, list) or not msgs:
+        raise UsageError(
+            f"{where}: field 'messages' is {_kind(msgs) if 'messages' in rec else 'missing'}; "
+            f"it must be a non-empty list of {shape} objects"
+        )
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise UsageError(
+                f"{where}: messages[{i}] is {_kind(m)}, not an object; each message is {shape}"
+            )
+        if m.get("role") not in ROLES:
+            got = repr(m["role"])[:200] if "role" in m else "missing"
+            raise UsageError(
+                f"{where}: messages[{i}].role is {got}; use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(m.get("content"), str):
+            got = f"{_kind(m['content'])} ({str(m['content'])[:200]})" if "content" in m \
+                else "missing"
+            raise UsageError(
+                f"{where}: messages[{i}].content is {got}, not text; write the message as a "
+                'JSON string, e.g. "content": "..."'
+            )
+
+
 def to_messages(rec: dict, fmt: str, where: str, system: str | None) -> list[dict]:
     """Any format as a conversation (for chat templates)."""
-    try:
-        if fmt == "messages":
-            msgs = rec["messages"]
-        elif fmt == "alpaca":
-            user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-            msgs = [
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": rec["output"]},
-            ]
-        else:
-            msgs = [
-                {"role": "user", "content": rec["prompt"]},
-                {"role": "assistant", "content": rec["completion"]},
-            ]
-    except KeyError as e:
-        raise UsageError(f"{where}: missing field {e} for format {fmt}") from None
-    if not isinstance(msgs, list) or not all(
-        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-        for m in msgs
-    ):
-        raise UsageError(
-            f'{where}: messages must be a list of {{"role": system|user|assistant, '
-            '"content": text}} objects'
-        )
+    check_record(rec, fmt, where)
+    where = _where(rec, where)
+    if fmt == "messages":
+        msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
+    elif fmt == "alpaca":
+        user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        msgs = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": rec["output"]},
+        ]
+    else:
+        msgs = [
+            {"role": "user", "content": rec["prompt"]},
+            {"role": "assistant", "content": rec["completion"]},
+        ]
     if not any(m["role"] == "assistant" for m in msgs):
-        raise UsageError(f"{where}: no assistant message, so nothing to learn from it")
+        raise UsageError(
+            f"{where}: no assistant message, so nothing to learn from it; add the answer as "
+            '{"role": "assistant", "content": "..."}'
+        )
     if system and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system}, *msgs]
     return msgs
 
 
 class ChatTemplate:
-    """A Hugging Face-style Jinja2 chat template (messages, add_generation_prompt, bos/eos)."""
+    """A Hugging Face-style Jinja2 chat template (messages, add_generation_prompt, bos/eos),
+    run in plinth.data.templates' bounded sandbox: a template that reaches for Python
+    internals or runs away is refused with a TemplateError (exit 2) naming `origin`."""
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = ""):
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "",
+                 origin: str = "the chat template"):
+        from plinth.data.templates import compile_jinja
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise jinja2.TemplateError(message)
-
-        env.globals["raise_exception"] = raise_exception
-        self.template = env.from_string(source)
+        self.origin = origin
+        self.template = compile_jinja(source, origin, trim_blocks=True, lstrip_blocks=True)
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(
+        from plinth.data.templates import render_jinja
+
+        return render_jinja(
+            self.template,
+            self.origin,
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
@@ -231,19 +328,18 @@ class ChatTemplate:
 
 
 def plain_pieces(rec: dict, fmt: str, where: str, eos: str) -> list[tuple[str, bool]]:
+    check_record(rec, fmt, where)
     if fmt == "messages":
         raise UsageError(
-            f"{where} is a chat (messages) example but the model has no chat template. Give "
-            "one with finetune.chat_template=PATH (a Jinja2 file), or convert the data to "
-            "prompt/completion."
+            f"{_where(rec, where)} is a chat (messages) example but the model has no chat "
+            "template. Give one with finetune.chat_template=PATH (a Jinja2 file), or convert "
+            "the data to prompt/completion."
         )
-    try:
-        if fmt == "alpaca":
-            tpl = ALPACA_PROMPT_INPUT if rec.get("input") else ALPACA_PROMPT
-            return [(tpl.format(**rec), False), (rec["output"] + eos, True)]
-        return [(rec["prompt"], False), (rec["completion"] + eos, True)]
-    except KeyError as e:
-        raise UsageError(f"{where}: missing field {e} for format {fmt}") from None
+    if fmt == "alpaca":
+        tpl = ALPACA_PROMPT_INPUT if rec.get("input") else ALPACA_PROMPT
+        prompt = tpl.format(instruction=rec["instruction"], input=rec.get("input") or "")
+        return [(prompt, False), (rec["output"] + eos, True)]
+    return [(rec["prompt"], False), (rec["completion"] + eos, True)]
 
 
 def load_sft(
@@ -264,7 +360,7 @@ def load_sft(
         raise UsageError(f"format={fmt!r}: use auto or one of {', '.join(FORMATS)}")
     data = SFTData([], [], {"examples": len(recs), "truncated": 0, "dropped": 0}, fmt)
     for n, rec in enumerate(recs, start=1):
-        where = f"{path} example {n}"
+        where = _where(rec, f"{path} example {n}")
         if chat_template is not None:
             pieces = chat_template.pieces(to_messages(rec, fmt, where, opt.system_prompt))
         else:

@@ -64,7 +64,7 @@ def eval_cmd(
         lm_eval_include: folders of lm-eval task YAML files, for --lm-eval task names
     """
     from plinth.eval.lm import evaluate_dataset, evaluate_text
-    from plinth.eval.scoring import evaluate_task, load_eval_model
+    from plinth.eval.scoring import load_eval_model
     from plinth.eval.tasks import load_tasks
 
     if lm_eval_include and not lm_eval:
@@ -78,17 +78,15 @@ def eval_cmd(
         from plinth.eval.harness import require_lm_eval
 
         require_lm_eval()  # a missing package fails before the model loads
-    if limit is not None and limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {limit}")
-    if shots is not None and shots < 0:
-        raise UsageError(f"--shots cannot be negative, got {shots}")
+    check_args(limit=limit, shots=shots, batch_size=batch_size, window=window, stride=stride)
+    for path in text:
+        check_text_file(path)
     loaded = load_tasks(list(tasks)) if tasks else []  # bad task files fail before the model
     lm = load_eval_model(model, device=device, chat=chat)
     results, lm_results = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation is reported in the table instead
-        for task in loaded:
-            results.append(evaluate_task(lm, task, shots, limit, batch_size))
+        results += score_tasks(lm, loaded, shots, limit, batch_size)
     if lm_eval:
         from plinth.eval.harness import run_lm_eval
 
@@ -116,6 +114,75 @@ def eval_cmd(
         path = log_events(lm.run_dir, lm.step or 0, model, results, lm_results)
         print(f"recorded {len(results) + len(lm_results)} evaluation result(s) in {path}")
     return 0
+
+
+def check_args(*, limit, shots, batch_size, window, stride) -> None:
+    """Numeric options in range, before any model loads (UsageError naming the flag)."""
+    for flag, value, least in (("--limit", limit, 1), ("--shots", shots, 0),
+                               ("--batch-size", batch_size, 1), ("--window", window, 1),
+                               ("--stride", stride, 1)):
+        if value is not None and (isinstance(value, bool) or value < least):
+            raise UsageError(
+                f"{flag} must be at least {least}, got {value}"
+                + ("; leave it out to use the model's context" if flag == "--window" else "")
+                + ("; leave it out to use the window (no overlap)" if flag == "--stride" else "")
+            )
+    if window is not None and stride is not None and stride > window:
+        raise UsageError(
+            f"--stride {stride} is larger than --window {window}: windows would skip tokens. "
+            "Use a stride of at most the window (the window itself: no overlap)."
+        )
+
+
+def check_text_file(path: str) -> None:
+    """A --text file exists and is non-empty UTF-8 text (not binary)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--text {p}: no such file; give a UTF-8 text file to score")
+    with open(p, "rb") as f:
+        head = f.read(1 << 20)
+    if not head.strip():
+        raise UsageError(f"--text {p} is empty: there is no text to score; give a text file")
+    if b"\0" in head:
+        raise UsageError(
+            f"--text {p} holds NUL bytes: it looks like a binary file; give a UTF-8 text file"
+        )
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            raise UsageError(
+                f"--text {p} is not UTF-8 text (byte {e.start + 1}); save it as UTF-8"
+            ) from None
+
+
+def score_tasks(lm, tasks, shots, limit, batch_size) -> list:
+    """evaluate_task for each task, with a progress bar per task on a terminal's stderr
+    (nothing when stderr is not a terminal: logs and pipes stay clean)."""
+    import sys
+
+    from plinth.eval.scoring import PROGRESS, evaluate_task
+    from plinth.track.progress import TaskProgress
+
+    results = []
+    prog = TaskProgress(enabled=bool(tasks) and sys.stderr.isatty())
+    with prog:
+        overall = prog.task("tasks", len(tasks))
+        for task in tasks:
+            bar = prog.task(f"  {task.name}", None)
+
+            def report(done, total, what, bar=bar):
+                prog.update(bar, completed=done, total=total, info=what)
+
+            token = PROGRESS.set(report)
+            try:
+                results.append(evaluate_task(lm, task, shots, limit, batch_size))
+            finally:
+                PROGRESS.reset(token)
+            prog.update(bar, visible=False)
+            prog.update(overall, advance=1, info=task.name)
+            prog.log(f"{task.name}: done in {results[-1].seconds:.1f}s")
+    return results
 
 
 def log_events(run: Path, step: int, model: str, results, lm_results) -> Path:

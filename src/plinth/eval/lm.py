@@ -136,6 +136,11 @@ def _result(source, docs, nll, count, n_bytes, window, stride, t0) -> LMResult:
 
 def _window_stride(lm: EvalModel, window: int | None, stride: int | None) -> tuple[int, int]:
     w = min(window or lm.max_len, lm.max_len)
+    if stride is not None and stride > w:
+        raise UsageError(
+            f"--stride {stride} is larger than the window of {w} tokens (--window, at most the "
+            f"model's context of {lm.max_len}); use a stride of at most {w}"
+        )
     return w, stride or w
 
 
@@ -151,7 +156,13 @@ def evaluate_text(
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--text {p}: no such file")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--text {p} is not UTF-8 text (byte {e.start + 1}); save it as UTF-8")\
+            from None
+    if not text.strip():
+        raise UsageError(f"--text {p} is empty: there is no text to score; give a text file")
     w, s = _window_stride(lm, window, stride)
     nll, count = sequences_nll(lm, [_start(lm) + lm.encode(text)], w, s, batch_size)
     return _result(str(p), 1, nll, count, len(text.encode("utf-8")), w, s, t0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,17 @@ def encode_pair(lm: EvalModel, context: str, continuation: str) -> tuple[list[in
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
+# Set by `plinth eval` while a task is scored: called as progress(done, total, what) after each
+# batch of requests (what: "scored" or "generated"); None: no progress shown.
+PROGRESS: ContextVar = ContextVar("plinth_eval_progress", default=None)
+
+
+def _report(done: int, total: int, what: str) -> None:
+    cb = PROGRESS.get()
+    if cb is not None:
+        cb(done, total, what)
+
+
 @torch.no_grad()
 def loglikelihoods(
     lm: EvalModel,
@@ -129,6 +141,7 @@ def loglikelihoods(
     out: list[tuple[float, bool] | None] = [None] * len(prepared)
     device = next(lm.model.parameters()).device
     start = 0
+    _report(0, len(order), "scoring")
     while start < len(order):
         width = len(prepared[order[start]][0])
         rows = max(1, min(batch_size, batch_tokens // max(width, 1)))
@@ -147,6 +160,7 @@ def loglikelihoods(
             ll = lp.gather(-1, tgt[:, None]).sum().item()
             greedy = bool((lp.argmax(-1) == tgt).all())
             out[i] = (ll, greedy)
+        _report(start, len(order), "scored")
     return out, truncated  # type: ignore[return-value]
 
 
@@ -291,6 +305,7 @@ def _greedy_texts(lm, task: Task, prompts: list[list[int]], batch_size: int) -> 
     gen = task.generation
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
+    _report(0, len(prompts), "generating")
     for s in range(0, len(prompts), batch_size):
         chunk = order[s : s + batch_size]
         outs = generate(
@@ -302,6 +317,7 @@ def _greedy_texts(lm, task: Task, prompts: list[list[int]], batch_size: int) -> 
         )
         for i, o in zip(chunk, outs, strict=True):
             texts[i] = cut_at_stop(lm.decode(o), gen.stop)
+        _report(min(s + batch_size, len(prompts)), len(prompts), "generated")
     return texts
 
 
@@ -384,6 +400,7 @@ def _toxicity(lm, task: Task, n: int, batch_size: int) -> TaskResult:
             outs = generate(lm.model, [ids] * tox.samples, max_new_tokens=gen.max_new_tokens,
                             temperature=tox.temperature, eos_id=lm.eos_id, generator=g)
             texts.append([cut_at_stop(lm.decode(o), gen.stop) for o in outs])
+            _report(i + 1, len(prompts), "generated")
     flags, probs, examples, flagged = [], [], [], []
     for i in range(n):
         prompt, row_flags, gens = task.render(task.rows[i]), [], []

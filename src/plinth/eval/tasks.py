@@ -32,12 +32,14 @@ from __future__ import annotations
 import difflib
 import json
 import random
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plinth.config.yamlio import read_yaml_file
+import yaml
+
+from plinth.config.yamlio import describe_error, safe_load
+from plinth.data.templates import check_format, compile_jinja, render_jinja, safe_format
 from plinth.errors import UsageError
 
 SUITE_DIR = Path(__file__).resolve().parent / "suite"
@@ -133,13 +135,13 @@ class Task:
     def render(self, row: dict) -> str:
         """The row's prompt (without the answer)."""
         if self.template == "jinja":
-            return self._jinja.render(**row)
-        return self.prompt.format(**row)
+            return render_jinja(self._jinja, f"{self.path}: prompt", **row)
+        return safe_format(self.prompt, row, f"{self.path}: prompt")
 
     def render_continuation(self, row: dict) -> str:
         if self.template == "jinja":
-            return self._jinja_cont.render(**row)
-        return str(self.continuation).format(**row)
+            return render_jinja(self._jinja_cont, f"{self.path}: continuation", **row)
+        return safe_format(str(self.continuation), row, f"{self.path}: continuation")
 
     def row_groups(self, row: dict) -> dict[str, list[str]]:
         """Group -> terms for a counterfactual row: the row's own `groups`, else the task's."""
@@ -176,7 +178,8 @@ class Task:
 
     def shot_answer(self, row: dict) -> str:
         """The answer as a shot shows it (fewshot.answer, e.g. a JSON wrapper)."""
-        return self.fewshot.answer.format(**{**row, "answer": self.answer_text(row)})
+        return safe_format(self.fewshot.answer, {**row, "answer": self.answer_text(row)},
+                           f"{self.path}: fewshot.answer")
 
     def context(self, i: int, k: int | None = None, perturb: str | None = None) -> str:
         """Few-shot prefix + the prompt of row i; k defaults to the task's fewshot.k. With
@@ -261,7 +264,13 @@ def load_tasks(specs: list[str]) -> list[Task]:
 def load_task(path: str | Path) -> Task:
     """Read and validate one task YAML and its JSONL rows (clear errors with file and line)."""
     path = Path(path)
-    spec = read_yaml_file(path, "task file")
+    text = read_text_file(path, "task file", "a YAML task file (see docs/eval.md)")
+    try:
+        spec = safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(
+            f"task file {path} is not valid YAML{describe_error(e)}; fix it (see docs/eval.md)"
+        ) from None
     if not isinstance(spec, dict):
         raise UsageError(f"{path}: a task file is a YAML mapping (name, type, data, prompt, ...)")
     _check_keys(path, spec, TOP_KEYS, "")
@@ -272,6 +281,7 @@ def load_task(path: str | Path) -> Task:
                 f"({' | '.join(TYPES)}), data (a JSONL path relative to the YAML) and prompt "
                 "(a template over each row's fields); see docs/eval.md."
             )
+    _check_types(path, spec)
     if spec["type"] not in TYPES:
         raise UsageError(f"{path}: type is {spec['type']!r}; use one of {', '.join(TYPES)}")
     for key, types in ONLY_FOR.items():
@@ -287,17 +297,8 @@ def load_task(path: str | Path) -> Task:
             raise UsageError(f"{path}: {sect} must be a mapping of {sorted(SUB_KEYS[sect])}")
         _check_keys(path, val, SUB_KEYS[sect], f"{sect}.")
         subs[sect] = val
-    fs = subs["fewshot"]
-    fewshot = FewShot(
-        k=int(fs.get("k", 0)),
-        seed=int(fs.get("seed", 1234)),
-        separator=str(fs.get("separator", "\n\n")),
-        file=(path.parent / fs["file"]) if fs.get("file") else None,
-        answer=str(fs.get("answer", "{answer}")),
-    )
-    gen = Generation(**subs["generation"])
-    if isinstance(gen.stop, str):
-        gen.stop = [gen.stop]
+    fewshot = _fewshot(path, subs["fewshot"])
+    gen = _generation(path, subs["generation"])
     if gen.metric not in GEN_METRICS:
         raise UsageError(
             f"{path}: generation.metric is {gen.metric!r}; use one of {', '.join(GEN_METRICS)}"
@@ -353,21 +354,53 @@ def load_task(path: str | Path) -> Task:
         task.perturb, task.perturb_seed = check_perturb(spec["perturb"], str(path))
     if template == "jinja":
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined)
         for key, attr in (("prompt", "_jinja"), ("continuation", "_jinja_cont")):
             source = getattr(task, key)
-            if source is None:
-                continue
-            try:
-                setattr(task, attr, env.from_string(source))
-            except jinja2.TemplateError as e:
-                raise UsageError(f"{path}: {key} is not a valid Jinja2 template: {e}") from None
+            if source is not None:
+                tpl = compile_jinja(source, f"{path}: {key}", undefined=jinja2.StrictUndefined)
+                setattr(task, attr, tpl)
+    else:
+        for key in ("prompt", "continuation"):
+            if getattr(task, key) is not None:
+                check_format(getattr(task, key), f"{path}: {key}")
+    check_format(task.fewshot.answer, f"{path}: fewshot.answer")
     task.rows = _read_rows(task, task.data_path)
     if fewshot.file is not None:
         task.shot_rows = _read_rows(task, fewshot.file)
     return task
+
+
+def _fewshot(path: Path, fs: dict) -> FewShot:
+    return FewShot(
+        k=_typed(path, "fewshot.k", fs.get("k", 0), int, minimum=0),
+        seed=_typed(path, "fewshot.seed", fs.get("seed", 1234), int),
+        separator=_typed(path, "fewshot.separator", fs.get("separator", "\n\n"), str),
+        file=(path.parent / _typed(path, "fewshot.file", fs["file"], str))
+        if fs.get("file") else None,
+        answer=_typed(path, "fewshot.answer", fs.get("answer", "{answer}"), str),
+    )
+
+
+def _generation(path: Path, g: dict) -> Generation:
+    gen = Generation(
+        max_new_tokens=_typed(path, "generation.max_new_tokens", g.get("max_new_tokens", 32),
+                              int, minimum=1),
+        stop=g.get("stop", ["\n\n"]),
+        metric=_typed(path, "generation.metric", g.get("metric", "exact_match"), str),
+        pattern=g.get("pattern"),
+        normalize=_typed(path, "generation.normalize", g.get("normalize", "strip"), str),
+    )
+    if isinstance(gen.stop, str):
+        gen.stop = [gen.stop]
+    if not isinstance(gen.stop, list) or not all(isinstance(x, str) and x for x in gen.stop):
+        raise UsageError(
+            f"{path}: generation.stop is {_quote(gen.stop)}; give a string or a list of "
+            'non-empty strings, e.g. stop: ["\\n"]'
+        )
+    if gen.pattern is not None:
+        _typed(path, "generation.pattern", gen.pattern, str)
+    return gen
 
 
 def _load_counterfactual(task: Task, spec: dict) -> None:
@@ -455,6 +488,69 @@ def _load_toxicity(task: Task, sub: dict) -> None:
     task.toxicity = tox
 
 
+MAX_FILE = 256 * 1024 * 1024  # bytes of one task or data file
+
+
+def read_text_file(path: Path, what: str, expected: str) -> str:
+    """A UTF-8 text file, or a UsageError naming it when it is missing, binary, not UTF-8 or
+    over MAX_FILE."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE:
+            raise UsageError(
+                f"{what} {path} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE // 2**20} MiB. "
+                f"Give {expected}."
+            )
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    if b"\0" in raw:
+        raise UsageError(
+            f"{what} {path} holds NUL bytes: it looks like a binary file. Give {expected}."
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UsageError(
+            f"{what} {path} is not UTF-8 text (line {line}, byte {e.start + 1}); save it as "
+            f"UTF-8. Give {expected}."
+        ) from None
+
+
+def _quote(value) -> str:
+    """A short repr of a YAML value (bounded even for nested aliases: a YAML bomb)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 2, 160, 160
+    return r.repr(value)[:200]
+
+
+def _check_types(path: Path, spec: dict) -> None:
+    """The top-level keys that must be text are text (not numbers, lists or mappings)."""
+    for key in ("name", "type", "data", "prompt", "template", "target_delimiter",
+                "continuation", "description", "provenance", "slot", "score"):
+        if key in spec and spec[key] is not None and not isinstance(spec[key], str):
+            kind = type(spec[key]).__name__
+            raise UsageError(
+                f"{path}: {key} is a {kind} ({_quote(spec[key])}), not text; write it as a "
+                "string (quote it in YAML), see docs/eval.md"
+            )
+
+
+def _typed(path: Path, key: str, value, kind: type, minimum: int | None = None):
+    """`value` of a task key checked to be a `kind` (and at least `minimum`)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        name = "an integer" if kind is int else "text"
+        raise UsageError(
+            f"{path}: {key} is {_quote(value)} ({type(value).__name__}); it must be {name}"
+        )
+    if minimum is not None and value < minimum:
+        raise UsageError(f"{path}: {key} is {value}; it must be at least {minimum}")
+    return value
+
+
 def _check_keys(path: Path, spec: dict, allowed: set[str], prefix: str) -> None:
     for key in spec:
         if key not in allowed:
@@ -472,7 +568,8 @@ def _read_rows(task: Task, data: Path) -> list[dict]:
             f"{task.path}: data file {data} does not exist (paths are relative to the task YAML)"
         )
     rows = []
-    for n, line in enumerate(data.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_text_file(data, "task data file", "a JSONL file, one JSON object per line")
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{data}:{n}"
@@ -481,6 +578,10 @@ def _read_rows(task: Task, data: Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UsageError(
                 f"{where}: not valid JSON ({e}); each line is one JSON object"
+            ) from None
+        except RecursionError:
+            raise UsageError(
+                f"{where}: nested too deeply to read; each line is one JSON object"
             ) from None
         if not isinstance(row, dict):
             raise UsageError(
@@ -536,21 +637,13 @@ def _check_row(task: Task, row: dict, where: str) -> None:
         templates.append(("continuation", task.continuation, task._jinja_cont))
     for key_name, source, jinja in templates:
         if task.template == "python":
-            for _, fname, _, _ in string.Formatter().parse(source):
-                if fname is None:
-                    continue
-                key = fname.split(".")[0].split("[")[0]
-                if key == "" or key.isdigit():
-                    raise UsageError(
-                        f"{task.path}: the {key_name} has a positional placeholder {{{fname}}}; "
-                        "name a row field, e.g. {question}. Write literal braces as {{ and }}."
-                    )
+            for key in check_format(source, f"{task.path}: {key_name}"):
                 if key not in row and key not in slot:
                     raise _missing(task, row, key, where, f"used by the {key_name}")
         else:
             try:
-                jinja.render(**row, **slot)
-            except Exception as e:  # StrictUndefined names the missing variable
+                render_jinja(jinja, f"{task.path}: {key_name}", **row, **slot)
+            except UsageError as e:  # StrictUndefined names the missing variable
                 raise UsageError(
                     f"{where}: the {key_name} template fails on this row ({e}) in task "
                     f"{task.name}; add the field to the row or fix the template"

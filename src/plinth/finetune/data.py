@@ -192,16 +192,20 @@ def labelled_rows(
     targets: list[float | int] = []
     counts = {"examples": len(records), "truncated": 0, "dropped": 0}
     for n, rec in enumerate(records, start=1):
-        where = f"{path} example {n}"
+        where = getattr(rec, "where", "") or f"{path} example {n}"
         if text_field not in rec or label_field not in rec:
             missing = text_field if text_field not in rec else label_field
             raise UsageError(
-                f"{where} has no field {missing!r} (its keys: {', '.join(sorted(rec))}). Set "
+                f"{where} has no field {missing!r} (its keys: {', '.join(sorted(rec))[:200]}). Set "
                 f"{key}.text_field / {key}.label_field to the fields that hold the text and label."
             )
         text = rec[text_field]
         if not isinstance(text, str):
-            raise UsageError(f"{where}: {text_field!r} must be text, got {type(text).__name__}")
+            kind = "null" if text is None else type(text).__name__
+            raise UsageError(
+                f"{where}: field {text_field!r} is {kind} ({str(text)[:200]}), not text; write "
+                f"it as a JSON string, or set {key}.text_field to the field that holds the text"
+            )
         target = _label(rec[label_field], where, task, labels, num_labels, label_field, key)
         tok = tokenizer.encode(text).ids
         if len(tok) > max_length:

@@ -30,7 +30,13 @@ from plinth.finetune.data import (
     labelled_rows,
     sft_rows,
 )
-from plinth.load import build_finetune_model, chat_template_source, token_roles, token_text
+from plinth.load import (
+    build_finetune_model,
+    chat_template_origin,
+    chat_template_source,
+    token_roles,
+    token_text,
+)
 from plinth.models import unwrap
 from plinth.models.heads import head_loss, head_outputs, resolve_pooling
 from plinth.models.layers import matmul_params
@@ -90,6 +96,7 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
             source,
             bos_token=token_text(base_dir, "bos_token"),
             eos_token=token_text(base_dir, "eos_token") or eos_text,
+            origin=f"finetune.chat_template ({chat_template_origin(ft.chat_template, base_dir)})",
         )
     tasks = []
     for spec in task_specs(cfg):

@@ -178,8 +178,13 @@ def chat_inputs(engine, limits: Limits, req: ChatRequest) -> Inputs:
     unsupported(req.top_logprobs is not None and not req.logprobs, "top_logprobs",
                 "'top_logprobs' without 'logprobs': true")
     messages = chat_messages(req)
+    from plinth.data.templates import TemplateError
+
     try:
         text = engine.apply_chat_template(messages)
+    except TemplateError as e:  # raise_exception(...), a sandbox refusal, a runaway template
+        raise APIError(400, f"The model's chat template rejected the messages: {e}",
+                       param="messages", code="invalid_value") from None
     except UsageError as e:
         raise APIError(400, str(e), param="messages", code="no_chat_template") from None
     except Exception as e:  # a template that raises (e.g. jinja's raise_exception)

@@ -6,6 +6,7 @@ length, temperature, top-k/top-p/min-p, penalties, stops, seed, logprobs) and `C
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from plinth.errors import UsageError
@@ -49,6 +50,13 @@ class SamplingParams:
     def check(self) -> None:
         """UsageError naming the field for values no sampler can honour."""
         bad = []
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                bad.append(f"{name}={v} (needs a finite number)")
+        if bad:
+            raise UsageError("sampling parameters: " + "; ".join(bad) + ".")
         if self.max_new_tokens < 1:
             bad.append(f"max_new_tokens={self.max_new_tokens} (needs >= 1)")
         if self.temperature < 0:
@@ -63,6 +71,8 @@ class SamplingParams:
             bad.append(f"repetition_penalty={self.repetition_penalty} (needs > 0; 1 is off)")
         if self.logprobs is not None and self.logprobs < 0:
             bad.append(f"logprobs={self.logprobs} (needs >= 0, or None)")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            bad.append(f"seed={self.seed} (needs a 64-bit integer, -2**63 <= seed < 2**63)")
         if any(not s for s in self.stop):
             bad.append("stop contains an empty string")
         if bad:

@@ -93,6 +93,7 @@ def generate_cmd(
     from plinth.load import no_chat_template
 
     weight_dtype(dtype or "fp32")  # a bad --dtype is refused before the model loads
+    _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens)
     if prompts_file is not None and prompt:
         raise UsageError("give --prompt or --prompts-file, not both")
     if output is not None and prompts_file is None:
@@ -133,6 +134,21 @@ def generate_cmd(
                    fit_to_context=not max_new_tokens)
     _write_results(eng, rows, results, output, num_return_sequences > 1)
     return 0
+
+
+def _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens) -> None:
+    """Counts in range before the model loads (UsageError naming the flag)."""
+    for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams),
+                        ("--num-return-sequences", num_return_sequences)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if num_return_sequences > num_beams > 1:
+        raise UsageError(f"--num-return-sequences {num_return_sequences} is more than "
+                         f"--num-beams {num_beams}; beam search returns at most one sequence "
+                         "per beam")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be at least 1 (0: the run's default), got "
+                         f"{max_new_tokens}")
 
 
 @dataclass
@@ -185,24 +201,33 @@ def _read_prompts(path: Path) -> list[dict]:
 
     if not path.is_file():
         raise UsageError(f"--prompts-file {path}: no such file")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise UsageError(f"--prompts-file {path} holds NUL bytes: it looks like a binary file; "
+                         'give a UTF-8 JSONL file, one {"prompt": "..."} per line')
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts-file {path} is not UTF-8 text (byte {e.start + 1}); save "
+                         "it as UTF-8") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path} line {n}: not valid JSON ({e.msg}); each line must be "
-                             'one object like {"prompt": "..."}') from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UsageError(f"{path} line {n}: not valid JSON ({getattr(e, 'msg', e)}); each "
+                             'line must be one object like {"prompt": "..."}') from None
         ok = isinstance(row, dict) and (
             isinstance(row.get("prompt"), str)
             or (isinstance(row.get("messages"), list)
-                and all(isinstance(m, dict) and "role" in m and "content" in m
-                        for m in row["messages"])))
+                and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str) for m in row["messages"])))
         if not ok:
             raise UsageError(
                 f"{path} line {n}: each row needs \"prompt\" (a string) or \"messages\" (a "
-                'list of {"role": ..., "content": ...}); got ' + line[:80]
+                'list of {"role": "...", "content": "..."} with text values); got ' + line[:80]
             )
         rows.append(row)
     if not rows:

@@ -78,8 +78,9 @@ def serve(
             "can use the model. Set --api-key or PLINTH_API_KEY, or bind 127.0.0.1.",
             stacklevel=1,
         )
-    if max_batch < 1 or max_queue < 1:
-        raise UsageError(f"--max-batch ({max_batch}) and --max-queue ({max_queue}) must be >= 1")
+    _check_limits(max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
+                  max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
+                  timeout=timeout)
     if dtype is not None:
         weight_dtype(dtype)  # a bad --dtype is refused before the port is taken
     sock = bind(host, port)  # before the model loads: a taken port fails at once
@@ -138,3 +139,18 @@ def bind(host: str, port: int) -> socket.socket:
         raise UsageError(f"Cannot listen on {host}:{port}: {e.strerror or e}. Choose another "
                          "--host or --port.") from None
     return sock
+
+
+def _check_limits(**values) -> None:
+    """Each server limit at least 1 (--timeout: above 0, finite), before the model loads."""
+    import math
+
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if name == "timeout":
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{flag} must be a positive number of seconds, got {value}")
+        elif value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
