@@ -22,7 +22,7 @@ from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 from plinth.finetune.config import load_finetune_config
 from plinth.train.hooks import Hooks
-from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
+from plinth.train.setup import fit_batch, open_run, print_train_summary, resolve_resume, start
 
 UNSUPPORTED = {
     "compress.quantization": "quantisation is applied to a trained model, not during training",
@@ -118,10 +118,7 @@ def run_finetuning(
     task.verbose = env.is_main
     if resuming:
         task.base_dir = None  # the checkpoint holds every weight
-    try:
-        cfg.optim.accum_steps(task.seq_len, env.world_size)
-    except ValueError as e:
-        raise UsageError(f"{e} (rows are finetune.max_length={task.seq_len} tokens)") from None
+    fit_batch(resolved, env, task.seq_len, f"rows are finetune.max_length={task.seq_len} tokens")
     init_process_group(cfg, env, device)
     try:
         run = open_run(cfg, env, run_path, f"finetune-{cfg.finetune.method}")

@@ -19,7 +19,7 @@ from plinth.config.schema import Config
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 from plinth.train.hooks import Hooks
-from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
+from plinth.train.setup import fit_batch, open_run, print_train_summary, resolve_resume, start
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
 UNSUPPORTED = {
@@ -94,10 +94,7 @@ def run_pretraining(
     cfg = resolved.config
     placement = start(resolved, UNSUPPORTED, "pretrain")
     env, device, strategy = placement.env, placement.device, placement.strategy
-    try:
-        accum = cfg.optim.accum_steps(cfg.model.max_seq_len, env.world_size)
-    except ValueError as e:
-        raise UsageError(f"{e} (torchrun started {env.world_size} processes)") from None
+    accum = fit_batch(resolved, env, cfg.model.max_seq_len)
     check_fits(
         cfg,
         device,

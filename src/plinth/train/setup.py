@@ -39,6 +39,26 @@ def start(resolved: Resolved, unsupported: dict, recipe: str) -> Placement:
     return Placement.resolve(resolved.config, env)
 
 
+def fit_batch(resolved: Resolved, env: DistEnv, seq_len: int, why: str = "") -> int:
+    """Accumulation steps per device for this world size. A micro_batch that does not divide
+    the global batch over the processes is lowered (same global batch, so the same math) with
+    one printed line (rank 0) and recorded as the value's source in the run's config.yaml; a
+    global batch that cannot be split evenly is refused (exit 2)."""
+    optim = resolved.config.optim
+    try:
+        note = optim.fit_world(seq_len, env.world_size)
+        accum = optim.accum_steps(seq_len, env.world_size)
+    except ValueError as e:
+        started = f"torchrun started {env.world_size} processes" if env.distributed else ""
+        context = "; ".join(x for x in (started, why) if x)
+        raise UsageError(f"{e}" + (f" ({context})" if context else "")) from None
+    if note:
+        resolved.sources["optim.micro_batch"] = f"lowered to fit {env.world_size} process(es)"
+        if env.is_main:
+            print(f"note: {note}")
+    return accum
+
+
 def resolve_resume(run_path: Path, files: list[str], overrides: list[str]) -> tuple[Resolved, Path]:
     """Config of a run being resumed; refuses changes that would alter the run."""
     saved = run_path / "config.yaml"
