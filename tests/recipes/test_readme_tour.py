@@ -229,6 +229,7 @@ def _has_reference(name: str) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # about 25 min on 2 busy cores, ref-smollm2's suite the longest
 def test_the_whole_tour_runs_as_written(tmp_path, shims):
     """The tour top to bottom in one fresh directory; prints each line's exit code and time.
     Lines on a reference model whose package is not installed are skipped, not failed."""
@@ -240,8 +241,10 @@ def test_the_whole_tour_runs_as_written(tmp_path, shims):
         if any(k in cmd for r in missing for k in uses[r]):
             results.append(("skip", 0.0, cmd))
             continue
+        print(f"\n$ {cmd}", flush=True)
         ran, code, dt, out = tour_line(cmd, cwd, shims)
         results.append((code, dt, ran))
+        print(f"  -> exit {code} in {dt:.1f} s", flush=True)
         if code != 0 or "Traceback" in out:
             failures.append(f"{ran}\nexit {code}\n{out[-3000:]}")
         if cmd == "plinth quickstart" and code == 0:  # its suggested next command works too
