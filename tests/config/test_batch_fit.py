@@ -48,3 +48,17 @@ def test_a_global_batch_no_split_keeps_is_refused(kwargs, world, example):
         o.fit_world(128, world)
     assert example in str(e.value) and "optim.global_batch" in str(e.value)
     assert o.micro_batch == kwargs["micro_batch"]  # unchanged when refused
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_shipped_recipe_splits_over_the_usual_world_sizes(repo_root, world):
+    from plinth.config.load import load_config
+
+    for path in sorted((repo_root / "configs").glob("*.yaml")):
+        cfg = load_config([path]).config
+        seq = cfg.finetune.max_length if cfg.finetune.base else cfg.model.max_seq_len
+        optim = cfg.optim.model_copy()
+        optim.fit_world(seq, world)  # raises when no micro-batch keeps the global batch
+        assert optim.micro_batch * world * optim.accum_steps(seq, world) == (
+            cfg.optim.sequences_per_step(seq)
+        ), path.name
