@@ -179,11 +179,18 @@ def test_largest_micro_batch_is_the_largest_power_of_two_that_fits():
     assert b >= 1 and fits(b) and not fits(2 * b)
 
 
-def test_warnings_batch_too_small_unusual_lr_and_undertrained():
+def test_batch_split_like_pretrain_unusual_lr_and_undertrained():
     c = cfg("optim.global_batch=8", "optim.micro_batch=8", "optim.lr=0.5", "pretrain.max_steps=10")
-    w = " | ".join(make_plan(c, devices=4, cpu_peak=1e11).warnings)
-    assert "smaller than micro_batch x devices = 32" in w
+    plan = make_plan(c, devices=4, cpu_peak=1e11)
+    # pretrain lowers micro_batch to 2 (4 devices x 2 = the global batch of 8): plan agrees
+    assert plan.micro_batch == 2 and c.optim.micro_batch == 8  # the config is not changed
+    assert plan.memory == memory_per_device(c, 2, 4, "ddp")
+    assert "lowered from 8 to 2" in plan.notes[0] and "global batch of 8" in plan.notes[0]
+    w = " | ".join(plan.warnings)
     assert "optim.lr=0.5 is unusual" in w and "undertrained" in w
+    # a global batch no split keeps is refused as pretrain refuses it
+    with pytest.raises(UsageError, match="does not split evenly over 3 processes"):
+        make_plan(c, devices=3, cpu_peak=1e11)
 
 
 def test_plan_command(capsys):

@@ -44,6 +44,7 @@ class Resolved:
     config: Config
     sources: dict[str, str] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # adjustments made at start, said once
 
     def source(self, key: str) -> str:
         return self.sources.get(key, DEFAULT)

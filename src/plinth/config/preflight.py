@@ -75,11 +75,16 @@ def check_vocab(kind: str, vocab_size: int, special_tokens: list[str], key: str)
 
 
 def check_batch(resolved: Resolved, seq_len: int, world_size: int = 1, rows: str = "") -> int:
-    """Micro-batches each rank accumulates per step; ConfigError (naming the batch keys, where
-    they came from and a value that works) when the batch does not divide."""
+    """Micro-batches each rank accumulates per step, after lowering a micro_batch that does
+    not divide the global batch (`OptimConfig.fit_world`; the note goes to resolved.notes);
+    ConfigError (naming the batch keys, where they came from and a value that works) when the
+    global batch cannot be split over the processes."""
     optim = resolved.config.optim
     try:
-        return optim.accum_steps(seq_len, world_size)
+        # a micro_batch that does not divide the global batch over the processes is lowered
+        # (same global batch, same math) and said; a batch that cannot split is refused
+        note = optim.fit_world(seq_len, world_size)
+        accum = optim.accum_steps(seq_len, world_size)
     except ValueError as e:
         keys = ["optim.global_batch", "optim.micro_batch"]
         if optim.batch_unit == "tokens":
@@ -87,6 +92,10 @@ def check_batch(resolved: Resolved, seq_len: int, world_size: int = 1, rows: str
         origin = ", ".join(f"{k} from {resolved.source(k)}" for k in keys)
         procs = f"; torchrun started {world_size} processes" if world_size > 1 else ""
         raise ConfigError(f"{e} ({origin}{rows}{procs}).") from None
+    if note:
+        resolved.sources["optim.micro_batch"] = f"lowered to fit {world_size} process(es)"
+        resolved.notes.append(note)
+    return accum
 
 
 def check_output_dir(resolved: Resolved) -> None:

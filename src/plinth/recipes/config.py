@@ -236,6 +236,8 @@ def validate(configs: list[str], *, quiet: bool = False) -> int:
                    f"finetune {cfg.finetune.method} of {escape(cfg.finetune.base)}")
                 + f", optimizer {cfg.optim.name}"
             )
+        for n in resolved.notes:  # what pretrain/finetune would adjust at start
+            con.print(f"note: {escape(n)}")
         for w in [*notes, *environment_warnings(resolved, cuda_available=cuda_visible())]:
             con.print(f"[yellow]warning:[/] {escape(w)}")
     return 0

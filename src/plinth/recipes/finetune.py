@@ -23,7 +23,7 @@ from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 from plinth.finetune.config import load_finetune_config
 from plinth.train.hooks import Hooks
-from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
+from plinth.train.setup import open_run, print_train_summary, resolve_resume, say_notes, start
 
 UNSUPPORTED = UNSUPPORTED_BY["finetune"]  # options fine-tuning refuses (config validate too)
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -102,6 +102,7 @@ def run_finetuning(
     env, device, strategy = placement.env, placement.device, placement.strategy
     resuming = run_path is not None
     preflight(resolved, env.world_size, "finetune")  # what `plinth config validate` checks too
+    say_notes(resolved, env)
     if base_dir is None:
         base_dir = Path(run_path) if resuming else resolve(cfg.finetune.base, "finetune.base")
     task = build_task(cfg, base_dir)

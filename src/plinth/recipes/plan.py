@@ -52,6 +52,8 @@ class Plan:
     train_tokens: int
     wall_s: float
     optimal_tokens: int
+    micro_batch: int = 1  # per device, after fitting the global batch to the devices
+    notes: list[str] = field(default_factory=list)  # what pretrain would adjust, and how
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -102,7 +104,14 @@ def make_plan(
         mem = float(psutil.virtual_memory().total)
         mfu = CPU_MFU
     mem = device_memory or mem
-    micro = cfg.optim.micro_batch
+    # the split pretrain would use: a micro_batch that does not divide the global batch over
+    # the devices is lowered the same way (OptimConfig.fit_world), or refused the same way
+    optim = cfg.optim.model_copy()
+    try:
+        note = optim.fit_world(seq, devices)
+    except ValueError as e:
+        raise UsageError(f"{e} (as pretrain would refuse it on {devices} devices)") from None
+    micro = optim.micro_batch
     memory = memory_per_device(cfg, micro, devices, strategy)
     largest = 0
     for b in (2**i for i in range(0, 15)):
@@ -110,7 +119,7 @@ def make_plan(
             largest = b
     tokens_per_s = devices * peak * mfu / flops
     o = cfg.optim
-    seqs = o.global_batch if o.batch_unit == "sequences" else max(1, o.global_batch // seq)
+    seqs = o.sequences_per_step(seq)
     tokens_per_step = seqs * seq
     p = cfg.pretrain
     budget = [b for b in (p.max_tokens, p.max_steps and p.max_steps * tokens_per_step) if b]
@@ -127,12 +136,14 @@ def make_plan(
         train_tokens=train_tokens,
         wall_s=train_tokens / tokens_per_s if train_tokens else 0.0,
         optimal_tokens=TOKENS_PER_PARAM * model.num_params(),
+        micro_batch=micro,
+        notes=[note] if note else [],
     )
-    plan.warnings = warnings(cfg, plan, seqs)
+    plan.warnings = warnings(cfg, plan)
     return plan
 
 
-def warnings(cfg: Config, plan: Plan, seqs_per_step: int) -> list[str]:
+def warnings(cfg: Config, plan: Plan) -> list[str]:
     out = []
     if not plan.fits:
         fix = (
@@ -149,11 +160,6 @@ def warnings(cfg: Config, plan: Plan, seqs_per_step: int) -> list[str]:
                 if plan.largest_micro_batch
                 else ""
             )
-        )
-    if seqs_per_step < cfg.optim.micro_batch * plan.devices:
-        out.append(
-            f"global batch of {seqs_per_step} sequences is smaller than micro_batch x devices "
-            f"= {cfg.optim.micro_batch * plan.devices}; raise optim.global_batch"
         )
     lr, n = cfg.optim.lr, plan.params
     typical = 3e-4 if n > 1e9 else 6e-4 if n > 1e8 else 1e-3
@@ -223,7 +229,12 @@ def plan_cmd(
         "[bold]total[/]", f"[bold]{plan.total / GIB:.2f}[/] of {plan.device_memory / GIB:.1f}"
     )
     con.print(table)
-    con.print(f"largest micro-batch that fits: {plan.largest_micro_batch}")
+    for n in plan.notes:
+        con.print(f"note: {n}")
+    con.print(
+        f"largest micro-batch that fits: {plan.largest_micro_batch} "
+        f"(this run: {plan.micro_batch} per device)"
+    )
     con.print(
         f"throughput: ~{plan.tokens_per_s:,.0f} tokens/s "
         f"(MFU {GPU_MFU if gpu else CPU_MFU:.0%} assumed)"

@@ -20,7 +20,7 @@ from plinth.config.schema import Config
 from plinth.distributed.env import DistEnv
 from plinth.errors import PlinthError, UsageError
 from plinth.train.hooks import Hooks
-from plinth.train.setup import open_run, print_train_summary, resolve_resume, start
+from plinth.train.setup import open_run, print_train_summary, resolve_resume, say_notes, start
 
 # options pretraining does not honour yet; refusing beats silently ignoring them
 UNSUPPORTED = UNSUPPORTED_BY["pretrain"]
@@ -91,6 +91,7 @@ def run_pretraining(
     placement = start(resolved, UNSUPPORTED, "pretrain")
     env, device, strategy = placement.env, placement.device, placement.strategy
     accum = preflight(resolved, env.world_size)  # what `plinth config validate` checks too
+    say_notes(resolved, env)
     check_fits(
         cfg,
         device,

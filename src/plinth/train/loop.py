@@ -41,7 +41,7 @@ from plinth.distributed.env import (
     is_collective_failure,
 )
 from plinth.distributed.parallelize import grad_sync, parallelize
-from plinth.errors import PlinthError
+from plinth.errors import PlinthError, UsageError
 from plinth.track.checkpoints import checkpoint_step, list_checkpoints, step_dir
 from plinth.track.hardware import memory_mb, peak_flops
 from plinth.track.progress import TrainProgress
@@ -270,10 +270,13 @@ def _assemble(
     if env.rank:
         torch.manual_seed(cfg.seed + RANK_SEED * env.rank)  # own dropout; rank 0 = 1 process
     net = parallelize(model, cfg, env, device, strategy)
-    try:
+    try:  # the recipes already fitted micro_batch (preflight); a direct caller gets it here
+        note = cfg.optim.fit_world(task.seq_len, env.world_size)
         accum = cfg.optim.accum_steps(task.seq_len, env.world_size)
     except ValueError as e:
-        raise PlinthError(f"{e}") from None
+        raise UsageError(f"{e}") from None
+    if note and env.is_main:
+        print(f"note: {note}")
     tokens_per_step = accum * cfg.optim.micro_batch * task.seq_len * env.world_size
     loader = task.loader(env)
     steps = task.total_steps(tokens_per_step, accum * env.world_size)

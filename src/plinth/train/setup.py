@@ -39,6 +39,13 @@ def start(resolved: Resolved, unsupported: dict, recipe: str) -> Placement:
     return Placement.resolve(resolved.config, env)
 
 
+def say_notes(resolved: Resolved, env: DistEnv) -> None:
+    """Print what was adjusted at start (e.g. a lowered micro_batch), once (rank 0)."""
+    if env.is_main:
+        for note in resolved.notes:
+            print(f"note: {note}")
+
+
 def resolve_resume(run_path: Path, files: list[str], overrides: list[str]) -> tuple[Resolved, Path]:
     """Config of a run being resumed; refuses changes that would alter the run."""
     saved = run_path / "config.yaml"

@@ -144,7 +144,8 @@ class OptimConfig(Section):
         return self.global_batch // seq_len
 
     def accum_steps(self, seq_len: int, world_size: int = 1) -> int:
-        """Micro-batches each device accumulates per optimizer step."""
+        """Micro-batches each device accumulates per optimizer step (call `fit_world` first to
+        lower a micro_batch that does not divide the global batch)."""
         seqs = self.sequences_per_step(seq_len)
         per_step = self.micro_batch * world_size
         if seqs % per_step:
@@ -154,3 +155,32 @@ class OptimConfig(Section):
                 f"optim.global_batch to a multiple of {per_step}"
             )
         return seqs // per_step
+
+    def fit_world(self, seq_len: int, world_size: int = 1) -> str | None:
+        """Make micro_batch x world_size divide the global batch by lowering micro_batch to the
+        largest divisor of the per-device batch: the global batch, and so the optimizer's math,
+        is unchanged (more accumulation steps instead). Returns a one-line note when micro_batch
+        changed, None when it already fitted; raises ValueError when no micro-batch keeps the
+        global batch (it does not split evenly over the devices)."""
+        seqs = self.sequences_per_step(seq_len)
+        if seqs % (self.micro_batch * world_size) == 0:
+            return None
+        if seqs % world_size:
+            up = -(-seqs // world_size) * world_size
+            example = str(up) if self.batch_unit == "sequences" else f"{up * seq_len} tokens"
+            raise ValueError(
+                f"global batch of {seqs} sequences does not split evenly over {world_size} "
+                "processes, so no micro_batch keeps it; set optim.global_batch to a multiple "
+                f"of {world_size} sequences (e.g. {example}), or launch a number of processes "
+                f"that divides {seqs}"
+            )
+        per_device = seqs // world_size
+        old = self.micro_batch
+        micro = max(d for d in range(1, min(old, per_device) + 1) if per_device % d == 0)
+        self.micro_batch = micro
+        steps = per_device // micro
+        return (
+            f"optim.micro_batch lowered from {old} to {micro}: {world_size} x {micro} sequences "
+            f"x {steps} accumulation step{'s' if steps > 1 else ''} = the global batch of "
+            f"{seqs} sequences (same optimizer math; set optim.micro_batch to choose the split)"
+        )
