@@ -222,7 +222,6 @@ def test_validate_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("overrides", "expect"),
     [
-        (["optim.global_batch=10", "optim.micro_batch=4"], "not a multiple of micro_batch"),
         (["optim.batch_unit=tokens", "optim.global_batch=1000"], "sequence length"),
         (["model.vocab_size=100"], "too small for a bpe tokenizer"),
         (["compress.pruning=magnitude"], "cannot honour"),
@@ -235,6 +234,14 @@ def test_validate_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
 def test_validate_runs_the_checks_pretrain_makes(capsys, overrides, expect):
     rc, err = _cli(capsys, "config", "validate", "quickstart", *overrides)
     assert rc == EXIT_USAGE and expect in err, err
+
+
+def test_validate_says_how_it_would_fit_the_micro_batch(capsys):
+    """A micro_batch that does not divide the global batch is lowered at start (same global
+    batch): validate says so, as pretrain would, instead of refusing."""
+    rc = main(["config", "validate", "quickstart", "optim.global_batch=10", "optim.micro_batch=4"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "optim.micro_batch lowered from 4 to 2" in out, out
 
 
 def test_validate_checks_finetune_data_paths(capsys, tmp_path):

@@ -11,7 +11,6 @@ from plinth.cli import main
 from plinth.errors import EXIT_USAGE
 
 BAD = {
-    "batch": ["optim.global_batch=10"],  # micro_batch 4
     "tokens-unit": ["optim.batch_unit=tokens", "optim.global_batch=100"],  # seq len 32
     "vocab-too-small": ["model.vocab_size=100"],
     "tokenizer-file-bigger": ["data.tokenizer.path={data}/tokenizer.json", "model.vocab_size=300"],
@@ -65,7 +64,6 @@ def test_a_good_config_passes_both(tiny_overrides, tmp_path, capsys, write_yaml)
 @pytest.mark.parametrize(
     ("bad", "expect"),
     [
-        (["optim.global_batch=10", "optim.micro_batch=4"], "finetune.max_length"),
         (["finetune.max_length=4"], "finetune.max_length"),
         (["compress.quantization=int8"], "cannot honour"),
         (["finetune.task=classification"], "labels"),

@@ -93,11 +93,8 @@ def generate_cmd(
     from plinth.load import no_chat_template
 
     weight_dtype(dtype or "fp32")  # a bad --dtype is refused before the model loads
-    _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens)
-    if prompts_file is not None and prompt:
-        raise UsageError("give --prompt or --prompts-file, not both")
-    if output is not None and prompts_file is None:
-        raise UsageError("--output writes the results of --prompts-file; add --prompts-file")
+    _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens, prompt,
+                   prompts_file, output)
     rows = _read_prompts(Path(prompts_file)) if prompts_file is not None else None
     eng = Engine.load(model, device=device, dtype=dtype, quantize=quantize, adapter=adapter,
                       merge_adapter=not no_merge_adapter)
@@ -136,8 +133,14 @@ def generate_cmd(
     return 0
 
 
-def _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens) -> None:
-    """Counts in range before the model loads (UsageError naming the flag)."""
+def _check_options(batch_size, num_beams, num_return_sequences, max_new_tokens, prompt,
+                   prompts_file, output) -> None:
+    """Counts in range and options that go together, before the model loads (UsageError
+    naming the flag)."""
+    if prompts_file is not None and prompt:
+        raise UsageError("give --prompt or --prompts-file, not both")
+    if output is not None and prompts_file is None:
+        raise UsageError("--output writes the results of --prompts-file; add --prompts-file")
     for flag, value in (("--batch-size", batch_size), ("--num-beams", num_beams),
                         ("--num-return-sequences", num_return_sequences)):
         if value < 1:
