@@ -25,8 +25,9 @@ def base_defaults(base_dir: Path) -> dict:
     """Flat config values the base fixes: the whole model section and the tokenizer's special
     tokens (what ids mean)."""
     from plinth.config.load import load_config
+    from plinth.load import find_run
 
-    cfg = load_config([base_dir / "config.yaml"]).config
+    cfg = load_config([find_run(base_dir)[0] / "config.yaml"]).config  # a checkpoint's run
     values = {f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()}
     values["data.tokenizer.special_tokens"] = list(cfg.data.tokenizer.special_tokens)
     return values

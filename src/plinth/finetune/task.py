@@ -33,6 +33,7 @@ from plinth.finetune.data import (
 from plinth.load import (
     build_finetune_model,
     chat_template_source,
+    find_run,
     read_tokenizer,
     token_roles,
     token_text,
@@ -76,6 +77,7 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
     )
 
     ft = cfg.finetune
+    weights_dir, base_dir = base_dir, find_run(base_dir)[0]  # a checkpoint's text files: its run
     tokenizer = read_tokenizer(base_dir)
     tokenizer.no_padding()  # some tokenizer.json files pad/truncate every text to a fixed size
     tokenizer.no_truncation()  # (sentence-transformers'): lengths here are finetune.max_length
@@ -152,7 +154,7 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
                 for r in read_jsonl(spec.val_dataset)[:N_SAMPLES]
             ] if spec.val_dataset else []
             tasks.append(TaskData(spec, train, val if len(val) else None, [], texts))
-    return FinetuneTask(cfg, base_dir, tokenizer, tasks, roles)
+    return FinetuneTask(cfg, weights_dir, tokenizer, tasks, roles)
 
 
 class FinetuneTask(Task):

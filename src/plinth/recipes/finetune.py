@@ -98,7 +98,13 @@ def run_finetuning(
     from plinth.eval.periodic import TaskScorer
     from plinth.finetune.base import base_info
     from plinth.finetune.task import build_task
-    from plinth.load import check_base_weights, finetune_base_dir, read_json, resolve
+    from plinth.load import (
+        check_base_weights,
+        find_run,
+        finetune_base_dir,
+        read_json,
+        resolve,
+    )
     from plinth.track.run import build_manifest
     from plinth.train.loop import train
 
@@ -138,9 +144,10 @@ def run_finetuning(
         try:
             if env.is_main and not resuming:
                 run.write_config(render_yaml(resolved))
+                text_dir = find_run(base_dir)[0]  # a checkpoint's tokenizer is its run's
                 for f in COPIED:
-                    if (base_dir / f).is_file():
-                        shutil.copyfile(base_dir / f, run.path / f)
+                    if (text_dir / f).is_file():
+                        shutil.copyfile(text_dir / f, run.path / f)
                 data = {
                     name: {
                         "train_rows": len(t.train),

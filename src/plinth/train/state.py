@@ -282,7 +282,41 @@ def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, dict]:
     ranks = path / RANKS_DIR
     for f in sorted(ranks.glob("*.pt")) if ranks.is_dir() else []:
         _read_torch(f)
+    if (path / SHARDED_DIR).is_dir():
+        _check_dcp_metadata(path / SHARDED_DIR / ".metadata")
     return train_state, meta
+
+
+def _check_dcp_metadata(f: Path) -> None:
+    """DCP reads sharded/.metadata with plain pickle.load, which would run code from a hostile
+    file: refuse any pickle that names something besides DCP's metadata classes."""
+    import pickle
+
+    allowed = {("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    dcp = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if "." not in name:
+                if (module, name) in allowed:
+                    return super().find_class(module, name)
+                if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                    return getattr(torch, name)
+                found = super().find_class(module, name) if module in dcp else None
+                if isinstance(found, type):  # DCP's metadata classes, nothing callable else
+                    return found
+            raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+    if not f.is_file():
+        raise ValueError(f"{SHARDED_DIR}/.metadata is missing")
+    try:
+        with open(f, "rb") as fh:
+            Restricted(fh).load()
+    except Exception as e:
+        raise ValueError(
+            f"{SHARDED_DIR}/.metadata does not deserialize safely ({_first_line(e)})"
+        ) from None
 
 
 def problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
