@@ -92,6 +92,13 @@ def test_generate_rebuilds_base_and_adapter(lora_run, capsys):
                  "--max-new-tokens", "2"]) == 0
 
 
+def test_export_merges_the_rebuilt_base_and_adapter(lora_run, tmp_path, capsys):
+    _, run, _ = lora_run
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    merged = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert merged and not any("lora_" in k for k in merged)
+
+
 def test_a_different_base_is_refused_naming_the_expected_one(lora_run, tmp_path, capsys):
     base, run, _ = lora_run
     meta = json.loads((run / "checkpoints" / "step_0000002" / "meta.json").read_text())

@@ -172,7 +172,7 @@ def test_real_processes_generate_and_serve_refuse_a_damaged_checkpoint(done_run,
     run, bad, why = _damaged_copy(done_run, tmp_path, zip_not_torch)
     before = _snapshot(run)
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    for argv in (["generate", str(bad), "--prompt", "x"], ["serve", str(bad), "--port", "0"]):
+    for argv in (["generate", str(bad), "--prompt", "x"], ["serve", str(bad), "--port", "18765"]):
         p = subprocess.run([sys.executable, "-m", "plinth", *argv], capture_output=True,
                            text=True, env=env, timeout=300)
         assert p.returncode == 2, p.stderr

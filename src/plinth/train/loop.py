@@ -348,7 +348,8 @@ def _resume(p: _Parts, s: TrainState) -> bool:
         if env.is_main:
             print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
     _restore(p, s, loaded, with_data=True)
-    s.last_loss = float(loaded.meta.get("train_loss", math.nan))
+    last = loaded.meta.get("train_loss")
+    s.last_loss = float(last) if isinstance(last, int | float) else math.nan
     es = p.cfg.optim.early_stop
     if s.step >= p.steps or (es.patience is not None and s.bad_evals >= es.patience):
         return True
