@@ -14,8 +14,15 @@ half of one.
 
 A checkpoint is written to `step_XXXXXXX.tmp/` (every rank writes its own files into it) and
 renamed into place by rank 0 after a barrier (the names: plinth.track.checkpoints). On load,
-files are checked against meta.json; a truncated, corrupted or missing file (a lost shard)
-skips the checkpoint in favour of the previous good one, and the caller is told.
+files are checked against meta.json and then opened (train_state.pt and ranks/ as plain
+tensors, model.safetensors' header, DCP's .metadata with a restricted unpickler); a truncated,
+corrupted, missing or undeserializable file (a lost shard, a zip that is not a torch file, a
+meta.json of the wrong shape) skips the checkpoint in favour of the previous good one, and the
+caller is told; a checkpoint named explicitly is refused (UsageError naming the file).
+
+A parameter-efficient fine-tune (LoRA, QLoRA, ...) stores only its trainable weights in
+model.safetensors, with `"weights": "trainable"` and the base's dir, name and fingerprint under
+`"base"` in meta.json; loading puts them onto the rebuilt base, whose fingerprint must match.
 
 Any checkpoint resumes on any world size and strategy: DCP reshards on load, and the optimizer
 state is keyed by parameter name (torch.distributed.checkpoint.state_dict), so a 2-rank fsdp
