@@ -13,6 +13,7 @@ special-token roles and chat template; every command and library module loads th
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,18 +96,97 @@ def display_name(spec: str | Path) -> str:
 def load_weights_into(model: nn.Module, model_dir: Path) -> tuple[str, int | None]:
     """Load a run's newest good checkpoint, a checkpoint's or an imported directory's weights
     into a freshly built model. Returns (the weights path read, its step; None for an import)."""
-    from safetensors.torch import load_file
+    run, explicit = find_run(model_dir)
+    return _load_weights(model, run, explicit, None if explicit == run else find_checkpoint(
+        run, explicit))
 
+
+def find_checkpoint(run: Path, explicit: Path | None):
+    """The checkpoint a run or checkpoint argument names (train.state.Loaded): `explicit` as
+    is (UsageError naming a file that does not load), else the run's newest good one; when
+    newer ones are broken, stderr says which were skipped and why."""
     from plinth.train import state as ckpt
 
-    run, explicit = find_run(model_dir)
-    if explicit == run:  # an imported model: plain weights, no training state
-        ckpt.load_weights(model, load_file(str(run / ckpt.MODEL_FILE)))
-        return str(run / ckpt.MODEL_FILE), None
-    loaded = ckpt.load_checkpoint(explicit) if explicit else ckpt.load_latest(run / "checkpoints")
+    if explicit is not None:
+        return ckpt.load_checkpoint(explicit)
+    loaded = ckpt.load_latest(run / "checkpoints")
+    for path, why in loaded.skipped:
+        print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}",
+              file=sys.stderr)
+    return loaded
+
+
+def check_base_weights(base_dir: Path) -> None:
+    """Refuse, before anything is written, a fine-tuning base whose weights do not load: a
+    file that does not deserialize (UsageError naming it), or a run that stores only adapter
+    weights. Loading itself reports a fallback past broken newer checkpoints."""
+    from plinth.train import state as ckpt
+
+    run, explicit = find_run(base_dir)
+    if explicit == run:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(run / ckpt.MODEL_FILE), "pt") as f:
+                list(f.keys())
+        except Exception as e:
+            raise UsageError(
+                f"finetune.base: {run / ckpt.MODEL_FILE} does not deserialize "
+                f"({type(e).__name__}: {str(e)[:160]}). Import the model again with `plinth "
+                "import` (or delete the directory to re-import it)."
+            ) from None
+        return
+    if explicit is not None:
+        loaded = ckpt.load_checkpoint(explicit)
+    else:
+        loaded = ckpt.load_latest(run / "checkpoints")
+    if loaded.base is not None:
+        raise UsageError(
+            f"finetune.base: {loaded.path} holds only the trained "
+            f"{loaded.base.get('method', 'adapter')} weights of a fine-tune of "
+            f"{loaded.base.get('name')!r}, so it cannot be a base by itself. `plinth export` "
+            "that run (the adapter merged into its base) and use the export as finetune.base."
+        )
+
+
+def _load_weights(model: nn.Module, run: Path, explicit: Path | None, loaded):
+    from plinth.train import state as ckpt
+
+    if loaded is None:  # an imported model: plain weights, no training state
+        f = run / ckpt.MODEL_FILE
+        try:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(f))
+        except Exception as e:  # SafetensorError: a bad header, data past the end
+            raise UsageError(
+                f"{f} does not deserialize ({type(e).__name__}: {str(e)[:160]}). Import the "
+                "model again with `plinth import` (or delete the directory to re-import it)."
+            ) from None
+        ckpt.load_weights(model, weights)
+        return str(f), None
     loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
     step = loaded.meta.get("step")
     return str(loaded.path), int(step) if step is not None else None
+
+
+def finetune_base_dir(cfg, recorded: dict | None) -> Path:
+    """The base to rebuild a parameter-efficient fine-tune from: the recorded directory when it
+    is still there, else the config's finetune.base resolved (loading checks the fingerprint)."""
+    recorded = recorded or {}
+    if recorded.get("dir") and (Path(recorded["dir"]) / "config.yaml").is_file():
+        return Path(recorded["dir"])
+    try:
+        return resolve(str(cfg.finetune.base), "finetune.base")
+    except UsageError as e:
+        fp = recorded.get("fingerprint")
+        raise UsageError(
+            f"this {cfg.finetune.method} fine-tune stores only its trained weights; rebuilding "
+            f"it needs its base {cfg.finetune.base!r}"
+            + (f" (recorded at {recorded['dir']}" if recorded.get("dir") else " (")
+            + (f", fingerprint {fp})" if fp else ")")
+            + f", which is not found: {e}"
+        ) from None
 
 
 def build_finetune_model(cfg, base_dir: Path | None, device=None) -> nn.Module:
@@ -141,12 +221,47 @@ def load_trained(path: str | Path, device: str = "cpu"):
 # ------------------------------------------------------------------------ tokens and template
 
 
+def read_tokenizer(model_dir: Path):
+    """tokenizers.Tokenizer from a model or run directory's tokenizer.json (UsageError naming
+    the file when it is missing or does not load)."""
+    from tokenizers import Tokenizer
+
+    f = Path(model_dir) / "tokenizer.json"
+    if not f.is_file():
+        raise UsageError(f"{model_dir} has no tokenizer.json; was it written by an older plinth?")
+    try:
+        return Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises plain Exception for a malformed file
+        raise UsageError(
+            f"{f} is not a tokenizer file ({str(e).splitlines()[0][:160] if str(e) else e!r}). "
+            "Restore it from the model it came from (or re-import the model)."
+        ) from None
+
+
+def read_json(f: Path) -> dict:
+    """A JSON object from a model directory's record (import.json, manifest.json,
+    tokenizer_config.json); UsageError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(f).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UsageError(
+            f"{f} cannot be read as JSON ({type(e).__name__}). Restore it from the model or run "
+            "it came from (or re-import the model)."
+        ) from None
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"{f} is valid JSON but a {type(data).__name__}, not an object: not the record "
+            "plinth wrote. Restore it from the model or run it came from."
+        )
+    return data
+
+
 def token_text(model_dir: Path, key: str) -> str:
     """A special token's text from tokenizer_config.json (`bos_token`, `eos_token`; a string or
     an AddedToken dict), "" when absent."""
     tc = Path(model_dir) / TOKENIZER_CONFIG
     if tc.is_file():
-        v = json.loads(tc.read_text()).get(key)
+        v = read_json(tc).get(key)
         if isinstance(v, dict):
             v = v.get("content")
         if isinstance(v, str):
@@ -160,11 +275,14 @@ def token_roles(model_dir: Path, tokenizer) -> dict[str, int]:
     names = {"eos": "<|endoftext|>", "pad": "<|pad|>", "bos": "<|bos|>"}
     rec, manifest = Path(model_dir) / IMPORT_FILE, Path(model_dir) / "manifest.json"
     if rec.is_file():
-        names = json.loads(rec.read_text()).get("special_tokens", {})
+        names = read_json(rec).get("special_tokens", {})
     elif manifest.is_file():  # a fine-tune run being resumed: its base's roles
-        names = json.loads(manifest.read_text()).get("base", {}).get("special_tokens") or names
+        base = read_json(manifest).get("base")
+        names = (base.get("special_tokens") if isinstance(base, dict) else None) or names
     out = {}
-    for role, text in names.items():
+    for role, text in (names.items() if isinstance(names, dict) else ()):
+        if not isinstance(text, str):
+            continue
         tid = tokenizer.token_to_id(text) if text else None
         if tid is not None:
             out[role] = tid
@@ -203,7 +321,9 @@ def _record_eos_text(model_dir: Path) -> str | None:
     rec = Path(model_dir) / IMPORT_FILE
     if not rec.is_file():
         return None
-    return json.loads(rec.read_text()).get("special_tokens", {}).get("eos")
+    tokens = read_json(rec).get("special_tokens")
+    eos = tokens.get("eos") if isinstance(tokens, dict) else None
+    return eos if isinstance(eos, str) else None
 
 
 def chat_template_source(setting: str, model_dir: Path) -> str | None:
@@ -297,24 +417,22 @@ def load_model(spec: str | Path, device: str = "cpu", *, resolve_spec: bool = Tr
                chat: bool = True) -> LoadedModel:
     """Resolve `spec` (see the module doc) and load it: weights, tokenizer, config, eos ids and
     chat template (chat=False skips the template, which may resolve a fine-tune's base)."""
-    from tokenizers import Tokenizer
-
     from plinth.config.load import load_config
     from plinth.models import build_model
 
     path = resolve(spec) if resolve_spec else Path(spec)
     run, explicit = find_run(path)
     cfg = load_config([run / "config.yaml"]).config
+    loaded = None if explicit == run else find_checkpoint(run, explicit)
     if cfg.finetune.base is not None and explicit != run:  # a fine-tune: method + heads first
-        model = build_finetune_model(cfg, None)
+        # a parameter-efficient checkpoint holds the trained weights only: base from its record
+        base = None if loaded.base is None else finetune_base_dir(cfg, loaded.base)
+        model = build_finetune_model(cfg, base)
     else:
         model = build_model(cfg.model)
-    weights, step = load_weights_into(model, path)
+    weights, step = _load_weights(model, run, explicit, loaded)
     model.to(torch.device(device)).eval()
-    tok_path = run / "tokenizer.json"
-    if not tok_path.is_file():
-        raise UsageError(f"{run} has no tokenizer.json; was it written by an older plinth?")
-    tok = Tokenizer.from_file(str(tok_path))
+    tok = read_tokenizer(run)
     return LoadedModel(
         model=model, tokenizer=tok, cfg=cfg, run_dir=run, weights=weights, step=step,
         spec=str(spec), is_run=explicit != run, eos_ids=eos_ids(run, tok, cfg),

@@ -112,7 +112,7 @@ def test_resume_errors_are_explained(tiny_overrides, tmp_path, capsys):
     assert code == 2 and "model.d_model: 64 -> 128" in err
     shutil.rmtree(run / "checkpoints")
     (run / "checkpoints").mkdir()
-    assert main(["pretrain", "--resume", str(run), "pretrain.max_steps=20", "--quiet"]) == 1
+    assert main(["pretrain", "--resume", str(run), "pretrain.max_steps=20", "--quiet"]) == 2
     assert "no usable checkpoint" in capsys.readouterr().err
 
 

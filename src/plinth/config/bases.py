@@ -106,7 +106,10 @@ def _not_imported(spec: str) -> str:
 def base_defaults(base_dir: Path) -> dict:
     """Flat config values the base fixes: the whole model section and the tokenizer's special
     tokens (what ids mean)."""
-    cfg = load_config([base_dir / "config.yaml"]).config
+    saved = base_dir / "config.yaml"
+    if not saved.is_file() and base_dir.parent.name == "checkpoints":  # a checkpoint of a run
+        saved = base_dir.parent.parent / "config.yaml"
+    cfg = load_config([saved]).config
     values = {f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()}
     values["data.tokenizer.special_tokens"] = list(cfg.data.tokenizer.special_tokens)
     return values

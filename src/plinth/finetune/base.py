@@ -25,12 +25,12 @@ from plinth.hf.layout import IMPORT_FILE
 
 def base_info(base_dir: Path) -> dict:
     """What the manifest records about the base: path, and its import record if any."""
-    import json
+    from plinth.load import read_json
 
     info: dict = {"dir": str(base_dir.resolve())}
     rec = base_dir / IMPORT_FILE
     if rec.is_file():
-        data = json.loads(rec.read_text())
+        data = read_json(rec)
         keep = ("source", "family", "fingerprint", "params", "special_tokens")
         info.update({k: data.get(k) for k in keep})
     return info

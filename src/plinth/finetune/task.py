@@ -34,6 +34,8 @@ from plinth.load import (
     build_finetune_model,
     chat_template_origin,
     chat_template_source,
+    find_run,
+    read_tokenizer,
     token_roles,
     token_text,
 )
@@ -65,8 +67,6 @@ class TaskData:
 
 def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
     """Read every task's data (see the module doc)."""
-    from tokenizers import Tokenizer
-
     from plinth.data.sft import (
         ChatTemplate,
         SFTOptions,
@@ -78,7 +78,8 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
     )
 
     ft = cfg.finetune
-    tokenizer = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
+    weights_dir, base_dir = base_dir, find_run(base_dir)[0]  # a checkpoint's text files: its run
+    tokenizer = read_tokenizer(base_dir)
     tokenizer.no_padding()  # some tokenizer.json files pad/truncate every text to a fixed size
     tokenizer.no_truncation()  # (sentence-transformers'): lengths here are finetune.max_length
     roles = token_roles(base_dir, tokenizer)
@@ -155,7 +156,7 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
                 for r in read_jsonl(spec.val_dataset)[:N_SAMPLES]
             ] if spec.val_dataset else []
             tasks.append(TaskData(spec, train, val if len(val) else None, [], texts))
-    return FinetuneTask(cfg, base_dir, tokenizer, tasks, roles)
+    return FinetuneTask(cfg, weights_dir, tokenizer, tasks, roles)
 
 
 class FinetuneTask(Task):
@@ -171,6 +172,7 @@ class FinetuneTask(Task):
         self.summary = None
         self.model: nn.Module | None = None  # set by build_model (the adapter is saved from it)
         self.verbose = False  # print what the method trains when the model is built
+        self.limit = ""  # which setting decides the number of steps (set by total_steps)
 
     # ------------------------------------------------------------------------- model, data
     def build_model(self, device: torch.device) -> nn.Module:
@@ -208,10 +210,28 @@ class FinetuneTask(Task):
     def total_steps(self, tokens_per_step: int, batches_per_step: int) -> int:
         ft = self.cfg.finetune
         rows_per_step = self.cfg.optim.micro_batch * batches_per_step
-        steps = math.ceil(ft.epochs * self.train_rows() / rows_per_step)
-        if ft.max_steps is not None:
-            steps = min(steps, ft.max_steps)
-        return max(1, steps)
+        rows = self.train_rows()
+        steps = max(1, math.ceil(ft.epochs * rows / rows_per_step))
+        epochs = (f"finetune.epochs={ft.epochs:g} ({steps} steps of {rows_per_step} rows over "
+                  f"{rows} training rows)")
+        if ft.max_steps is not None and ft.max_steps < steps:
+            self.limit = f"finetune.max_steps={ft.max_steps} (before {epochs})"
+            return max(1, ft.max_steps)
+        unreached = f"; finetune.max_steps={ft.max_steps} is not reached" if ft.max_steps else ""
+        self.limit = epochs + unreached
+        return steps
+
+    def checkpoint_base(self) -> dict | None:
+        """Parameter-efficient methods: checkpoints hold the trainable weights only and refer
+        to the base (rebuilt from it on load, fingerprint-checked). Full fine-tunes: None."""
+        if self.cfg.finetune.method == "full" or self.base_dir is None or self.model is None:
+            return None
+        return {
+            "name": str(self.cfg.finetune.base),
+            "dir": str(Path(self.base_dir).resolve()),
+            "fingerprint": getattr(self.model, "peft_base_fingerprint", None),
+            "method": self.cfg.finetune.method,
+        }
 
     # ---------------------------------------------------------------------------- the loss
     def _forward(self, net: nn.Module, batch) -> tuple[LossOutput, torch.Tensor | None]:

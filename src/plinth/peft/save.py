@@ -340,11 +340,18 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_base: bool = True)
             f"{path} is not an adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
             "(written by plinth.peft.save_adapter or peft's save_pretrained)."
         )
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = _read_config(path / CONFIG_FILE)
     got = base_fingerprint(model)  # before any layer changes
     if check_base:
         _check_base(config, got, path)
-    tensors = load_file(str(path / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except Exception as e:  # SafetensorError: a bad header, data past the end of the file
+        raise UsageError(
+            f"{path / WEIGHTS_FILE} does not deserialize ({type(e).__name__}: "
+            f"{str(e)[:160]}). Save the adapter again (plinth.peft.save_adapter, peft's "
+            "save_pretrained) or use another copy."
+        ) from None
     peft_type = config.get("peft_type")
     if peft_type in ("LORA", "IA3"):
         names = hf_names(model)
@@ -376,6 +383,21 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_base: bool = True)
         )
     trainable, total = count_parameters(model)
     return Summary(model.peft_method, trainable, total, modules)
+
+
+def _read_config(f: Path) -> dict:
+    try:
+        config = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UsageError(
+            f"{f} cannot be read as JSON ({type(e).__name__}); save the adapter again."
+        ) from None
+    if not isinstance(config, dict):
+        raise UsageError(
+            f"{f} is valid JSON but a {type(config).__name__}, not an adapter config object; "
+            "save the adapter again."
+        )
+    return config
 
 
 def _check_base(config: dict, got: str, path: Path) -> None:

@@ -63,6 +63,8 @@ def finetune(
     result = run_finetuning(resolved, base_dir, run_path=run_path, progress=not quiet)
     if DistEnv.from_environ().is_main:
         print_train_summary(result)
+        if result.complete:
+            return 0
         if resolved.config.model.arch == "decoder" and resolved.config.finetune.task == "lm" \
                 and not resolved.config.finetune.tasks:
             from plinth.load import chat_template_source
@@ -93,7 +95,13 @@ def run_finetuning(
     from plinth.eval.periodic import TaskScorer
     from plinth.finetune.base import base_info
     from plinth.finetune.task import build_task
-    from plinth.load import resolve
+    from plinth.load import (
+        check_base_weights,
+        find_run,
+        finetune_base_dir,
+        read_json,
+        resolve,
+    )
     from plinth.track.run import build_manifest
     from plinth.train.loop import train
 
@@ -101,10 +109,12 @@ def run_finetuning(
     placement = start(resolved, UNSUPPORTED, "finetune")
     env, device, strategy = placement.env, placement.device, placement.strategy
     resuming = run_path is not None
-    preflight(resolved, env.world_size, "finetune")  # what `plinth config validate` checks too
+    accum = preflight(resolved, env.world_size, "finetune")  # what `config validate` checks too
     say_notes(resolved, env)
     if base_dir is None:
         base_dir = Path(run_path) if resuming else resolve(cfg.finetune.base, "finetune.base")
+    if not resuming:
+        check_base_weights(base_dir)  # before anything is written
     task = build_task(cfg, base_dir)
     if any(t.kind != "lm" for t in task.tasks.values()) and strategy != "none":
         raise UsageError(
@@ -115,17 +125,24 @@ def run_finetuning(
     # tasks are loaded (and misconfigurations refused) before any training
     hooks = Hooks(sample=task.samples, score=TaskScorer.create(cfg, task, placement.sharded))
     task.verbose = env.is_main
-    if resuming:
-        task.base_dir = None  # the checkpoint holds every weight
+    if resuming:  # a full fine-tune's checkpoints hold every weight; others only the trained
+        recorded = read_json(base_dir / "manifest.json").get("base") if (
+            base_dir / "manifest.json").is_file() else None
+        task.base_dir = None if cfg.finetune.method == "full" else finetune_base_dir(
+            cfg, recorded if isinstance(recorded, dict) else None)
+    steps = task.total_steps(0, accum * env.world_size)
+    if env.is_main:
+        print(f"training for {steps} steps, set by {task.limit}")
     init_process_group(cfg, env, device)
     try:
         run = open_run(cfg, env, run_path, f"finetune-{cfg.finetune.method}")
         try:
             if env.is_main and not resuming:
                 run.write_config(render_yaml(resolved))
+                text_dir = find_run(base_dir)[0]  # a checkpoint's tokenizer is its run's
                 for f in COPIED:
-                    if (base_dir / f).is_file():
-                        shutil.copyfile(base_dir / f, run.path / f)
+                    if (text_dir / f).is_file():
+                        shutil.copyfile(text_dir / f, run.path / f)
                 data = {
                     name: {
                         "train_rows": len(t.train),
@@ -166,6 +183,12 @@ def run_finetuning(
                 progress=progress,
                 stop_after=stop_after,
             )
+            if result.complete:
+                return result
+            if result.stopped_early:
+                result.ended_by = "early stopping (optim.early_stop)"
+            elif result.step >= steps:
+                result.ended_by = task.limit
             if cfg.finetune.method != "full" and task.model is not None:
                 model = task.model
                 if strategy in ("fsdp", "hsdp"):  # gathered by every rank, saved by the first

@@ -70,6 +70,8 @@ class TrainResult:
     stopped_early: bool = False
     halted: bool = False
     run_dir: Path | None = None
+    complete: bool = False  # resumed a run that had already finished: nothing was trained
+    ended_by: str = ""  # which limit ended the run (set by recipes that know, e.g. finetune)
 
 
 @dataclass
@@ -113,6 +115,7 @@ class TrainState:
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
     best_path: str | None = None  # checkpoint with the best validation loss, kept by pruning
     micro: int = 0  # micro-batches drawn from the loader (what fault_hook indexes)
+    last_loss: float = math.nan  # the latest step's loss (checkpoints record it)
     window: MetricWindow = field(default_factory=MetricWindow)
 
     def counters(self) -> dict[str, Any]:
@@ -128,6 +131,7 @@ class TrainState:
         """Count a finished optimizer step."""
         self.step += 1
         self.tokens += step.tokens
+        self.last_loss = step.loss
         w = self.window
         w.loss += step.loss
         w.steps += 1
@@ -204,8 +208,10 @@ def train(
     placement = placement or Placement.resolve(cfg)
     p = _assemble(cfg, data, run, placement, hooks or Hooks(), fault_hook)
     s = TrainState()
-    if resume:
-        _resume(p, s)
+    if resume and _resume(p, s):  # the run had already finished: nothing to train or log
+        p.log.close("finished")
+        return TrainResult(s.step, s.tokens, s.last_loss, best_val_loss=s.best_val,
+                           run_dir=run.path, complete=True)
     p.model.train()
     data_iter = iter(p.loader)
     result = TrainResult(s.step, s.tokens, math.nan, best_val_loss=s.best_val, run_dir=run.path)
@@ -321,14 +327,15 @@ class _NullLogger:
         pass
 
 
-def _resume(p: _Parts, s: TrainState) -> None:
-    """Continue from the newest intact checkpoint: rank 0 checks the checksums and picks, the
-    others load what it picked."""
+def _resume(p: _Parts, s: TrainState) -> bool:
+    """Continue from the newest intact checkpoint: rank 0 checks the checksums and that every
+    file deserializes, and picks; the others load what it picked. True when that checkpoint
+    ended the run (nothing left to train)."""
     env = p.env
     picked = None
     if env.is_main:
         try:
-            latest = ckpt.load_latest(p.run.checkpoints)
+            latest = ckpt.load_latest(p.run.checkpoints, ckpt.RESUME_KEYS)
             picked = (str(latest.path), [(str(path), why) for path, why in latest.skipped])
         except PlinthError as e:
             picked = e
@@ -336,14 +343,21 @@ def _resume(p: _Parts, s: TrainState) -> None:
     if isinstance(picked, PlinthError):
         raise picked
     loaded = ckpt.load_checkpoint(
-        Path(picked[0]), [(Path(path), why) for path, why in picked[1]], check=False
+        Path(picked[0]), [(Path(path), why) for path, why in picked[1]], check=False,
+        required=ckpt.RESUME_KEYS,
     )
     for path, why in loaded.skipped:
         p.log.log_event(s.step, "checkpoint_skipped", path=path.name, reason=why)
         if env.is_main:
             print(f"warning: skipping checkpoint {path.name} ({why}); using {loaded.path.name}")
     _restore(p, s, loaded, with_data=True)
+    last = loaded.meta.get("train_loss")
+    s.last_loss = float(last) if isinstance(last, int | float) else math.nan
+    es = p.cfg.optim.early_stop
+    if s.step >= p.steps or (es.patience is not None and s.bad_evals >= es.patience):
+        return True
     p.log.log_event(s.step, "resume", checkpoint=loaded.path.name, tokens=s.tokens)
+    return False
 
 
 def _restore(p: _Parts, s: TrainState, loaded: ckpt.Loaded, with_data: bool) -> None:
@@ -487,7 +501,7 @@ def _rollback_target(run: RunDir, bad_since: int | None) -> Path | None:
     """Newest intact checkpoint written before the blow-up began."""
     for path in reversed(list_checkpoints(run.checkpoints)):
         step = checkpoint_step(path.name)
-        if (bad_since is None or step < bad_since) and ckpt.verify(path) is None:
+        if (bad_since is None or step < bad_since) and ckpt.problem(path) is None:
             return path
     return None
 
@@ -648,6 +662,7 @@ def _checkpoint(p: _Parts, s: TrainState, val: dict, is_last: bool) -> None:
     rank_state = {"mask_generator": p.mask_gen.get_state(), "rng": ckpt.rng_state()}
     meta = {
         "tokens": s.tokens,
+        "train_loss": s.last_loss,
         "world_size": p.env.world_size,
         "strategy": p.placement.strategy,
         **val,
@@ -662,6 +677,7 @@ def _checkpoint(p: _Parts, s: TrainState, val: dict, is_last: bool) -> None:
         rank_state=rank_state,
         env=p.env,
         consolidate=is_last and p.placement.sharded,
+        base=p.task.checkpoint_base(),
     )
     p.log.log_event(s.step, "checkpoint", path=path.name, **val)
     if p.env.is_main:

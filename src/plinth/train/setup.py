@@ -89,16 +89,29 @@ def open_run(cfg, env: DistEnv, run_path: Path | None, default_name: str) -> Run
 
 def print_train_summary(result) -> None:
     """The closing lines of a training command: steps, tokens, losses, where the run is."""
+    import math
+
+    loss = result.train_loss
+    known = loss is not None and math.isfinite(loss)
+    if getattr(result, "complete", False):
+        print(
+            f"nothing to do: {result.run_dir} had already finished (step {result.step}, "
+            f"{result.tokens:,} tokens" + (f", final train loss {loss:.4f}" if known else "")
+            + "). To train further, resume a pretraining run with a higher pretrain.max_steps, "
+            "or start a new run."
+        )
+        return
     val = result.val
-    parts = [
-        f"trained {result.step} steps, {result.tokens:,} tokens",
-        f"final train loss {result.train_loss:.4f}",
-    ]
+    parts = [f"trained {result.step} steps, {result.tokens:,} tokens"]
+    if known:
+        parts.append(f"final train loss {loss:.4f}")
     if val:
         parts.append(f"val loss {val['val/loss']:.4f}")
         if "val/bpb" in val:
             parts.append(f"{val['val/bpb']:.3f} bits/byte")
     if result.stopped_early:
         parts.append("stopped early")
+    if getattr(result, "ended_by", ""):
+        parts.append(f"ended by {result.ended_by}")
     print("; ".join(parts))
     print(f"run: {result.run_dir}")

@@ -14,8 +14,15 @@ half of one.
 
 A checkpoint is written to `step_XXXXXXX.tmp/` (every rank writes its own files into it) and
 renamed into place by rank 0 after a barrier (the names: plinth.track.checkpoints). On load,
-files are checked against meta.json; a truncated, corrupted or missing file (a lost shard)
-skips the checkpoint in favour of the previous good one, and the caller is told.
+files are checked against meta.json and then opened (train_state.pt and ranks/ as plain
+tensors, model.safetensors' header, DCP's .metadata with a restricted unpickler); a truncated,
+corrupted, missing or undeserializable file (a lost shard, a zip that is not a torch file, a
+meta.json of the wrong shape) skips the checkpoint in favour of the previous good one, and the
+caller is told; a checkpoint named explicitly is refused (UsageError naming the file).
+
+A parameter-efficient fine-tune (LoRA, QLoRA, ...) stores only its trainable weights in
+model.safetensors, with `"weights": "trainable"` and the base's dir, name and fingerprint under
+`"base"` in meta.json; loading puts them onto the rebuilt base, whose fingerprint must match.
 
 Any checkpoint resumes on any world size and strategy: DCP reshards on load, and the optimizer
 state is keyed by parameter name (torch.distributed.checkpoint.state_dict), so a 2-rank fsdp
@@ -40,7 +47,7 @@ import torch
 from safetensors.torch import load_file
 
 from plinth.distributed.env import DistEnv, barrier
-from plinth.errors import PlinthError
+from plinth.errors import UsageError
 from plinth.track.checkpoints import list_checkpoints, step_dir, tmp_dir
 from plinth.track.files import save_safetensors
 
@@ -49,6 +56,8 @@ STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 SHARDED_DIR = "sharded"
 RANKS_DIR = "ranks"
+RESUME_KEYS = ("scheduler", "loader", "guard", "counters", "optimizer")  # what resume reads
+WEIGHTS_KEY, TRAINABLE, BASE_KEY = "weights", "trainable", "base"  # meta.json of a partial one
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,6 +97,11 @@ def _sha256(path: Path) -> str:
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # tied weights appear twice in state_dict; safetensors refuses shared storage
     return _dedupe(model.state_dict())
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the trainable parameters (every name of a tied one)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -131,10 +145,13 @@ def save_checkpoint(
     rank_state: dict | None = None,
     env: DistEnv | None = None,
     consolidate: bool = False,
+    base: dict | None = None,
 ) -> Path:
     """Write one checkpoint atomically; returns its directory. Under torchrun every rank must
     call it (sharded weights are written by all ranks); `consolidate` adds a single-file
-    model.safetensors to a sharded checkpoint."""
+    model.safetensors to a sharded checkpoint. `base` (a parameter-efficient fine-tune: the
+    base's dir, name and fingerprint) stores only the trainable weights in model.safetensors
+    and records the base in meta.json, which loading checks (see `load_into`)."""
     env = env or DistEnv()
     final = step_dir(checkpoints, step)
     tmp = tmp_dir(final)
@@ -151,6 +168,9 @@ def save_checkpoint(
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / SHARDED_DIR))
     if not sharded or consolidate:
         weights = full_model_state(model, env)
+        if base is not None and not sharded:
+            weights = {k: v for k, v in weights.items() if k in trainable_names(model)}
+            meta = {**meta, WEIGHTS_KEY: TRAINABLE, BASE_KEY: base}
         if env.is_main:
             save_safetensors(weights, str(tmp / MODEL_FILE))
     if optimizer is not None and not sharded:  # every rank: the call may synchronise
@@ -188,10 +208,15 @@ def verify(path: Path) -> str | None:
     if not meta_path.is_file():
         return "meta.json is missing"
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return "meta.json is not valid JSON"
-    for name, info in meta.get("files", {}).items():
+    except OSError as e:
+        return f"meta.json cannot be read ({e.strerror})"
+    problem = _meta_shape(meta)
+    if problem is not None:
+        return problem
+    for name, info in meta["files"].items():
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -200,6 +225,117 @@ def verify(path: Path) -> str | None:
         if _sha256(f) != info["sha256"]:
             return f"{name} is corrupted (checksum mismatch)"
     return None
+
+
+def _meta_shape(meta: Any) -> str | None:
+    """What is wrong with the layout of a parsed meta.json (None: a checkpoint manifest)."""
+    wrong = "meta.json is valid JSON but not a checkpoint manifest"
+    if not isinstance(meta, dict):
+        return f"{wrong} (a {type(meta).__name__}, not an object)"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{wrong} (no `files` table of sizes and checksums)"
+    for name, info in files.items():
+        if (
+            not isinstance(info, dict)
+            or type(info.get("bytes")) is not int
+            or not isinstance(info.get("sha256"), str)
+            or Path(name).is_absolute()
+            or ".." in Path(name).parts
+        ):
+            return f"{wrong} (its entry for {name[:80]!r} is not {{bytes, sha256}})"
+    if not isinstance(meta.get("step", 0), int):
+        return f"{wrong} (`step` is not an integer)"
+    if meta.get(WEIGHTS_KEY) == TRAINABLE and not isinstance(meta.get(BASE_KEY), dict):
+        return f"{wrong} (trainable weights only, but no `base` record)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:160]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _read_torch(f: Path) -> dict:
+    """A plain-tensor torch file (weights_only); ValueError saying why it cannot be used."""
+    try:
+        data = torch.load(f, weights_only=True, map_location="cpu")
+    except Exception as e:  # zip without data.pkl, random bytes, a disallowed global: all unusable
+        raise ValueError(f"{f.name} does not deserialize ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{f.name} holds a {type(data).__name__}, not a state dictionary")
+    return data
+
+
+def read(path: Path, required: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(train_state, meta) of a checkpoint that passed `verify`, with every file it holds
+    opened: ValueError saying which file does not deserialize (a zip that is not a torch file,
+    a safetensors file with a bad header, random bytes whose checksum was recorded) or lacks
+    one of the `required` train_state keys."""
+    meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    train_state = _read_torch(path / STATE_FILE)
+    if (path / SHARDED_DIR).is_dir():  # the optimizer state is in the DCP shards
+        required = tuple(k for k in required if k != "optimizer")
+    missing = [k for k in required if k not in train_state]
+    if missing:
+        raise ValueError(f"{STATE_FILE} lacks {', '.join(missing)}: not a training state")
+    if (path / MODEL_FILE).is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path / MODEL_FILE), "pt") as f:
+                list(f.keys())
+        except Exception as e:  # SafetensorError: bad header, offsets past the end, ...
+            raise ValueError(f"{MODEL_FILE} does not deserialize ({_first_line(e)})") from None
+    ranks = path / RANKS_DIR
+    for f in sorted(ranks.glob("*.pt")) if ranks.is_dir() else []:
+        _read_torch(f)
+    if (path / SHARDED_DIR).is_dir():
+        _check_dcp_metadata(path / SHARDED_DIR / ".metadata")
+    return train_state, meta
+
+
+def _check_dcp_metadata(f: Path) -> None:
+    """DCP reads sharded/.metadata with plain pickle.load, which would run code from a hostile
+    file: refuse any pickle that names something besides DCP's metadata classes."""
+    import pickle
+
+    allowed = {("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+               ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    dcp = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if "." not in name:
+                if (module, name) in allowed:
+                    return super().find_class(module, name)
+                if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                    return getattr(torch, name)
+                found = super().find_class(module, name) if module in dcp else None
+                if isinstance(found, type):  # DCP's metadata classes, nothing callable else
+                    return found
+            raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+    if not f.is_file():
+        raise ValueError(f"{SHARDED_DIR}/.metadata is missing")
+    try:
+        with open(f, "rb") as fh:
+            Restricted(fh).load()
+    except Exception as e:
+        raise ValueError(
+            f"{SHARDED_DIR}/.metadata does not deserialize safely ({_first_line(e)})"
+        ) from None
+
+
+def problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
+    """None when the checkpoint is intact and loads, else what is wrong with it."""
+    found = verify(path)
+    if found is None:
+        try:
+            read(path, required)
+        except ValueError as e:
+            found = str(e)
+    return found
 
 
 @dataclass
@@ -217,11 +353,22 @@ class Loaded:
     def weights(self) -> dict[str, torch.Tensor]:
         """The single-file weights (unsharded checkpoints, and a sharded run's last one)."""
         if not (self.path / MODEL_FILE).is_file():
-            raise PlinthError(
+            raise UsageError(
                 f"{self.path} holds sharded weights only ({SHARDED_DIR}/); load them into a "
                 "model with Loaded.load_into(model)."
             )
-        return load_file(str(self.path / MODEL_FILE))
+        try:
+            return load_file(str(self.path / MODEL_FILE))
+        except Exception as e:  # read() opened it; a file changed since is still refused
+            raise UsageError(
+                f"{self.path / MODEL_FILE} does not deserialize ({_first_line(e)}). Use another "
+                "checkpoint of the run, or the run directory to fall back automatically."
+            ) from None
+
+    @property
+    def base(self) -> dict | None:
+        """The base record of a checkpoint that holds only trainable weights (else None)."""
+        return self.meta.get(BASE_KEY) if self.meta.get(WEIGHTS_KEY) == TRAINABLE else None
 
     def load_into(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
@@ -254,7 +401,7 @@ class Loaded:
                         no_dist=not torch.distributed.is_initialized(),
                     )
             except Exception as e:  # DCP raises CheckpointException/RuntimeError/KeyError
-                raise PlinthError(
+                raise UsageError(
                     f"could not load the sharded checkpoint {self.path / SHARDED_DIR}: "
                     f"{str(e).splitlines()[0][:300]}. Was it written by a different model "
                     "config? Resume from another checkpoint or start a new run."
@@ -267,12 +414,14 @@ class Loaded:
                 set_model_state_dict(model, state["model"])
             return
         weights = self.weights
+        if self.base is not None:
+            _check_base(self, model, weights)
         if is_sharded(model):
             full = StateDictOptions(full_state_dict=True, strict=False)
             _check_keys(model, weights)
             set_model_state_dict(model, weights, options=full)
         else:
-            load_weights(model, weights)
+            load_weights(model, weights, partial=self.base is not None)
         if optimizer is not None:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -291,53 +440,99 @@ class Loaded:
         return torch.load(f, weights_only=True) if f.is_file() else None
 
 
-def load_latest(checkpoints: Path) -> Loaded:
-    """The newest intact checkpoint; broken newer ones are reported in `.skipped`."""
+def load_latest(checkpoints: Path, required: tuple[str, ...] = ()) -> Loaded:
+    """The newest intact checkpoint whose files load; broken newer ones are reported in
+    `.skipped`. `required`: train_state keys a usable one must hold."""
     skipped: list[tuple[Path, str]] = []
     for path in reversed(list_checkpoints(checkpoints)):
-        problem = verify(path)
-        if problem is None:
-            return load_checkpoint(path, skipped, check=False)
-        skipped.append((path, problem))
+        found = verify(path)
+        if found is None:
+            try:
+                train_state, meta = read(path, required)
+                return Loaded(path, train_state, meta, skipped)
+            except ValueError as e:
+                found = str(e)
+        skipped.append((path, found))
     found = "; ".join(f"{p.name}: {why}" for p, why in skipped) or "none were written"
-    raise PlinthError(
-        f"no usable checkpoint under {checkpoints} ({found}). Start a new run instead of "
-        "resuming, or point --resume at a run that saved a checkpoint."
+    raise UsageError(
+        f"no usable checkpoint under {checkpoints} ({found[:600]}). Start a new run instead "
+        "of resuming, or point at a run that saved a checkpoint."
     )
 
 
-def load_checkpoint(path: Path, skipped: list | None = None, check: bool = True) -> Loaded:
-    """One checkpoint, verified against its meta.json unless the caller just did."""
-    problem = verify(path) if check else None
-    if problem is not None:
-        raise PlinthError(
-            f"checkpoint {path} is unusable: {problem}. Use another checkpoint (the run's "
-            "checkpoints/ folder lists them) or resume the run to fall back automatically."
+def load_checkpoint(
+    path: Path, skipped: list | None = None, check: bool = True, required: tuple[str, ...] = ()
+) -> Loaded:
+    """One checkpoint, verified against its meta.json unless the caller just did; every file is
+    opened either way (UsageError naming the one that does not deserialize)."""
+    found = verify(path) if check else None
+    if found is None:
+        try:
+            train_state, meta = read(path, required)
+        except ValueError as e:
+            found = str(e)
+    if found is not None:
+        raise UsageError(
+            f"checkpoint {path} is unusable: {found}. Use another checkpoint (the run's "
+            "checkpoints/ folder lists them) or give the run directory to fall back to the "
+            "newest good one automatically."
         )
-    train_state = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
-    meta = json.loads((path / META_FILE).read_text())
     return Loaded(path, train_state, meta, skipped or [])
+
+
+def _check_base(loaded: Loaded, model: torch.nn.Module, weights: dict) -> None:
+    """A checkpoint of trainable weights only goes onto the base it was trained from."""
+    from plinth.models import unwrap
+
+    base = loaded.base
+    want, got = base.get("fingerprint"), getattr(unwrap(model), "peft_base_fingerprint", None)
+    where = f"{base.get('name')!r} ({base.get('dir')}), fingerprint {want}"
+    if got is None:
+        raise UsageError(
+            f"{loaded.path} holds only the trained weights of a {base.get('method', 'LoRA')} "
+            f"fine-tune of {where}; it loads onto that base with the same method (a fine-tune "
+            "run or checkpoint given to plinth), not as a plain model. To use it as a plain "
+            "model, `plinth export` the run (merged) and use the export."
+        )
+    if got != want:
+        raise UsageError(
+            f"{loaded.path} holds only the trained weights of a fine-tune of {where}, but the "
+            f"base it is being put on has fingerprint {got}: a different model. Point "
+            "finetune.base in the run's config.yaml at the original base (restore it at "
+            f"{base.get('dir')}), or train again on this one."
+        )
 
 
 def _check_keys(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     names = set(model.state_dict())
     unexpected = sorted(set(weights) - names)
     if unexpected:
-        raise PlinthError(
+        raise UsageError(
             f"checkpoint weights do not match the model: unexpected {unexpected[:5]}. Was it "
             "written by a different model config?"
         )
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load safetensors weights, restoring tied parameters that were stored once."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+def load_weights(
+    model: torch.nn.Module, weights: dict[str, torch.Tensor], partial: bool = False
+) -> None:
+    """Load safetensors weights, restoring tied parameters that were stored once. `partial`:
+    only the trainable parameters are stored (the rest came from the base)."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise UsageError(
+            f"checkpoint weights do not fit the model ({_first_line(e)[:300]}). Was it written "
+            "by a different model config?"
+        ) from None
     state = model.state_dict()
+    if partial:
+        missing = [k for k in missing if k in trainable_names(model)]
     really_missing = [
         k for k in missing if not any(state[k].data_ptr() == state[o].data_ptr() for o in weights)
     ]
     if really_missing or unexpected:
-        raise PlinthError(
+        raise UsageError(
             f"checkpoint weights do not match the model: missing {really_missing[:5]}, "
             f"unexpected {unexpected[:5]}. Was it written by a different model config?"
         )

@@ -59,6 +59,11 @@ class Task:
         """(tokenizers.Tokenizer, end-of-sequence id) for task evaluation; None: no text."""
         return None
 
+    def checkpoint_base(self) -> dict | None:
+        """The base a checkpoint may leave out (dir, name, fingerprint), storing only the
+        trainable weights; None: checkpoints hold the whole model."""
+        return None
+
 
 def special_token_ids(ds) -> SpecialTokens:
     """The token ids a prepared dataset's objectives need (eos, pad, mask, bos, sentinels)."""
