@@ -288,7 +288,9 @@ def _checkpoints(path: Path, events: list[dict]) -> list[dict]:
                 "on_disk": True,
                 "bytes": sum(files.values()),
                 "complete": complete,
-                "metrics": {k: v for k, v in meta.items() if k not in ("files", "step")},
+                # numbers only: a LoRA checkpoint's meta also names its base and weights kind
+                "metrics": {k: v for k, v in meta.items() if k not in ("files", "step")
+                            and isinstance(v, int | float) and not isinstance(v, bool)},
                 "time": None,
             }
     for ev in events:
