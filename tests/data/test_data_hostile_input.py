@@ -111,8 +111,9 @@ def test_sft_and_decontamination_json_that_python_cannot_read(tmp_path):
     deep.write_bytes(b"[" * 200_000 + b"]" * 200_000 + b"\n")
     big = tmp_path / "big.jsonl"
     big.write_bytes(b'{"prompt": ' + b"9" * 5000 + b', "completion": "x"}\n')
-    for f in (deep, big):
-        with pytest.raises(UsageError, match="line 1 is not valid JSON"):
-            read_jsonl(f)
+    with pytest.raises(UsageError, match="line 1 is nested too deeply"):
+        read_jsonl(deep)
+    with pytest.raises(UsageError, match="line 1 is not valid JSON"):
+        read_jsonl(big)
     with pytest.raises(UsageError, match=r"deep\.jsonl:1 is not valid JSON"):
         load_eval_file(deep)

@@ -68,7 +68,7 @@ def test_run_without_checkpoints_is_refused_before_the_changed_inputs_are_rebuil
     (w / "texts" / "doc0000.txt").write_text("changed since the dataset was prepared. " * 20)
     before = _snapshot(w / "data")
     r = run_plinth("pretrain", "--resume", run, "--quiet", timeout=300)
-    assert r.returncode == 1, r.stderr  # the code the training loop's own refusal has
+    assert r.returncode == 2, r.stderr  # bad input, as the training loop says it
     assert "no usable checkpoint" in r.stderr and str(run) in r.stderr
     assert "Traceback" not in r.stderr
     assert _snapshot(w / "data") == before

@@ -139,7 +139,7 @@ def test_sft_data_that_is_not_a_jsonl_text_file(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "x"}\n')
     for name, needle in (
         ("pipe.jsonl", "named pipe"),
-        ("bin.jsonl", "looks binary"),
+        ("bin.jsonl", "looks like a binary file"),
         ("latin.jsonl", "line 1 is not UTF-8"),
         ("missing.jsonl", "does not exist"),
     ):

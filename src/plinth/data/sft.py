@@ -154,6 +154,11 @@ def read_jsonl(path: str | Path) -> list[Record]:
                     f"{where} is nested too deeply to read; each line must be one flat object "
                     f"like {EXAMPLE}"
                 ) from None
+            except ValueError as e:  # e.g. an integer longer than Python reads (4300 digits)
+                raise UsageError(
+                    f"{where} is not valid JSON ({str(e)[:120]}); each line must be one object "
+                    f"like {EXAMPLE}"
+                ) from None
             if not isinstance(rec, dict):
                 raise UsageError(
                     f"{where} is a JSON {type(rec).__name__}, not an object; each line must be "

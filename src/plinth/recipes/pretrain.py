@@ -168,7 +168,7 @@ def _resume_data(cfg: Config, run_path: Path, progress: bool) -> Path:
     from plinth.track.checkpoints import list_checkpoints
 
     if not list_checkpoints(run_path / "checkpoints"):  # as the training loop would say
-        raise PlinthError(
+        raise UsageError(
             f"no usable checkpoint under {run_path / 'checkpoints'} (none were written). Start a "
             "new run instead of resuming, or point --resume at a run that saved a checkpoint."
         )
