@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from plinth.config.bases import import_dir, models_home
+from plinth.config.bases import import_dir, models_home, no_such_model
 from plinth.errors import UsageError
 from plinth.hf.layout import IMPORT_FILE
 
@@ -60,11 +60,7 @@ def resolve(spec: str | Path, key: str = "model") -> Path:
         return _imported(reference_path(spec), models_home() / spec)
     p = Path(spec).expanduser()
     if not p.exists():
-        raise UsageError(
-            f"{key} {spec!r}: no such file or directory. Give a plinth run or checkpoint "
-            "directory, a `plinth import` output, a Hugging Face model directory (config.json + "
-            f"weights), a .gguf file, or a reference model: {', '.join(REFERENCES)}."
-        )
+        raise no_such_model(key, spec)
     hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
     if (p.is_file() and p.suffix == ".gguf") or hf_dir:
         return _imported(p, import_dir(p))

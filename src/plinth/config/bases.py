@@ -60,6 +60,15 @@ def import_dir(source: Path) -> Path:
     return models_home() / f"{source.stem or source.name}-{digest}"
 
 
+def no_such_model(key: str, spec: str) -> UsageError:
+    """The one error for a model argument that names nothing (resolve and peek_base)."""
+    return UsageError(
+        f"{key} {quote(spec)}: no such file or directory. Give a plinth run or checkpoint "
+        "directory, a `plinth import` output, a Hugging Face model directory (config.json + "
+        f"weights), a .gguf file, or a reference model: {', '.join(REFERENCES)}."
+    )
+
+
 def peek_base(spec: str | Path, key: str = "finetune.base") -> tuple[Path | None, str | None]:
     """(directory holding the base's config.yaml, None) when it is known without any work;
     (None, note) for a base that `plinth finetune` will import on first use. UsageError for a
@@ -73,11 +82,7 @@ def peek_base(spec: str | Path, key: str = "finetune.base") -> tuple[Path | None
         return None, _not_imported(spec)
     p = Path(spec).expanduser()
     if not p.exists():
-        raise UsageError(
-            f"{key} {quote(spec)}: no such file or directory. Give a plinth run or checkpoint "
-            "directory, a `plinth import` output, a Hugging Face model directory (config.json + "
-            f"weights), a .gguf file, or a reference model: {', '.join(REFERENCES)}."
-        )
+        raise no_such_model(key, spec)
     hf_dir = (p / "config.json").is_file() and not (p / "config.yaml").is_file()
     if (p.is_file() and p.suffix == ".gguf") or hf_dir:
         out = import_dir(p)
