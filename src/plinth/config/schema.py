@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
+from plinth.config.sections.align import AlignConfig
 from plinth.config.sections.base import SEED_MAX, Section
 from plinth.config.sections.data import (
     DataConfig,
@@ -37,6 +38,7 @@ from plinth.config.sections.train import EarlyStopConfig, OptimConfig, PretrainC
 
 __all__ = [
     "OBJECTIVE_FOR_ARCH",
+    "AlignConfig",
     "CompressConfig",
     "Config",
     "DataConfig",
@@ -83,6 +85,9 @@ class Config(Section):
 
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     """Fine-tuning method and task head (see `plinth config explain finetune`)."""
+
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    """Preference tuning, reward models, RL from rewards (see `plinth config explain align`)."""
 
     optim: OptimConfig = Field(default_factory=OptimConfig)
     """Optimizer, schedule and batch (see `plinth config explain optim`)."""

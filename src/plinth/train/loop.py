@@ -49,6 +49,7 @@ from plinth.track.run import RunDir
 from plinth.train import state as ckpt
 from plinth.train.hooks import Hooks
 from plinth.train.optim import build_optimizer, build_scheduler
+from plinth.train.records import MetricWindow, local_shard, update_ratio, val_summary
 from plinth.train.stability import Decision, StabilityGuard
 from plinth.train.task import PretrainTask, Task
 
@@ -75,23 +76,6 @@ class TrainResult:
 
 
 @dataclass
-class MetricWindow:
-    """Accumulates steps between two metric records."""
-
-    loss: float = 0.0
-    steps: int = 0
-    tokens: int = 0
-    time: float = 0.0
-    data: float = 0.0
-    clipped: int = 0
-    step_times: list[float] = field(default_factory=list)
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.step_times)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-@dataclass
 class Step:
     """What one optimizer step measured."""
 
@@ -99,6 +83,7 @@ class Step:
     tokens: int
     data_time: float
     grad_norm: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)  # the task's own (mean over the batch)
 
 
 COUNTERS = ("step", "tokens", "best_val", "bad_evals", "best_path", "micro")
@@ -140,6 +125,7 @@ class TrainState:
         w.step_times.append(seconds)
         w.data += step.data_time
         w.clipped += clipped
+        w.add_task(step.metrics)
 
 
 @dataclass
@@ -232,7 +218,7 @@ def train(
                     result.halted = True
                     break
                 log_now = s.step + 1 == p.steps or (s.step + 1) % cfg.tracking.log_every == 0
-                before = [_local(w.detach()).clone() for w in p.trainable] if log_now else None
+                before = [local_shard(w.detach()).clone() for w in p.trainable] if log_now else None
                 lr = _optimizer_step(p, decision)
                 s.advance(step, time.perf_counter() - t0, clipped=step.grad_norm > p.clip)
                 steps_this_call, result.train_loss = steps_this_call + 1, step.loss
@@ -425,6 +411,7 @@ def _baseline(p: _Parts, bar: TrainProgress) -> None:
 def _accumulate(p: _Parts, s: TrainState, data_iter) -> Step:
     """Forward and backward over `accum` micro-batches; the global batch's mean loss."""
     data_time, step_loss, step_tokens = 0.0, 0.0, 0
+    metrics: dict[str, float] = {}
     for i in range(p.accum):
         td = time.perf_counter()
         batch = next(data_iter).to(p.device, non_blocking=True)
@@ -438,10 +425,15 @@ def _accumulate(p: _Parts, s: TrainState, data_iter) -> Step:
             loss = loss_value / p.accum
             (p.scaler.scale(loss) if p.scaler else loss).backward()
         step_loss += (out.ce.item() if p.fault_hook is None else loss_value.item()) / p.accum
+        for k, v in out.metrics.items():  # alignment: rewards, margins, KL, ...
+            metrics[k] = metrics.get(k, 0.0) + float(v) / p.accum
     if p.env.distributed:  # the global batch's loss: same guard decision everywhere
-        step_loss, step_tokens = all_reduce_sum([step_loss, step_tokens], p.env, p.device)
-        step_loss, step_tokens = step_loss / p.env.world_size, int(step_tokens)
-    return Step(step_loss, step_tokens, data_time)
+        keys = sorted(metrics)
+        sums = all_reduce_sum([step_loss, step_tokens, *(metrics[k] for k in keys)], p.env,
+                              p.device)
+        step_loss, step_tokens = sums[0] / p.env.world_size, int(sums[1])
+        metrics = {k: v / p.env.world_size for k, v in zip(keys, sums[2:], strict=True)}
+    return Step(step_loss, step_tokens, data_time, metrics=metrics)
 
 
 def _guard(p: _Parts, s: TrainState, step: Step, bar: TrainProgress) -> Decision:
@@ -542,6 +534,7 @@ def _log(
         s.step,
         tokens=s.tokens,
         **{"train/loss": win.loss / win.steps},
+        **win.task_means(),
         lr=lr,
         grad_norm=step.grad_norm,
         clipped=win.clipped / win.steps,
@@ -559,32 +552,6 @@ def _log(
         p.log.log_event(det.step, "anomaly", **det.event())
     bar.update(s.step, loss=win.loss / win.steps, tokens_per_s=tps)
     s.window = MetricWindow()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP parameter (the tensor itself when not sharded)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def update_ratio(
-    before: list[torch.Tensor],
-    params: list[torch.Tensor],
-    env: DistEnv | None = None,
-    device: torch.device | None = None,
-) -> float:
-    """||update|| / ||weights|| over all trainable weights: ~1e-3 is healthy for Adam; much
-    larger means the learning rate is too high, much smaller that layers barely move.
-    `before` holds local tensors; sharded sums are reduced over ranks (replicas count every
-    element equally often, which leaves the ratio unchanged)."""
-    delta = sum(
-        (_local(p.detach()).float() - b.float()).square().sum()
-        for p, b in zip(params, before, strict=True)
-    )
-    weight = sum(b.float().square().sum() for b in before)
-    sums = [float(delta), float(weight)]
-    if env is not None and any(hasattr(p, "to_local") for p in params):
-        sums = all_reduce_sum(sums, env, device)
-    return math.sqrt(sums[0]) / max(math.sqrt(sums[1]), 1e-12)
 
 
 def _evaluate(
@@ -610,15 +577,6 @@ def _evaluate(
         p.log.log_event(s.step, "early_stop", patience=es.patience, best_val_loss=s.best_val)
         result.stopped_early = True
     return val
-
-
-def val_summary(val: dict) -> str:
-    """One line of validation results: the loss, and bits/byte, accuracy or F1 when known."""
-    parts = [f"val loss {val['val/loss']:.3f}"]
-    for key, unit in (("val/bpb", " bits/byte"), ("val/accuracy", " accuracy"), ("val/f1", " F1")):
-        if key in val:
-            parts.append(f"{val[key]:.3f}{unit}")
-    return ", ".join(parts)
 
 
 def _score_tasks(p: _Parts, s: TrainState, bar: TrainProgress, is_last: bool) -> None:

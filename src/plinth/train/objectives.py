@@ -77,6 +77,9 @@ class LossOutput:
     loss: torch.Tensor  # scalar: mean over counted tokens (+ z-loss); call backward() on it
     n_tokens: int  # tokens that counted (the mean's denominator)
     ce: torch.Tensor  # scalar, detached: cross-entropy alone, for logging
+    # the task's own numbers for the metrics record (alignment: rewards, margins, KL, ...),
+    # averaged over micro-batches and ranks and logged as train/<name>
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def compute_loss(

@@ -1,0 +1,1 @@
+"""`plinth align` (being written)."""
