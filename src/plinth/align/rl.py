@@ -1,0 +1,463 @@
+"""RL from rewards (align.method=grpo | rloo) as a `Task` of the one training loop.
+
+    plinth align configs/grpo-arithmetic.yaml
+
+`build_rl_task(cfg, base_dir)` reads the prompt rows (plinth.align.prompts), imports the reward
+functions and loads the reward model (plinth.align.rewards), all before anything is written, and
+returns an `RLTask`. Each micro-batch is optim.micro_batch prompts; its loss:
+
+1. rollouts: plinth's `Engine` samples align.num_generations completions per prompt from the
+   LIVE policy (the training weights themselves, no copy; eval mode and no gradient while it
+   generates), with align.temperature / top_p / top_k / max_new_tokens. Each completion's seed
+   is drawn from the loop's generator, which checkpoints carry, so a resumed run samples exactly
+   the completions the uninterrupted one would;
+2. rewards: every function on (prompt, completion text, row fields), then the reward model on
+   prompt + completion tokens, summed with align.reward_weights;
+3. advantages within each prompt's group: GRPO's (reward - group mean) / std (align.
+   scale_rewards), or RLOO's leave-one-out baseline;
+4. per-token log-probs of the completion tokens (eos included; logits / temperature, as TRL)
+   under the policy, one forward with gradient; under the reference (adapters switched off for
+   LoRA-family methods, a frozen copy for a full fine-tune) only when align.kl_beta > 0;
+5. the clipped policy-gradient loss of align.loss_type (plinth.align.losses, matched to TRL).
+   One update per rollout, so the ratio is 1 in value and its gradient is the policy gradient.
+
+Metrics (train/<name>): reward, reward_std, reward/<function>, completion_length, truncated
+(share of completions cut at max_new_tokens), frac_zero_std (groups whose rewards are all equal:
+they teach nothing), clip_ratio, kl (when kl_beta > 0). Validation answers the held-out prompts
+greedily: val/reward, val/reward/<function>, and val/loss = -val/reward (the loop's early stop
+and best checkpoint look for the lowest val/loss, i.e. the highest reward).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from plinth.align.prompts import PromptRow, PromptSet, read_prompts
+from plinth.align.rewards import (
+    RewardFunc,
+    RewardModel,
+    check_fields,
+    load_reward_model,
+    resolve_reward_funcs,
+)
+from plinth.config.schema import Config
+from plinth.config.sections.align import ONLINE
+from plinth.distributed.env import DistEnv, all_reduce_sum
+from plinth.errors import UsageError
+from plinth.finetune.data import RowLoader, Rows, held_out
+from plinth.load import build_finetune_model
+from plinth.models import unwrap
+from plinth.models.layers import matmul_params
+from plinth.train.objectives import LossOutput
+from plinth.train.task import Task
+
+N_SAMPLES = 3  # held-out prompts answered at each sampling step
+EVAL_CHUNK = 64  # prompts generated together during validation
+
+
+def build_rl_task(cfg: Config, base_dir: Path) -> RLTask:
+    """Read the prompts, resolve the rewards and check the settings (see the module doc)."""
+    from plinth.data.sft import read_jsonl
+
+    al, ft = cfg.align, cfg.finetune
+    _check_settings(cfg)
+    funcs = resolve_reward_funcs(al.reward_funcs)
+    weights_dir = base_dir
+    tokenizer, roles, template = _text_setup(cfg, base_dir)
+    records = read_jsonl(_data_path(al.dataset, "align.dataset"))
+    if al.val_dataset:
+        val_records = read_jsonl(_data_path(al.val_dataset, "align.val_dataset"))
+    else:
+        keep, held = held_out(len(records), ft.val_fraction, cfg.seed)
+        val_records = [records[i] for i in held]
+        records = [records[i] for i in keep]
+    opts = dict(max_prompt=ft.max_length - al.max_new_tokens, overlong=ft.overlong,
+                system_prompt=ft.system_prompt)
+    train = read_prompts(records, al.dataset, tokenizer, template, **opts)
+    val = read_prompts(val_records, al.val_dataset or al.dataset, tokenizer, template,
+                       key="align.val_dataset" if al.val_dataset else "align.dataset",
+                       **opts) if val_records else PromptSet([], {"examples": 0, "kept": 0})
+    check_fields(funcs, train.rows + val.rows)
+    reward_model = None
+    if al.reward_model:
+        reward_model = load_reward_model(al.reward_model, tokenizer, "cpu")
+    return RLTask(cfg, weights_dir, tokenizer, roles, train, val, funcs, reward_model)
+
+
+def _text_setup(cfg: Config, base_dir: Path):
+    """(tokenizer, token roles, chat template or None) of the base, as a fine-tune reads them."""
+    from plinth.data.sft import ChatTemplate
+    from plinth.load import (
+        chat_template_origin,
+        chat_template_source,
+        find_run,
+        read_tokenizer,
+        token_roles,
+        token_text,
+    )
+
+    ft = cfg.finetune
+    text_dir = find_run(base_dir)[0]  # a checkpoint's text files: its run's
+    tokenizer = read_tokenizer(text_dir)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    roles = token_roles(text_dir, tokenizer)
+    if "eos" not in roles:
+        raise UsageError(
+            f"{text_dir}: cannot tell the tokenizer's end-of-sequence token (no eos in "
+            "import.json, no <|endoftext|>); re-import the model with `plinth import`."
+        )
+    source = chat_template_source(ft.chat_template, text_dir)
+    template = None
+    if source is not None:
+        template = ChatTemplate(
+            source,
+            bos_token=token_text(text_dir, "bos_token"),
+            eos_token=token_text(text_dir, "eos_token") or tokenizer.id_to_token(roles["eos"]),
+            origin=f"finetune.chat_template ({chat_template_origin(ft.chat_template, text_dir)})",
+        )
+    return tokenizer, roles, template
+
+
+def _check_settings(cfg: Config) -> None:
+    al, ft = cfg.align, cfg.finetune
+    if al.method not in ONLINE:
+        raise UsageError(
+            f"align.method={al.method} is not RL from rewards; build_rl_task is for "
+            f"{' and '.join(ONLINE)}"
+        )
+    if cfg.model.arch != "decoder":
+        raise UsageError(
+            f"align.method={al.method} samples completions, which needs a decoder base; "
+            f"finetune.base is an {cfg.model.arch}."
+        )
+    if not al.dataset:
+        raise UsageError(
+            f"align.dataset is not set: give a JSONL file of prompts for {al.method}, one "
+            'object per line such as {"prompt": "What is 2 + 3?", "answer": "5"}'
+        )
+    if not al.reward_funcs and not al.reward_model:
+        raise UsageError(
+            f"align.method={al.method} has no reward: set align.reward_funcs (e.g. "
+            "[exact_match]) and/or align.reward_model (a run trained with align.method=reward)"
+        )
+    if ft.max_length - al.max_new_tokens < 1:
+        raise UsageError(
+            f"finetune.max_length={ft.max_length} leaves no room for a prompt next to "
+            f"align.max_new_tokens={al.max_new_tokens} (prompt + completion must fit in "
+            "max_length); raise finetune.max_length or lower align.max_new_tokens."
+        )
+    if ft.max_length > cfg.model.max_seq_len:
+        raise UsageError(
+            f"finetune.max_length={ft.max_length} is longer than the base's context "
+            f"(model.max_seq_len={cfg.model.max_seq_len}); lower finetune.max_length."
+        )
+    if cfg.distributed.strategy in ("fsdp", "hsdp"):
+        raise UsageError(
+            f"distributed.strategy={cfg.distributed.strategy}: rollouts run the policy once per "
+            "generated token and ranks finish at different lengths, which sharded weights "
+            "cannot follow; use distributed.strategy=ddp (or one process) for grpo/rloo."
+        )
+
+
+def _data_path(path: str, key: str) -> str:
+    from plinth.data.paths import path_problem
+
+    problem = path_problem(Path(path))
+    if problem is not None:
+        what = "does not exist" if problem[0] == "missing_path" else \
+            f"cannot be read: {problem[1]}"
+        raise UsageError(f"{key}={str(path)[:200]} {what}; point {key} at a JSONL file of "
+                         'prompts such as {"prompt": "What is 2 + 3?", "answer": "5"}')
+    return path
+
+
+class RLTask(Task):
+    """GRPO / RLOO on prompt rows (see the module doc)."""
+
+    name = "align"
+    baseline = True  # step 0: the starting policy's held-out reward and answers
+
+    def __init__(self, cfg: Config, base_dir: Path | None, tokenizer, roles: dict,
+                 train: PromptSet, val: PromptSet, funcs: list[RewardFunc],
+                 reward_model: RewardModel | None = None):
+        self.cfg, self.base_dir, self.tokenizer, self.roles = cfg, base_dir, tokenizer, roles
+        self.train, self.val = train, val
+        self.funcs, self.reward_model = funcs, reward_model
+        al = cfg.align
+        n = len(funcs) + (reward_model is not None)
+        self.weights = list(al.reward_weights) or [1.0] * n
+        self.reward_names = [f.name for f in funcs] + (["reward_model"] if reward_model else [])
+        self.seq_len = cfg.finetune.max_length
+        self.eos_id = roles["eos"]
+        self.pad_id = roles.get("pad", self.eos_id)
+        self.model: nn.Module | None = None
+        self.reference: nn.Module | None = None  # a full fine-tune's frozen copy (kl_beta > 0)
+        self.summary = None
+        self.verbose = False
+        self.limit = ""
+
+    # ------------------------------------------------------------------------- model, data
+    def build_model(self, device: torch.device) -> nn.Module:
+        cfg = self.cfg
+        model = build_finetune_model(cfg, self.base_dir, device)
+        self.summary, self.model = model.peft_summary, model
+        if self.verbose:
+            print(self.summary)
+        if cfg.align.kl_beta > 0 and cfg.finetune.method == "full":
+            if self.base_dir is not None:
+                ref = copy.deepcopy(model)
+            else:  # resuming: the model will hold trained weights; the reference is the base
+                from plinth.load import resolve
+
+                ref = build_finetune_model(cfg, resolve(cfg.finetune.base, "finetune.base"),
+                                           device)
+            self.reference = ref.requires_grad_(False).eval()
+        if self.reward_model is not None:
+            self.reward_model.model.to(device)
+        return model
+
+    def loader(self, env: DistEnv):
+        n, micro = len(self.train), self.cfg.optim.micro_batch
+        rows = Rows({"row": np.arange(n, dtype=np.int64)[:, None],
+                     "attention_mask": np.ones((n, 1), dtype=np.int64)})
+        loader = RowLoader(rows, micro, self.cfg.seed, env.rank, env.world_size, task="align")
+        if len(loader) == 0:
+            raise UsageError(
+                f"{n} training prompts, fewer than one micro-batch across all processes "
+                f"({micro} x {env.world_size}). Add prompts or lower optim.micro_batch."
+            )
+        return loader
+
+    def total_steps(self, tokens_per_step: int, batches_per_step: int) -> int:
+        ft = self.cfg.finetune
+        per_step = self.cfg.optim.micro_batch * batches_per_step
+        rows = len(self.train)
+        steps = max(1, math.ceil(ft.epochs * rows / per_step))
+        epochs = (f"finetune.epochs={ft.epochs:g} ({steps} steps of {per_step} prompts over "
+                  f"{rows} training prompts)")
+        if ft.max_steps is not None and ft.max_steps < steps:
+            self.limit = f"finetune.max_steps={ft.max_steps} (before {epochs})"
+            return max(1, ft.max_steps)
+        self.limit = epochs + (f"; finetune.max_steps={ft.max_steps} is not reached"
+                               if ft.max_steps else "")
+        return steps
+
+    def data_summary(self) -> dict:
+        """Row counts for the run's manifest."""
+        return {**{f"train_{k}": v for k, v in self.train.counts.items()},
+                **{f"val_{k}": v for k, v in self.val.counts.items()}}
+
+    def text_io(self):
+        return self.tokenizer, self.eos_id
+
+    def checkpoint_base(self) -> dict | None:
+        """As a fine-tune's: parameter-efficient checkpoints hold the trained weights only."""
+        if self.cfg.finetune.method == "full" or self.base_dir is None or self.model is None:
+            return None
+        return {
+            "name": str(self.cfg.finetune.base),
+            "dir": str(Path(self.base_dir).resolve()),
+            "fingerprint": getattr(self.model, "peft_base_fingerprint", None),
+            "method": self.cfg.finetune.method,
+        }
+
+    def batch_tokens(self, batch) -> int:
+        """Prompt + completion tokens once the batch's rollouts exist (set by `loss`); before
+        that, the prompt tokens of every completion."""
+        done = getattr(batch, "rollout_tokens", None)
+        if done is not None:
+            return done
+        g = self.cfg.align.num_generations
+        return g * sum(len(self.train.rows[i].ids) for i in batch["row"][:, 0].tolist())
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        """As a fine-tune's (forward, backward, trainable weights' gradients); the rollouts'
+        generation is not counted."""
+        base = unwrap(model)
+        n = matmul_params(base)
+        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad and p.ndim == 2)
+        d_attn = base.cfg.n_heads * base.cfg.head_dim
+        return 4.0 * n + 2.0 * min(trainable, n) + 12.0 * base.cfg.n_layers * d_attn * self.seq_len
+
+    # ------------------------------------------------------------------------ rollouts
+    def generate(self, model: nn.Module, rows: list[PromptRow], seeds: list[int] | None):
+        """Completions of `rows` from the live weights of `model`: num_generations sampled
+        per row with the given seeds (row-major), or one greedy each (seeds None)."""
+        from plinth.infer.engine import Engine
+        from plinth.infer.params import SamplingParams
+
+        al = self.cfg.align
+        base = unwrap(model)
+        was_training = base.training
+        dev = next(base.parameters()).device
+        engine = Engine(base, self.tokenizer, self.cfg, device=str(dev), eos_ids=[self.eos_id])
+        engine.use_fast = False  # the fast path re-lays the weights out: not under an optimizer
+        try:
+            if seeds is None:
+                prompts = [r.ids for r in rows]
+                params = [SamplingParams(al.max_new_tokens, temperature=0.0)] * len(rows)
+            else:
+                g = len(seeds) // len(rows)
+                prompts = [r.ids for r in rows for _ in range(g)]
+                params = [SamplingParams(al.max_new_tokens, temperature=al.temperature,
+                                         top_k=al.top_k or None,
+                                         top_p=al.top_p if al.top_p < 1 else None, seed=s)
+                          for s in seeds]
+            return engine.generate(prompts, params)
+        finally:
+            base.train(was_training)
+
+    def score(self, rows: list[PromptRow], completions) -> torch.Tensor:
+        """(N, F) rewards of each completion (row i pairs with rows[i]) by each reward."""
+        cols = [[f(r.text, c.text, r.fields, r.where) for r, c in zip(rows, completions,
+                                                                     strict=True)]
+                for f in self.funcs]
+        if self.reward_model is not None:
+            cols.append(self.reward_model.score(
+                [r.ids + list(c.token_ids) for r, c in zip(rows, completions, strict=True)]))
+        return torch.tensor(cols, dtype=torch.float32).T.reshape(len(rows), len(cols))
+
+    # ---------------------------------------------------------------------------- the loss
+    def loss(self, net: nn.Module, batch, generator: torch.Generator) -> LossOutput:
+        from plinth.align.losses import group_advantages, policy_loss, rloo_advantages
+
+        al = self.cfg.align
+        g = al.num_generations
+        prompts = [self.train.rows[i] for i in batch["row"][:, 0].tolist()]
+        seeds = torch.randint(0, 2**62, (len(prompts) * g,), generator=generator).tolist()
+        completions = self.generate(net, prompts, seeds)
+        rows = [r for r in prompts for _ in range(g)]
+        per_func = self.score(rows, completions)  # (N, F)
+        rewards = per_func @ torch.tensor(self.weights, dtype=torch.float32)  # (N,)
+        if al.method == "grpo":
+            advantages = group_advantages(rewards, g, al.scale_rewards)
+        else:
+            advantages = rloo_advantages(rewards, g)
+        seq = self._sequences(rows, completions, batch["row"].device)
+        logps = self._logps(net, seq)
+        ref = None
+        if al.kl_beta > 0:
+            ref = self._reference_logps(net, seq)
+        dev = logps.device
+        loss, stats = policy_loss(
+            logps, None, advantages.to(dev), seq["mask"], loss_type=al.resolved_loss_type,
+            epsilon_low=al.epsilon, epsilon_high=al.epsilon_high or al.epsilon,
+            ref_logps=ref, kl_beta=al.kl_beta, max_completion_length=al.max_new_tokens,
+        )
+        batch.rollout_tokens = int(seq["segment_ids"].gt(0).sum())
+        metrics = self._metrics(rewards, per_func, completions, stats)
+        return LossOutput(loss, int(seq["mask"].sum()), loss.detach(), metrics=metrics)
+
+    def _sequences(self, rows: list[PromptRow], completions, device) -> dict:
+        """Prompt (left-padded) + completion (right-padded) rows, completions starting at one
+        column P; segment ids mark the real tokens (positions start at each row's first)."""
+        P = max(len(r.ids) for r in rows)
+        C = max(1, max(len(c.token_ids) for c in completions))
+        N = len(rows)
+        ids = torch.full((N, P + C), self.pad_id, dtype=torch.long)
+        seg = torch.zeros((N, P + C), dtype=torch.long)
+        mask = torch.zeros((N, C), dtype=torch.float32)
+        for i, (r, c) in enumerate(zip(rows, completions, strict=True)):
+            p, t = r.ids, list(c.token_ids)
+            ids[i, P - len(p):P] = torch.tensor(p)
+            ids[i, P:P + len(t)] = torch.tensor(t, dtype=torch.long)
+            seg[i, P - len(p):P + len(t)] = 1
+            mask[i, :len(t)] = 1
+        return {"input_ids": ids.to(device), "segment_ids": seg.to(device),
+                "mask": mask.to(device), "prompt_width": P}
+
+    def _logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
+        """(N, C) log-probabilities of the completion tokens, logits / temperature."""
+        P = seq["prompt_width"]
+        ids = seq["input_ids"]
+        logits = net(ids, segment_ids=seq["segment_ids"])[:, P - 1:-1].float()  # (N, C, V)
+        logits = logits / self.cfg.align.temperature
+        target = ids[:, P:].unsqueeze(-1)  # (N, C, 1)
+        return logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)
+
+    @torch.no_grad()
+    def _reference_logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
+        if self.reference is not None:
+            return self._logps(self.reference, seq)
+        from plinth.peft.apply import disable_adapters
+
+        base = unwrap(net)
+        was_training = base.training
+        base.eval()  # the reference is the base model as it is, without dropout
+        try:
+            with disable_adapters(base):
+                return self._logps(base, seq)
+        finally:
+            base.train(was_training)
+
+    def _metrics(self, rewards, per_func, completions, stats) -> dict:
+        g = self.cfg.align.num_generations
+        grouped = rewards.view(-1, g)
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        metrics = {
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            **{f"reward/{n}": per_func[:, j].mean().item()
+               for j, n in enumerate(self.reward_names)},
+            "completion_length": lengths.mean().item(),
+            "truncated": float(np.mean([c.finish_reason == "length" for c in completions])),
+            "frac_zero_std": (grouped.amax(1) == grouped.amin(1)).float().mean().item(),
+            "clip_ratio": float(stats["clip_ratio"]),
+        }
+        if self.cfg.align.kl_beta > 0:
+            metrics["kl"] = float(stats["kl"])
+        return metrics
+
+    # -------------------------------------------------------------------------- validation
+    def _eval_rows(self) -> list[PromptRow]:
+        cap = self.cfg.tracking.eval_batches * self.cfg.optim.micro_batch
+        return self.val.rows[:cap]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env: DistEnv, device: torch.device) -> dict:
+        """Greedy answers to the held-out prompts (the first tracking.eval_batches x
+        optim.micro_batch of them, split over the ranks): mean rewards, and val/loss =
+        -val/reward."""
+        rows = self._eval_rows()[env.rank::env.world_size]
+        if not self._eval_rows():
+            return {}
+        sums = np.zeros(2 + len(self.reward_names))  # total reward, count, per reward
+        for s in range(0, len(rows), EVAL_CHUNK):
+            chunk = rows[s:s + EVAL_CHUNK]
+            completions = self.generate(model, chunk, None)
+            per = self.score(chunk, completions)
+            total = per @ torch.tensor(self.weights, dtype=torch.float32)
+            sums[0] += total.sum().item()
+            sums[1] += len(chunk)
+            sums[2:] += per.sum(0).numpy()
+        sums = all_reduce_sum([float(x) for x in sums], env, device)
+        if sums[1] == 0:
+            return {}
+        mean = sums[0] / sums[1]
+        return {"val/loss": -mean, "val/reward": mean,
+                **{f"val/reward/{n}": sums[2 + j] / sums[1]
+                   for j, n in enumerate(self.reward_names)}}
+
+    def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
+        """Greedy answers to the first held-out prompts, each followed by its rewards, e.g.
+        "42 [reward 1.00: exact_match 1.00]"."""
+        rows = self.val.rows[:N_SAMPLES]
+        if not rows:
+            return []
+        with torch.no_grad():
+            completions = self.generate(model, rows, None)
+            per = self.score(rows, completions)
+        total = per @ torch.tensor(self.weights, dtype=torch.float32)
+        out = []
+        for i, (r, c) in enumerate(zip(rows, completions, strict=True)):
+            parts = ", ".join(f"{n} {per[i, j].item():.2f}"
+                              for j, n in enumerate(self.reward_names))
+            out.append((r.text, f"{c.text} [reward {total[i].item():.2f}: {parts}]"))
+        return out
