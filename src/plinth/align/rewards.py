@@ -120,10 +120,10 @@ class RewardFunc:
             value = self.fn(prompt, completion, **kw)
         except Exception as e:  # a user's function: any failure is reported with its row
             raise UsageError(
-                f"reward function {self.spec} raised {type(e).__name__} on {where}: "
-                f"{str(e)[:200]}. Fix the function (it gets the prompt, the completion and the "
-                "row's other fields as keyword arguments) or the row; nothing was saved since "
-                "the last checkpoint."
+                f"reward function {self.spec} raised {type(e).__name__}: {str(e)[:200]} (on "
+                f"{where}). Fix the function (it gets the prompt, the completion and the row's "
+                "other fields as keyword arguments) or the row; the run stops here, its "
+                "checkpoints so far intact."
             ) from None
         if isinstance(value, bool):
             value = float(value)
@@ -133,7 +133,7 @@ class RewardFunc:
             raise UsageError(
                 f"reward function {self.spec} returned {what} ({str(value)[:80]}) on {where}; a "
                 "reward function must return a finite float (int and bool are taken as "
-                "numbers). Fix the function; nothing was saved since the last checkpoint."
+                "numbers). Fix the function; the run stops here, its checkpoints so far intact."
             )
         return float(value)
 
