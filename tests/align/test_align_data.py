@@ -334,11 +334,15 @@ def test_preference_errors_name_file_line_field(smol, tmp_path, line, needles):
         assert needle in msg, (needle, msg)
 
 
-def test_messages_without_template_are_refused(smol, tmp_path):
+@pytest.mark.parametrize("field", ["prompt", "rejected"])
+def test_messages_without_template_are_refused(smol, tmp_path, field):
     tok, _ = smol
-    f = jsonl(tmp_path / "bad.jsonl", [GOOD, {"prompt": "Q?", "chosen": "A.", "rejected": MSGS}])
+    line = dict(GOOD, **{field: [{"role": "user" if field == "prompt" else "assistant",
+                                  "content": "X"}]})
+    f = jsonl(tmp_path / "bad.jsonl", [GOOD, line])
     msg = error(prefs, f, tok, None)
     assert f"{f} line 2" in msg and "no chat template" in msg and "chat_template" in msg
+    assert f"{field!r}" in msg
 
 
 @pytest.mark.parametrize("label", [1, "true", None, 0.0])

@@ -72,38 +72,30 @@ class _Render:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
-    def texts(self, prompt, answers: list, where: str) -> tuple[str, list[str]]:
-        """(prompt text, [answer text, ...]): every answer after the same prompt."""
+    def texts(self, prompt, answers: dict, where: str) -> tuple[str, list[str]]:
+        """(prompt text, [answer text, ...]): each answer (field name -> value) rendered after
+        the same prompt (the rendered prompt depends on the prompt messages only)."""
         if self.template is None:
-            for field_name, value in (("prompt", prompt), *(("answer", a) for a in answers)):
+            for name, value in {"prompt": prompt, **answers}.items():
                 if isinstance(value, list):
                     raise UsageError(
-                        f"{where}: the {field_name} is a list of chat messages but the model has "
+                        f"{where}: field {name!r} is a list of chat messages but the model has "
                         "no chat template. Give one with finetune.chat_template=PATH (a Jinja2 "
                         "file), or write prompt and answers as plain strings."
                     )
-            out = []
-            for a in answers:
-                pieces = plain_pieces({"prompt": prompt, "completion": a}, "prompt_completion",
-                                      where, self.eos_text)
-                out.append(pieces)
-            return out[0][0][0], [p[1][0] for p in out]
+            pieces = [plain_pieces({"prompt": prompt, "completion": a}, "prompt_completion",
+                                   where, self.eos_text) for a in answers.values()]
+            return pieces[0][0][0], [p[1][0] for p in pieces]
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if self.system_prompt and msgs[0]["role"] != "system":
             msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
         turns = sum(m["role"] == "assistant" for m in msgs)  # earlier assistant turns
-        prompt_text, answer_texts = None, []
-        for a in answers:
+        prompt_text, answer_texts = "", []
+        for a in answers.values():
             reply = [{"role": "assistant", "content": a}] if isinstance(a, str) else a
             pieces = self.template.pieces([*msgs, *reply])
-            head = "".join(t for t, _ in pieces[: 2 * turns + 1])
-            if prompt_text is not None and head != prompt_text:  # a template bug, not the data
-                raise UsageError(
-                    f"{where}: the chat template renders the prompt differently before each "
-                    "answer, so chosen and rejected cannot share it; use "
-                    "finetune.chat_template=none for the plain format"
-                )
-            prompt_text = head
+            # pieces: (text before an assistant turn, False), (the turn, True), ..., (tail)
+            prompt_text = "".join(t for t, _ in pieces[: 2 * turns + 1])
             answer_texts.append("".join(t for t, _ in pieces[2 * turns + 1 :]))
         return prompt_text, answer_texts
 
@@ -194,15 +186,15 @@ def _text_or_messages(rec: Record, name: str, roles: tuple[str, ...]):
 ANSWER = ("assistant",)
 
 
-def _preference(rec: Record) -> tuple[object, list] | None:
-    """(prompt, [chosen, rejected]) of a preference record, checked; None when the implicit
-    form's two conversations are the same."""
+def _preference(rec: Record) -> tuple[object, dict] | None:
+    """(prompt, {"chosen": ..., "rejected": ...}) of a preference record, checked; None when the
+    implicit form's two conversations are the same."""
     for name in ("chosen", "rejected"):
         if name not in rec:
             raise _missing(rec, name, PREFERENCE_FIELDS, PREFERENCE_EXAMPLE)
     if "prompt" in rec:
         prompt = _text_or_messages(rec, "prompt", ROLES)
-        return prompt, [_text_or_messages(rec, n, ANSWER) for n in ("chosen", "rejected")]
+        return prompt, {n: _text_or_messages(rec, n, ANSWER) for n in ("chosen", "rejected")}
     if not (isinstance(rec["chosen"], list) and isinstance(rec["rejected"], list)):
         raise UsageError(
             f"{rec.where}: missing field 'prompt'. Give prompt, chosen and rejected, e.g. "
@@ -222,7 +214,7 @@ def _preference(rec: Record) -> tuple[object, list] | None:
         )
     if chosen == rejected:
         return None  # identical: counted and dropped by the caller
-    answers = []
+    answers = {}
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         rest = msgs[n:]
         if not rest or not any(m["content"].strip() for m in rest):
@@ -238,11 +230,11 @@ def _preference(rec: Record) -> tuple[object, list] | None:
                 f"message after the shared ones in {name}); they must share every message up to "
                 "the answer, or give the shared part as 'prompt'"
             )
-        answers.append(rest)
+        answers[name] = rest
     return chosen[:n], answers
 
 
-def _unpaired(rec: Record) -> tuple[object, list, bool]:
+def _unpaired(rec: Record) -> tuple[object, dict, bool]:
     for name in UNPAIRED_FIELDS:
         if name not in rec:
             raise _missing(rec, name, UNPAIRED_FIELDS, UNPAIRED_EXAMPLE)
@@ -254,7 +246,7 @@ def _unpaired(rec: Record) -> tuple[object, list, bool]:
             "undesirable one (JSON true/false, no quotes)"
         )
     prompt = _text_or_messages(rec, "prompt", ROLES)
-    return prompt, [_text_or_messages(rec, "completion", ANSWER)], label
+    return prompt, {"completion": _text_or_messages(rec, "completion", ANSWER)}, label
 
 
 # ------------------------------------------------------------------------------- reading
