@@ -204,11 +204,8 @@ def kto_loss(
             kl = chosen_logps.new_zeros(())
         else:
             kl = (kl_logps - ref_kl_logps).mean()
-    kl = (
-        torch.as_tensor(kl, dtype=chosen_logps.dtype, device=chosen_logps.device)
-        .detach()
-        .clamp(min=0)
-    )
+    kl = torch.as_tensor(kl, dtype=chosen_logps.dtype, device=chosen_logps.device)
+    kl = kl.detach().clamp(min=0)
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     # Eq. 7 of the paper: the value of an answer is measured against the reference point kl
