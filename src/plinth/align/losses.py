@@ -45,8 +45,11 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """Log-probability of each target token: logits (N, T, V), targets (N, T) -> (N, T).
 
     The caller shifts (logits[:, :-1] predict targets = ids[:, 1:]) and masks padding afterwards.
+    Computed in float32 at least, without materialising a (N, T, V) log-softmax.
     """
-    return torch.gather(logits.log_softmax(-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def token_mean(x: Tensor, mask: Tensor) -> Tensor:
