@@ -51,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "plinth.recipes.finetune:finetune",
         "adapt a pretrained model: full, LoRA/QLoRA/..., SFT or task heads (resumable)",
     ),
+    "align": (
+        "plinth.recipes.align:align",
+        "align a model: DPO/SimPO/ORPO/KTO on preferences, reward models, GRPO/RLOO (resumable)",
+    ),
     "plan": (
         "plinth.recipes.plan:plan_cmd",
         "memory per device, largest micro-batch, tokens/s and wall time before a run",

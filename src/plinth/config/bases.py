@@ -172,6 +172,9 @@ def relative_to_config(resolved: Resolved) -> None:
 
     for key in ("dataset", "val_dataset", "chat_template"):
         setattr(ft, key, fix(getattr(ft, key), f"finetune.{key}"))
+    al = resolved.config.align
+    for key in ("dataset", "val_dataset"):
+        setattr(al, key, fix(getattr(al, key), f"align.{key}"))
     for t in ft.tasks:
         t.dataset = fix(t.dataset, "finetune.tasks")
         t.val_dataset = fix(t.val_dataset, "finetune.tasks")

@@ -40,6 +40,12 @@ UNSUPPORTED_BY = {
         "compress.distill_teacher": "distillation is its own recipe",
     },
 }
+UNSUPPORTED_BY["align"] = {
+    **UNSUPPORTED_BY["finetune"],
+    "finetune.dataset": "alignment data is align.dataset (finetune.dataset is SFT's)",
+    "finetune.val_dataset": "alignment validation data is align.val_dataset",
+    "finetune.tasks": "alignment trains one objective (align.method); multitask is SFT's",
+}
 
 
 def base_ids(kind: str, n_special: int) -> int:
@@ -159,9 +165,37 @@ def preflight(resolved: Resolved, world_size: int = 1, recipe: str = "pretrain")
     or finetune (rows of finetune.max_length tokens, the base model's tokenizer)."""
     cfg = resolved.config
     check_output_dir(resolved)
-    if recipe == "finetune":
+    if recipe == "align":
+        check_align(resolved)
+    if recipe in ("finetune", "align"):
         rows = f"; rows are finetune.max_length={cfg.finetune.max_length} tokens"
         return check_batch(resolved, cfg.finetune.max_length, world_size, rows)
     check_pretrain_vocab(resolved)
     return check_batch(resolved, cfg.model.max_seq_len, world_size)
+
+
+def check_align(resolved: Resolved) -> None:
+    """What `plinth align` needs from its config before reading anything."""
+    cfg = resolved.config
+    a = cfg.align
+    if a.dataset is None:
+        what = {"preference": "{prompt, chosen, rejected}", "unpaired":
+                "{prompt, completion, label}", "prompt": "{prompt, ...}"}[a.data_kind]
+        raise ConfigError(
+            f"align.dataset is not set: align.method={a.method} (from "
+            f"{resolved.source('align.method')}) trains on JSONL rows {what}; set "
+            "align.dataset=FILE (e.g. configs/data/concise_prefs.train.jsonl)."
+        )
+    if a.data_kind == "prompt" and not a.reward_funcs and a.reward_model is None:
+        raise ConfigError(
+            f"align.method={a.method} needs a reward: set align.reward_funcs (built-ins "
+            "exact_match, json_valid, length_penalty, or module:function) and/or "
+            "align.reward_model (a run trained with align.method=reward)."
+        )
+    if a.precompute_ref and a.method not in ("dpo", "kto"):
+        raise ConfigError(
+            f"align.precompute_ref=true (from {resolved.source('align.precompute_ref')}) has "
+            f"no effect for align.method={a.method}, which uses no reference log-probs; "
+            "remove it (it is for dpo and kto)."
+        )
 

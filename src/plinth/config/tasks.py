@@ -7,6 +7,7 @@ from plinth.config.schema import Config, TaskSpec
 from plinth.errors import UsageError
 
 MAIN = "main"  # name of the single task the top-level finetune fields describe
+REWARD = "reward"  # the 1-output head of a reward model (align.method=reward)
 
 
 def task_specs(cfg: Config) -> list[TaskSpec]:
@@ -14,6 +15,10 @@ def task_specs(cfg: Config) -> list[TaskSpec]:
     ft = cfg.finetune
     if ft.tasks:
         return list(ft.tasks)
+    if cfg.align.method == "reward" and cfg.align.dataset is not None:
+        # a reward model is a regression head like any other: `plinth classify` scores with it
+        return [TaskSpec(name=REWARD, task="regression", dataset=cfg.align.dataset,
+                         val_dataset=cfg.align.val_dataset)]
     if ft.dataset is None:
         raise UsageError(
             "finetune.dataset is not set: give the training JSONL (e.g. "

@@ -65,20 +65,24 @@ class TaskData:
         return self.spec.task
 
 
-def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
-    """Read every task's data (see the module doc)."""
-    from plinth.data.sft import (
-        ChatTemplate,
-        SFTOptions,
-        detect_format,
-        load_sft,
-        plain_pieces,
-        read_jsonl,
-        to_messages,
-    )
+@dataclass
+class TextSetup:
+    """How a fine-tune turns records into tokens: the base's tokenizer, its special-token roles,
+    the chat template (None: the plain layout), the end-of-sequence text and the padding id."""
+
+    tokenizer: object
+    roles: dict[str, int]
+    template: object | None
+    eos_text: str
+    pad_id: int
+
+
+def read_text_setup(cfg: Config, base_dir: Path) -> TextSetup:
+    """The tokenizer side of `base_dir` (a checkpoint's text files are its run's)."""
+    from plinth.data.sft import ChatTemplate
 
     ft = cfg.finetune
-    weights_dir, base_dir = base_dir, find_run(base_dir)[0]  # a checkpoint's text files: its run
+    base_dir = find_run(base_dir)[0]
     tokenizer = read_tokenizer(base_dir)
     tokenizer.no_padding()  # some tokenizer.json files pad/truncate every text to a fixed size
     tokenizer.no_truncation()  # (sentence-transformers'): lengths here are finetune.max_length
@@ -99,6 +103,63 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
             eos_token=token_text(base_dir, "eos_token") or eos_text,
             origin=f"finetune.chat_template ({chat_template_origin(ft.chat_template, base_dir)})",
         )
+    return TextSetup(tokenizer, roles, template, eos_text, pad_id)
+
+
+def epoch_steps(cfg: Config, rows: int, rows_per_step: int) -> tuple[int, str]:
+    """Optimizer steps of a fine-tune over `rows` training rows, and which setting decides them
+    (finetune.epochs, or finetune.max_steps when it comes first)."""
+    ft = cfg.finetune
+    steps = max(1, math.ceil(ft.epochs * rows / rows_per_step))
+    epochs = (f"finetune.epochs={ft.epochs:g} ({steps} steps of {rows_per_step} rows over "
+              f"{rows} training rows)")
+    if ft.max_steps is not None and ft.max_steps < steps:
+        return max(1, ft.max_steps), f"finetune.max_steps={ft.max_steps} (before {epochs})"
+    unreached = f"; finetune.max_steps={ft.max_steps} is not reached" if ft.max_steps else ""
+    return steps, epochs + unreached
+
+
+def peft_checkpoint_base(
+    cfg: Config, base_dir: Path | None, model: nn.Module | None
+) -> dict | None:
+    """Parameter-efficient methods: checkpoints hold the trainable weights only and refer
+    to the base (rebuilt from it on load, fingerprint-checked). Full fine-tunes: None."""
+    if cfg.finetune.method == "full" or base_dir is None or model is None:
+        return None
+    return {
+        "name": str(cfg.finetune.base),
+        "dir": str(Path(base_dir).resolve()),
+        "fingerprint": getattr(model, "peft_base_fingerprint", None),
+        "method": cfg.finetune.method,
+    }
+
+
+def adapted_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward 2N, backward 2N for activation gradients + 2 per trainable matmul weight
+    (a frozen base computes no weight gradients), plus the attention term."""
+    base = unwrap(model)
+    n = matmul_params(base)
+    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad and p.ndim == 2)
+    d_attn = base.cfg.n_heads * base.cfg.head_dim
+    return 4.0 * n + 2.0 * min(trainable, n) + 12.0 * base.cfg.n_layers * d_attn * seq_len
+
+
+def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
+    """Read every task's data (see the module doc)."""
+    from plinth.data.sft import (
+        SFTOptions,
+        detect_format,
+        load_sft,
+        plain_pieces,
+        read_jsonl,
+        to_messages,
+    )
+
+    ft = cfg.finetune
+    weights_dir = base_dir
+    text = read_text_setup(cfg, base_dir)
+    tokenizer, roles, template, eos_text, pad_id = (
+        text.tokenizer, text.roles, text.template, text.eos_text, text.pad_id)
     tasks = []
     for spec in task_specs(cfg):
         key = "finetune" if spec.name == MAIN else f"finetune.tasks[{spec.name}]"
@@ -204,34 +265,41 @@ class FinetuneTask(Task):
     def text_io(self):
         return self.tokenizer, self.roles["eos"]
 
+    def data_record(self) -> dict:
+        """What the manifest records about the data: rows and counts per task."""
+        return {"tasks": {
+            name: {
+                "train_rows": len(t.train),
+                "val_rows": len(t.val) if t.val is not None else 0,
+                **{f"train_{k}": v for k, v in t.train.counts.items()},
+            }
+            for name, t in self.tasks.items()
+        }}
+
+    def data_lines(self) -> list[str]:
+        """One line per task for the start of the run: rows, and what was truncated/dropped."""
+        lines = []
+        for name, t in self.tasks.items():
+            c = t.train.counts
+            extra = ", ".join(f"{v} {k}" for k, v in c.items() if k in ("truncated", "dropped")
+                              and v)
+            lines.append(
+                f"task {name} ({t.kind}): {len(t.train)} training rows from "
+                f"{c.get('kept', len(t.train))} examples"
+                + (f" ({extra}, finetune.overlong={self.cfg.finetune.overlong})" if extra else "")
+            )
+        return lines
+
     def train_rows(self) -> int:
         return sum(len(t.train) for t in self.tasks.values())
 
     def total_steps(self, tokens_per_step: int, batches_per_step: int) -> int:
-        ft = self.cfg.finetune
         rows_per_step = self.cfg.optim.micro_batch * batches_per_step
-        rows = self.train_rows()
-        steps = max(1, math.ceil(ft.epochs * rows / rows_per_step))
-        epochs = (f"finetune.epochs={ft.epochs:g} ({steps} steps of {rows_per_step} rows over "
-                  f"{rows} training rows)")
-        if ft.max_steps is not None and ft.max_steps < steps:
-            self.limit = f"finetune.max_steps={ft.max_steps} (before {epochs})"
-            return max(1, ft.max_steps)
-        unreached = f"; finetune.max_steps={ft.max_steps} is not reached" if ft.max_steps else ""
-        self.limit = epochs + unreached
+        steps, self.limit = epoch_steps(self.cfg, self.train_rows(), rows_per_step)
         return steps
 
     def checkpoint_base(self) -> dict | None:
-        """Parameter-efficient methods: checkpoints hold the trainable weights only and refer
-        to the base (rebuilt from it on load, fingerprint-checked). Full fine-tunes: None."""
-        if self.cfg.finetune.method == "full" or self.base_dir is None or self.model is None:
-            return None
-        return {
-            "name": str(self.cfg.finetune.base),
-            "dir": str(Path(self.base_dir).resolve()),
-            "fingerprint": getattr(self.model, "peft_base_fingerprint", None),
-            "method": self.cfg.finetune.method,
-        }
+        return peft_checkpoint_base(self.cfg, self.base_dir, self.model)
 
     # ---------------------------------------------------------------------------- the loss
     def _forward(self, net: nn.Module, batch) -> tuple[LossOutput, torch.Tensor | None]:
@@ -259,15 +327,7 @@ class FinetuneTask(Task):
         return int(batch["attention_mask"].sum())
 
     def flops_per_token(self, model: nn.Module) -> float:
-        """Forward 2N, backward 2N for activation gradients + 2 per trainable matmul weight
-        (a frozen base computes no weight gradients), plus the attention term."""
-        base = unwrap(model)
-        n = matmul_params(base)
-        trainable = sum(
-            p.numel() for p in base.parameters() if p.requires_grad and p.ndim == 2
-        )
-        d_attn = base.cfg.n_heads * base.cfg.head_dim
-        return 4.0 * n + 2.0 * min(trainable, n) + 12.0 * base.cfg.n_layers * d_attn * self.seq_len
+        return adapted_flops_per_token(model, self.seq_len)
 
     # -------------------------------------------------------------------------- validation
     @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import nn
 
 from plinth.config.schema import ModelConfig
 from plinth.models.layers import (
+    IGNORE_INDEX,
     Block,
     KVCache,
     RotaryEmbedding,
@@ -26,6 +27,7 @@ from plinth.models.layers import (
     matmul_params,
     position_ids,
     residual_std,
+    token_logprobs,
 )
 
 
@@ -54,6 +56,7 @@ class Decoder(nn.Module):
         labels: torch.Tensor | None = None,
         z_loss: float = 0.0,
         segment_ids: torch.Tensor | None = None,
+        token_logps: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) for token ids idx (B, T). With a cache, idx holds only the new tokens
         and their keys/values are appended to it.
@@ -66,13 +69,26 @@ class Decoder(nn.Module):
 
         `segment_ids` (B, T) marks packed examples (1, 2, ... within a row; 0 = padding):
         attention stays inside each example and positions restart at its first token, so a
-        packed row computes exactly what each example would alone."""
+        packed row computes exactly what each example would alone.
+
+        `token_logps` (with labels): log p(label) per position (B, T), 0 where ignored, again
+        without stored logits: what preference and RL losses are built from."""
         h = self.encode(idx, cache, segment_ids)  # (B, T, D)
         if labels is None:
             return self.lm_head(h)  # (B, T, V)
+        if token_logps:
+            return self._token_logps(h, labels)
         if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits
             return cross_entropy_sums(self.lm_head(h), labels, z_loss)
         return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten(), z_loss)
+
+    def _token_logps(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if type(self.lm_head) is not nn.Linear:  # a swapped-in head module: plain logits
+            logp = torch.log_softmax(self.lm_head(h).float(), dim=-1)
+            picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return torch.where(labels != IGNORE_INDEX, picked, 0.0)
+        out = token_logprobs(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
+        return out.view(labels.shape)  # (B, T)
 
     def encode(
         self,

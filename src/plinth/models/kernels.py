@@ -238,3 +238,71 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
         return grad_h, grad_w, None, None, None, None
 
+
+
+# ------------------------------------------------------------ head + per-token log-probs
+
+
+def chunked_token_logprobs(
+    h: torch.Tensor,  # (N, D) final hidden states
+    weight: torch.Tensor,  # (V, D) output projection
+    labels: torch.Tensor,  # (N,) target ids, `ignore_index` where nothing counts
+    chunk: int,
+    ignore_index: int,
+) -> torch.Tensor:
+    """log softmax(h @ weight.T)[label] per row (N,), 0 where the label is ignored, without the
+    (N, V) logits: what preference losses and policy gradients need (their gradient differs per
+    token, so the cross-entropy kernel's trick of computing it in forward does not apply).
+    Backward recomputes each chunk's logits: one extra matmul instead of (N, V) kept alive."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _TokenLogprobs.apply(h, weight, labels, chunk, ignore_index)
+    with torch.no_grad():
+        return _TokenLogprobs.forward(None, h, weight, labels, chunk, ignore_index)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, labels, chunk, ignore_index):
+        dtype = compute_dtype(h)
+        acc = torch.promote_types(dtype, torch.float32)  # 16-bit logits are summed in fp32
+        out = torch.zeros(h.shape[0], dtype=acc, device=h.device)
+        lses = torch.zeros_like(out)
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            for s in range(0, h.shape[0], chunk):
+                yc = labels[s : s + chunk]
+                logits = (h[s : s + chunk].to(dtype) @ w.t()).to(acc)  # (C, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, yc.clamp(min=0)[:, None]).squeeze(1)
+                out[s : s + chunk] = torch.where(yc != ignore_index, picked - lse, 0.0)
+                lses[s : s + chunk] = lse
+        if ctx is not None:
+            ctx.save_for_backward(h, weight, labels, lses)
+            ctx.chunk, ctx.ignore_index, ctx.dtype = chunk, ignore_index, dtype
+        return out
+
+    @staticmethod
+    @torch.compiler.disable
+    def backward(ctx, grad_out):
+        h, weight, labels, lses = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        acc = lses.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        with autocast_off(h.device.type):
+            w = weight.to(dtype)
+            for s in range(0, h.shape[0], chunk):
+                yc = labels[s : s + chunk]
+                hc = h[s : s + chunk].to(dtype)
+                go = torch.where(yc != ctx.ignore_index, grad_out[s : s + chunk].to(acc), 0.0)
+                logits = (hc @ w.t()).to(acc)
+                # d logp[y] / d logits = onehot(y) - softmax
+                g = logits.sub_(lses[s : s + chunk, None]).exp_().mul_(-go[:, None])
+                g.scatter_add_(1, yc.clamp(min=0)[:, None], go[:, None])
+                g = g.to(dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = (g @ w).to(h.dtype)
+                if need_w:
+                    grad_w += (g.t() @ hc).to(acc)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None

@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from plinth.config.schema import ModelConfig
-from plinth.models.kernels import chunked_linear_cross_entropy, fused_linear
+from plinth.models.kernels import (
+    chunked_linear_cross_entropy,
+    chunked_token_logprobs,
+    fused_linear,
+)
 
 
 def make_norm(cfg: ModelConfig, dim: int, bias: bool | None = None) -> nn.Module:
@@ -410,6 +414,19 @@ def linear_cross_entropy(
     """
     chunk = chunk or max(64, 2**22 // weight.shape[0])
     return chunked_linear_cross_entropy(h, weight, labels, z_loss, chunk, IGNORE_INDEX)
+
+
+def token_logprobs(
+    h: torch.Tensor,  # (N, D) final hidden states
+    weight: torch.Tensor,  # (V, D) output projection
+    labels: torch.Tensor,  # (N,) target ids, IGNORE_INDEX where nothing counts
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """log p(label) per row (N,), 0 where ignored, for the logits h @ weight.T, without
+    materialising them (plinth.models.kernels.chunked_token_logprobs): preference and RL
+    losses."""
+    chunk = chunk or max(64, 2**22 // weight.shape[0])
+    return chunked_token_logprobs(h, weight, labels, chunk, IGNORE_INDEX)
 
 
 def cross_entropy_sums(

@@ -223,7 +223,7 @@ def validate(configs: list[str], *, quiet: bool = False) -> int:
     for file in files:
         notes: list[str] = []
         resolved = load_with_base([file], overrides, notes)
-        recipe = "pretrain" if resolved.config.finetune.base is None else "finetune"
+        recipe = recipe_of(resolved.config)
         check_recipe(resolved, recipe)
         cfg, m = resolved.config, resolved.config.model
         if not quiet:
@@ -233,6 +233,8 @@ def validate(configs: list[str], *, quiet: bool = False) -> int:
             con.print(
                 f"[green]ok[/] {escape(str(resolved.files[0]))}: {model}"
                 + (f"objective {cfg.objective}" if recipe == "pretrain" else
+                   f"align {cfg.align.method} ({cfg.finetune.method}) of "
+                   f"{escape(cfg.finetune.base)}" if recipe == "align" else
                    f"finetune {cfg.finetune.method} of {escape(cfg.finetune.base)}")
                 + f", optimizer {cfg.optim.name}"
             )
@@ -241,6 +243,13 @@ def validate(configs: list[str], *, quiet: bool = False) -> int:
         for w in [*notes, *environment_warnings(resolved, cuda_available=cuda_visible())]:
             con.print(f"[yellow]warning:[/] {escape(w)}")
     return 0
+
+
+def recipe_of(cfg) -> str:
+    """Which training command a config is for: pretrain, finetune or align."""
+    if cfg.finetune.base is None:
+        return "pretrain"
+    return "align" if cfg.align.dataset is not None else "finetune"
 
 
 def check_recipe(resolved: Resolved, recipe: str) -> None:
@@ -261,6 +270,8 @@ def check_recipe(resolved: Resolved, recipe: str) -> None:
             from plinth.data.clean import decontam_spec
 
             decontam_spec(cfg.data, build=False)
+    elif recipe == "align":
+        _check_align(resolved)
     else:
         from plinth.config.tasks import head_sizes, task_specs
 
@@ -274,6 +285,23 @@ def check_recipe(resolved: Resolved, recipe: str) -> None:
                         "from the working directory or next to the config file)."
                     )
         head_sizes(cfg)
+
+
+def _check_align(resolved: Resolved) -> None:
+    """The files `plinth align` reads exist; reward functions import (before any training)."""
+    cfg = resolved.config
+    for field in ("dataset", "val_dataset"):
+        path = getattr(cfg.align, field)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(
+                f"align.{field} {quote(path)} (from {resolved.source(f'align.{field}')}) does "
+                "not exist; point it at a JSONL file (relative paths are read from the working "
+                "directory or next to the config file)."
+            )
+    if cfg.align.data_kind == "prompt":
+        from plinth.align.rewards import check_rewards
+
+        check_rewards(cfg)
 
 
 def schema(*, output: str | None = None) -> int:
