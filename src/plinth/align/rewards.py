@@ -286,10 +286,24 @@ class RewardModel:
         return out
 
 
-def load_reward_model(path: str, tokenizer, device, key: str = "align.reward_model") -> RewardModel:
-    """The reward model at `path` (UsageError when it is not one, or its tokenizer differs)."""
+def check_rewards(cfg) -> None:
+    """What `plinth config validate` checks of grpo/rloo rewards without training: there is a
+    reward, every function imports, and align.reward_model is a reward model."""
+    al = cfg.align
+    if not al.reward_funcs and not al.reward_model:
+        raise UsageError(
+            f"align.method={al.method} has no reward: set align.reward_funcs (e.g. "
+            "[exact_match]) and/or align.reward_model (a run trained with align.method=reward)"
+        )
+    resolve_reward_funcs(al.reward_funcs)
+    if al.reward_model:
+        reward_model_run(al.reward_model)
+
+
+def reward_model_run(path: str, key: str = "align.reward_model") -> Path:
+    """The run directory of the reward model at `path` (UsageError when it is not one)."""
     from plinth.config.load import load_config
-    from plinth.load import find_run, load_model, read_json, read_tokenizer, resolve
+    from plinth.load import find_run, read_json, resolve
 
     run = find_run(resolve(path, key))[0]
     cfg = load_config([run / "config.yaml"]).config
@@ -299,6 +313,14 @@ def load_reward_model(path: str, tokenizer, device, key: str = "align.reward_mod
             f"{_how(cfg, run, read_json)}; train one with `plinth align CONFIG "
             "align.method=reward` (pairs of chosen/rejected answers) and give its run directory."
         )
+    return run
+
+
+def load_reward_model(path: str, tokenizer, device, key: str = "align.reward_model") -> RewardModel:
+    """The reward model at `path` (UsageError when it is not one, or its tokenizer differs)."""
+    from plinth.load import load_model, read_tokenizer
+
+    run = reward_model_run(path, key)
     theirs = read_tokenizer(run)
     if theirs.get_vocab() != tokenizer.get_vocab():
         raise UsageError(

@@ -20,6 +20,8 @@ returns an `RLTask`. Each micro-batch is optim.micro_batch prompts; its loss:
    LoRA-family methods, a frozen copy for a full fine-tune) only when align.kl_beta > 0;
 5. the clipped policy-gradient loss of align.loss_type (plinth.align.losses, matched to TRL).
    One update per rollout, so the ratio is 1 in value and its gradient is the policy gradient.
+   GRPO adds kl_beta x the per-token k3 KL to the loss; RLOO, as TRL's RLOOTrainer, subtracts
+   kl_beta x the completion's summed log-ratio to the reference from its reward instead.
 
 Metrics (train/<name>): reward, reward_std, reward/<function>, completion_length, truncated
 (share of completions cut at max_new_tokens), frac_zero_std (groups whose rewards are all equal:
@@ -31,7 +33,6 @@ and best checkpoint look for the lowest val/loss, i.e. the highest reward).
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +52,14 @@ from plinth.config.sections.align import ONLINE
 from plinth.distributed.env import DistEnv, all_reduce_sum
 from plinth.errors import UsageError
 from plinth.finetune.data import RowLoader, Rows, held_out
+from plinth.finetune.task import (
+    adapted_flops_per_token,
+    epoch_steps,
+    peft_checkpoint_base,
+    read_text_setup,
+)
 from plinth.load import build_finetune_model
 from plinth.models import unwrap
-from plinth.models.layers import matmul_params
 from plinth.train.objectives import LossOutput
 from plinth.train.task import Task
 
@@ -69,7 +75,8 @@ def build_rl_task(cfg: Config, base_dir: Path) -> RLTask:
     _check_settings(cfg)
     funcs = resolve_reward_funcs(al.reward_funcs)
     weights_dir = base_dir
-    tokenizer, roles, template = _text_setup(cfg, base_dir)
+    text = read_text_setup(cfg, base_dir)
+    tokenizer, roles, template = text.tokenizer, text.roles, text.template
     records = read_jsonl(_data_path(al.dataset, "align.dataset"))
     if al.val_dataset:
         val_records = read_jsonl(_data_path(al.val_dataset, "align.val_dataset"))
@@ -88,41 +95,6 @@ def build_rl_task(cfg: Config, base_dir: Path) -> RLTask:
     if al.reward_model:
         reward_model = load_reward_model(al.reward_model, tokenizer, "cpu")
     return RLTask(cfg, weights_dir, tokenizer, roles, train, val, funcs, reward_model)
-
-
-def _text_setup(cfg: Config, base_dir: Path):
-    """(tokenizer, token roles, chat template or None) of the base, as a fine-tune reads them."""
-    from plinth.data.sft import ChatTemplate
-    from plinth.load import (
-        chat_template_origin,
-        chat_template_source,
-        find_run,
-        read_tokenizer,
-        token_roles,
-        token_text,
-    )
-
-    ft = cfg.finetune
-    text_dir = find_run(base_dir)[0]  # a checkpoint's text files: its run's
-    tokenizer = read_tokenizer(text_dir)
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    roles = token_roles(text_dir, tokenizer)
-    if "eos" not in roles:
-        raise UsageError(
-            f"{text_dir}: cannot tell the tokenizer's end-of-sequence token (no eos in "
-            "import.json, no <|endoftext|>); re-import the model with `plinth import`."
-        )
-    source = chat_template_source(ft.chat_template, text_dir)
-    template = None
-    if source is not None:
-        template = ChatTemplate(
-            source,
-            bos_token=token_text(text_dir, "bos_token"),
-            eos_token=token_text(text_dir, "eos_token") or tokenizer.id_to_token(roles["eos"]),
-            origin=f"finetune.chat_template ({chat_template_origin(ft.chat_template, text_dir)})",
-        )
-    return tokenizer, roles, template
 
 
 def _check_settings(cfg: Config) -> None:
@@ -236,37 +208,34 @@ class RLTask(Task):
         return loader
 
     def total_steps(self, tokens_per_step: int, batches_per_step: int) -> int:
-        ft = self.cfg.finetune
-        per_step = self.cfg.optim.micro_batch * batches_per_step
-        rows = len(self.train)
-        steps = max(1, math.ceil(ft.epochs * rows / per_step))
-        epochs = (f"finetune.epochs={ft.epochs:g} ({steps} steps of {per_step} prompts over "
-                  f"{rows} training prompts)")
-        if ft.max_steps is not None and ft.max_steps < steps:
-            self.limit = f"finetune.max_steps={ft.max_steps} (before {epochs})"
-            return max(1, ft.max_steps)
-        self.limit = epochs + (f"; finetune.max_steps={ft.max_steps} is not reached"
-                               if ft.max_steps else "")
+        """finetune.epochs over the training prompts, or finetune.max_steps when it comes
+        first (a step is optim.global_batch prompts, each sampled num_generations times)."""
+        steps, self.limit = epoch_steps(self.cfg, len(self.train),
+                                        self.cfg.optim.micro_batch * batches_per_step)
         return steps
 
-    def data_summary(self) -> dict:
-        """Row counts for the run's manifest."""
-        return {**{f"train_{k}": v for k, v in self.train.counts.items()},
-                **{f"val_{k}": v for k, v in self.val.counts.items()}}
+    def data_record(self) -> dict:
+        """What the manifest records about the data."""
+        return {"align": {"method": self.cfg.align.method, "train_rows": len(self.train),
+                          "val_rows": len(self.val),
+                          **{f"train_{k}": v for k, v in self.train.counts.items()},
+                          "rewards": self.reward_names, "reward_weights": self.weights}}
+
+    def data_lines(self) -> list[str]:
+        c = self.train.counts
+        extra = ", ".join(f"{v} {k}" for k, v in c.items() if k not in ("kept", "examples") and v)
+        rewards = " + ".join(f"{w:g} x {n}" for w, n in zip(self.weights, self.reward_names,
+                                                             strict=True))
+        return [f"align {self.cfg.align.method}: {len(self.train)} training prompts, "
+                f"{len(self.val)} held out" + (f" ({extra})" if extra else "")
+                + f"; reward = {rewards}"]
 
     def text_io(self):
         return self.tokenizer, self.eos_id
 
     def checkpoint_base(self) -> dict | None:
         """As a fine-tune's: parameter-efficient checkpoints hold the trained weights only."""
-        if self.cfg.finetune.method == "full" or self.base_dir is None or self.model is None:
-            return None
-        return {
-            "name": str(self.cfg.finetune.base),
-            "dir": str(Path(self.base_dir).resolve()),
-            "fingerprint": getattr(self.model, "peft_base_fingerprint", None),
-            "method": self.cfg.finetune.method,
-        }
+        return peft_checkpoint_base(self.cfg, self.base_dir, self.model)
 
     def batch_tokens(self, batch) -> int:
         """Prompt + completion tokens once the batch's rollouts exist (set by `loss`); before
@@ -278,13 +247,8 @@ class RLTask(Task):
         return g * sum(len(self.train.rows[i].ids) for i in batch["row"][:, 0].tolist())
 
     def flops_per_token(self, model: nn.Module) -> float:
-        """As a fine-tune's (forward, backward, trainable weights' gradients); the rollouts'
-        generation is not counted."""
-        base = unwrap(model)
-        n = matmul_params(base)
-        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad and p.ndim == 2)
-        d_attn = base.cfg.n_heads * base.cfg.head_dim
-        return 4.0 * n + 2.0 * min(trainable, n) + 12.0 * base.cfg.n_layers * d_attn * self.seq_len
+        """As a fine-tune's; the rollouts' generation is not counted."""
+        return adapted_flops_per_token(model, self.seq_len)
 
     # ------------------------------------------------------------------------ rollouts
     def generate(self, model: nn.Module, rows: list[PromptRow], seeds: list[int] | None):
@@ -326,7 +290,7 @@ class RLTask(Task):
 
     # ---------------------------------------------------------------------------- the loss
     def loss(self, net: nn.Module, batch, generator: torch.Generator) -> LossOutput:
-        from plinth.align.losses import group_advantages, policy_loss, rloo_advantages
+        from plinth.align.losses import group_advantages, policy_loss, rloo_advantages, token_mean
 
         al = self.cfg.align
         g = al.num_generations
@@ -336,24 +300,31 @@ class RLTask(Task):
         rows = [r for r in prompts for _ in range(g)]
         per_func = self.score(rows, completions)  # (N, F)
         rewards = per_func @ torch.tensor(self.weights, dtype=torch.float32)  # (N,)
+        seq = self._sequences(rows, completions, batch["row"].device)
+        logps = self._logps(net, seq)  # (N, C), with gradient
+        mask = seq["mask"]
+        ref = self._reference_logps(net, seq) if al.kl_beta > 0 else None
+        kl, beta = None, al.kl_beta
         if al.method == "grpo":
             advantages = group_advantages(rewards, g, al.scale_rewards)
-        else:
-            advantages = rloo_advantages(rewards, g)
-        seq = self._sequences(rows, completions, batch["row"].device)
-        logps = self._logps(net, seq)
-        ref = None
-        if al.kl_beta > 0:
-            ref = self._reference_logps(net, seq)
-        dev = logps.device
+        else:  # RLOO (as TRL's) puts the KL in the reward: kl_beta x summed log-ratio
+            seq_kl = None
+            if ref is not None:
+                diff = (logps.detach() - ref) * mask
+                seq_kl, kl = diff.sum(1).cpu(), token_mean(diff, mask)
+            advantages = rloo_advantages(rewards, g, seq_kl=seq_kl, kl_beta=beta)
+            beta = 0.0
         loss, stats = policy_loss(
-            logps, None, advantages.to(dev), seq["mask"], loss_type=al.resolved_loss_type,
-            epsilon_low=al.epsilon, epsilon_high=al.epsilon_high or al.epsilon,
-            ref_logps=ref, kl_beta=al.kl_beta, max_completion_length=al.max_new_tokens,
+            logps, None, advantages.to(logps.device), mask,
+            loss_type=al.resolved_loss_type, epsilon_low=al.epsilon,
+            epsilon_high=al.epsilon_high, ref_logps=ref if beta else None, kl_beta=beta,
+            max_completion_length=al.max_new_tokens,
         )
+        if kl is not None:
+            stats["kl"] = kl
         batch.rollout_tokens = int(seq["segment_ids"].gt(0).sum())
         metrics = self._metrics(rewards, per_func, completions, stats)
-        return LossOutput(loss, int(seq["mask"].sum()), loss.detach(), metrics=metrics)
+        return LossOutput(loss, int(mask.sum()), loss.detach(), metrics=metrics)
 
     def _sequences(self, rows: list[PromptRow], completions, device) -> dict:
         """Prompt (left-padded) + completion (right-padded) rows, completions starting at one
@@ -378,9 +349,9 @@ class RLTask(Task):
         P = seq["prompt_width"]
         ids = seq["input_ids"]
         logits = net(ids, segment_ids=seq["segment_ids"])[:, P - 1:-1].float()  # (N, C, V)
-        logits = logits / self.cfg.align.temperature
-        target = ids[:, P:].unsqueeze(-1)  # (N, C, 1)
-        return logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)
+        from plinth.align.losses import token_logps
+
+        return token_logps(logits / self.cfg.align.temperature, ids[:, P:])
 
     @torch.no_grad()
     def _reference_logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
