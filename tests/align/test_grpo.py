@@ -7,6 +7,9 @@ reproducible rollouts, exact resume, the reference model, and bad input.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,7 +110,7 @@ def test_grpo_trains_and_logs_its_metrics(base_run, tmp_path):
 
 
 def test_rollouts_are_reproducible_from_the_seeded_generator(base_run, tmp_path):
-    cfg, task = _task(base_run, tmp_path, "align.temperature=1.5")
+    _, task = _task(base_run, tmp_path, "align.temperature=1.5")
     model = task.build_model(torch.device("cpu"))
     model.train()
     rows = task.train.rows[:2]
@@ -264,3 +267,29 @@ def test_num_generations_of_one_is_refused_by_the_config(write_yaml):
     msg = str(e.value)
     assert "align.num_generations=1" in msg and "2 or more" in msg
     assert load_config([], ["align.method=dpo", "align.num_generations=1"])  # dpo: unused
+
+
+def _plinth(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run([sys.executable, "-m", "plinth", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_refuses_bad_rewards_with_exit_2_and_writes_nothing(base_run, tmp_path):
+    common = [f"finetune.base={base_run}", f"tracking.output_dir={tmp_path / 'runs'}",
+              "finetune.max_length=40", "align.max_new_tokens=4"]
+    cfg = str(REPO / "configs" / "grpo-arithmetic.yaml")
+    cases = [
+        (["config", "validate", cfg, "align.reward_funcs=[no_such_mod_xyz:score]"],
+         "cannot import 'no_such_mod_xyz'"),
+        (["align", cfg, *common, "align.reward_funcs=[no_such_mod_xyz:score]"],
+         "cannot import 'no_such_mod_xyz'"),
+        (["align", cfg, *common, f"align.reward_model={base_run}"],
+         "is not a reward model"),
+        (["align", cfg, *common, "align.num_generations=1"], "align.num_generations=1"),
+    ]
+    for args, message in cases:
+        p = _plinth(*args, cwd=tmp_path)
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert not (tmp_path / "runs").exists()
