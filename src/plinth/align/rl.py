@@ -60,6 +60,7 @@ from plinth.finetune.task import (
 )
 from plinth.load import build_finetune_model
 from plinth.models import unwrap
+from plinth.models.layers import IGNORE_INDEX
 from plinth.train.objectives import LossOutput
 from plinth.train.task import Task
 
@@ -345,13 +346,20 @@ class RLTask(Task):
                 "mask": mask.to(device), "prompt_width": P}
 
     def _logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
-        """(N, C) log-probabilities of the completion tokens, logits / temperature."""
-        P = seq["prompt_width"]
-        ids = seq["input_ids"]
-        logits = net(ids, segment_ids=seq["segment_ids"])[:, P - 1:-1].float()  # (N, C, V)
+        """(N, C) log-probabilities of the completion tokens, of logits / temperature (as TRL).
+        At temperature 1 the decoder's fused path computes them without (N, T, V) logits."""
         from plinth.align.losses import token_logps
 
-        return token_logps(logits / self.cfg.align.temperature, ids[:, P:])
+        P, ids, seg = seq["prompt_width"], seq["input_ids"], seq["segment_ids"]
+        temperature = self.cfg.align.temperature
+        if temperature == 1.0:
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            labels[:, P:] = torch.where(seq["mask"] > 0, ids[:, P:], IGNORE_INDEX)
+            out = net(ids[:, :-1], labels=labels[:, 1:], segment_ids=seg[:, :-1],
+                      token_logps=True)  # (N, T-1): position t scores token t+1
+            return out[:, P - 1:]
+        logits = net(ids, segment_ids=seg)[:, P - 1:-1].float()  # (N, C, V)
+        return token_logps(logits / temperature, ids[:, P:])
 
     @torch.no_grad()
     def _reference_logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
