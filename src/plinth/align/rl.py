@@ -27,7 +27,9 @@ Metrics (train/<name>): reward, reward_std, reward/<function>, completion_length
 (share of completions cut at max_new_tokens), frac_zero_std (groups whose rewards are all equal:
 they teach nothing), clip_ratio, kl (when kl_beta > 0). Validation answers the held-out prompts
 greedily: val/reward, val/reward/<function>, and val/loss = -val/reward (the loop's early stop
-and best checkpoint look for the lowest val/loss, i.e. the highest reward).
+and best checkpoint look for the lowest val/loss, i.e. the highest reward); and num_generations
+times each by sampling as in training, with the same seeds every time: val/reward_sampled, the
+expected reward of the policy itself, which is what RL raises (greedy answers may lag behind).
 """
 
 from __future__ import annotations
@@ -401,27 +403,35 @@ class RLTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env: DistEnv, device: torch.device) -> dict:
-        """Greedy answers to the held-out prompts (the first tracking.eval_batches x
-        optim.micro_batch of them, split over the ranks): mean rewards, and val/loss =
-        -val/reward."""
-        rows = self._eval_rows()[env.rank::env.world_size]
-        if not self._eval_rows():
+        """The held-out prompts (the first tracking.eval_batches x optim.micro_batch of them,
+        split over the ranks) answered greedily: val/reward, val/reward/<function>, and
+        val/loss = -val/reward; and answered num_generations times each by sampling as in
+        training (align.temperature / top_p / top_k; the same seeds at every evaluation):
+        val/reward_sampled, the policy's own expected reward, which RL raises directly."""
+        every = self._eval_rows()
+        if not every:
             return {}
-        sums = np.zeros(2 + len(self.reward_names))  # total reward, count, per reward
+        rank = range(env.rank, len(every), env.world_size)
+        rows = [every[i] for i in rank]
+        g = self.cfg.align.num_generations
+        seeds = [self.cfg.seed * 1_000_003 + i * g + j for i in rank for j in range(g)]
+        sums = np.zeros(3 + len(self.reward_names))  # greedy, sampled, count, per reward
+        weights = torch.tensor(self.weights, dtype=torch.float32)
         for s in range(0, len(rows), EVAL_CHUNK):
             chunk = rows[s:s + EVAL_CHUNK]
-            completions = self.generate(model, chunk, None)
-            per = self.score(chunk, completions)
-            total = per @ torch.tensor(self.weights, dtype=torch.float32)
-            sums[0] += total.sum().item()
-            sums[1] += len(chunk)
-            sums[2:] += per.sum(0).numpy()
+            per = self.score(chunk, self.generate(model, chunk, None))
+            sampled = self.score([r for r in chunk for _ in range(g)], self.generate(
+                model, chunk, seeds[s * g:(s + len(chunk)) * g]))  # fixed across evaluations
+            sums[0] += (per @ weights).sum().item()
+            sums[1] += (sampled @ weights).sum().item() / g
+            sums[2] += len(chunk)
+            sums[3:] += per.sum(0).numpy()
         sums = all_reduce_sum([float(x) for x in sums], env, device)
-        if sums[1] == 0:
+        if sums[2] == 0:
             return {}
-        mean = sums[0] / sums[1]
-        return {"val/loss": -mean, "val/reward": mean,
-                **{f"val/reward/{n}": sums[2 + j] / sums[1]
+        mean = sums[0] / sums[2]
+        return {"val/loss": -mean, "val/reward": mean, "val/reward_sampled": sums[1] / sums[2],
+                **{f"val/reward/{n}": sums[3 + j] / sums[2]
                    for j, n in enumerate(self.reward_names)}}
 
     def samples(self, model: nn.Module, step: int, device: torch.device) -> list[tuple[str, str]]:
