@@ -192,3 +192,46 @@ def test_config_validate_refuses_what_align_refuses(override, needle, capsys):
 def test_config_validate_accepts_the_shipped_dpo_recipe(capsys):
     assert main(["config", "validate", "dpo-smollm2-lora"]) == 0
     assert "align dpo (lora) of ref-smollm2" in capsys.readouterr().out
+
+
+def test_sft_then_dpo_then_compare(base_run, tmp_path, capsys):
+    """The usual path: LoRA SFT, then DPO on top of that run (its adapter folded into its base),
+    then the aligned run beside its SFT base in `plinth compare`, and generation from it."""
+    from plinth.recipes.finetune import finetune
+
+    sft = [f"finetune.base={base_run}", f"finetune.dataset={DATA / 'json_answers.train.jsonl'}",
+           "finetune.max_length=48", "finetune.method=lora", "finetune.rank=4",
+           "finetune.max_steps=3", "optim.micro_batch=4", "optim.global_batch=4",
+           "tracking.eval_every=100", "tracking.sample_every=100",
+           f"tracking.output_dir={tmp_path / 'runs'}", "tracking.run_name=sft"]
+    assert finetune(None, sft, quiet=True) == 0
+    sft_run = tmp_path / "runs" / "sft"
+    args = _args(sft_run, tmp_path, "dpo", "finetune.max_steps=2", "tracking.eval_every=2")
+    assert align(None, args, quiet=True) == 0
+    dpo_run = tmp_path / "runs" / "dpo"
+    val = [m for m in _metrics(dpo_run) if "val/margin" in m]
+    assert val[0]["step"] == 0 and val[0]["val/margin"] == 0  # reference == the SFT model
+    capsys.readouterr()
+    html = tmp_path / "cmp.html"
+    assert main(["compare", str(sft_run), str(dpo_run), "--output", str(html)]) == 0
+    page = html.read_text()
+    assert "sft" in page and "dpo" in page and "align" in page
+    assert main(["generate", str(dpo_run), "--prompt", "What is 2 plus 2?",
+                 "--max-new-tokens", "4"]) == 0
+
+
+def test_an_unmergeable_fine_tune_is_refused_as_a_base(base_run, tmp_path, capsys):
+    from plinth.recipes.finetune import finetune
+
+    sft = [f"finetune.base={base_run}", f"finetune.dataset={DATA / 'json_answers.train.jsonl'}",
+           "finetune.max_length=48", "finetune.method=prefix", "finetune.rank=4",
+           "finetune.max_steps=1", "optim.micro_batch=4", "optim.global_batch=4",
+           "tracking.eval_every=100", "tracking.sample_every=100",
+           f"tracking.output_dir={tmp_path / 'runs'}", "tracking.run_name=prefix"]
+    assert finetune(None, sft, quiet=True) == 0
+    capsys.readouterr()
+    args = _args(tmp_path / "runs" / "prefix", tmp_path, "dpo", "tracking.run_name=on-prefix")
+    assert main(["align", *args]) == 2
+    err = capsys.readouterr().err
+    assert "prefix cannot be folded" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "on-prefix").exists()
