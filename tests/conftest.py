@@ -67,3 +67,16 @@ def tiny_overrides(tiny_data_dir, tmp_path):
 def tiny_base(tiny_data_dir) -> list[str]:
     """TINY plus the prepared data (no output directory): for session/module fixtures."""
     return [*TINY, f"data.dir={tiny_data_dir}"]
+
+
+@pytest.fixture(scope="session")
+def base_run(tiny_base, tmp_path_factory) -> Path:
+    """A tiny decoder pretrained for a few steps: the base every fast fine-tuning and alignment
+    test starts from."""
+    from plinth.recipes.pretrain import run_pretraining
+
+    out = tmp_path_factory.mktemp("base")
+    over = [*tiny_base, "model.max_seq_len=128", "pretrain.max_steps=20",
+            f"tracking.output_dir={out}", "tracking.run_name=base"]
+    result = run_pretraining(load_config(["quickstart"], over), progress=False)
+    return result.run_dir

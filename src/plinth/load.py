@@ -136,12 +136,13 @@ def check_base_weights(base_dir: Path) -> None:
         loaded = ckpt.load_checkpoint(explicit)
     else:
         loaded = ckpt.load_latest(run / "checkpoints")
-    if loaded.base is not None:
+    method = (loaded.base or {}).get("method", "adapter")
+    if loaded.base is not None and method not in MERGEABLE:
         raise UsageError(
-            f"finetune.base: {loaded.path} holds only the trained "
-            f"{loaded.base.get('method', 'adapter')} weights of a fine-tune of "
-            f"{loaded.base.get('name')!r}, so it cannot be a base by itself. `plinth export` "
-            "that run (the adapter merged into its base) and use the export as finetune.base."
+            f"finetune.base: {loaded.path} holds only the trained {method} weights of a "
+            f"fine-tune of {loaded.base.get('name')!r}, and {method} cannot be folded into "
+            "plain weights, so it cannot be a base. Use that run's own base, or fine-tune it "
+            "with lora, dora, ia3 or full first."
         )
 
 
@@ -161,9 +162,30 @@ def _load_weights(model: nn.Module, run: Path, explicit: Path | None, loaded):
             ) from None
         ckpt.load_weights(model, weights)
         return str(f), None
-    loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
+    if loaded.base is not None and not hasattr(model, "peft_method"):
+        # a parameter-efficient fine-tune as the base of another (SFT, then DPO): its own base
+        # with the adapter folded in
+        _load_merged(model, run, loaded)
+    else:
+        loaded.load_into(model)  # single file, or a sharded (DCP) checkpoint consolidated here
     step = loaded.meta.get("step")
     return str(loaded.path), int(step) if step is not None else None
+
+
+MERGEABLE = ("lora", "dora", "ia3")  # methods whose trained weights fold into the base's
+
+
+def _load_merged(model: nn.Module, run: Path, loaded) -> None:
+    """Weights of a LoRA/DoRA/IA3 fine-tune merged into its base, into a plain `model`."""
+    from plinth.config.load import load_config
+    from plinth.peft.apply import merge
+
+    cfg = load_config([run / "config.yaml"]).config
+    tuned = build_finetune_model(cfg, finetune_base_dir(cfg, loaded.base))
+    loaded.load_into(tuned)
+    merge(tuned)
+    state = tuned.state_dict()
+    model.load_state_dict({k: state[k] for k in model.state_dict()})
 
 
 def finetune_base_dir(cfg, recorded: dict | None) -> Path:

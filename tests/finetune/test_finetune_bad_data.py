@@ -117,6 +117,16 @@ def test_bad_sft_data_through_finetune(base_run, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # refused before any run directory
 
 
+def test_a_hold_out_that_leaves_nothing_to_train_on(base_run, tmp_path, capsys):
+    tiny = tmp_path / "two.jsonl"
+    tiny.write_text(_lines(GOOD, GOOD))
+    code = main(["finetune", f"finetune.base={base_run}", f"finetune.dataset={tiny}",
+                 "finetune.val_fraction=0.9", f"tracking.output_dir={tmp_path / 'runs'}"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "leaves none to train on" in err and "val_fraction" in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+
+
 def test_an_oversized_line_is_refused(base_run, tmp_path, capsys, monkeypatch):
     import plinth.data.sft as sft
 

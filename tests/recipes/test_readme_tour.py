@@ -79,6 +79,7 @@ RULES: list[tuple[str, list[str], str]] = [
     ("plinth pretrain configs/quickstart.yaml", QS_TINY, "run"),
     ("torchrun ", TORCHRUN_TINY, "torchrun"),
     ("plinth finetune ", FT_TINY, "run"),
+    ("plinth align ", [*FT_TINY, "tracking.eval_batches=1"], "run"),
     ("plinth serve ", [], "serve"),
     ("plinth chat ", [], "chat"),
     ("plinth", [], "run"),

@@ -264,7 +264,8 @@ class PreferenceTask(Task):
             ref = self._ref_logps(net, batch, ids, labels)
             losses, cr, rr = L.dpo_loss(pol_a, pol_b, ref[:n], ref[n:], beta=self.beta,
                                         loss_type=a.resolved_loss_type,
-                                        label_smoothing=a.label_smoothing)
+                                        label_smoothing=a.label_smoothing,
+                                        chosen_lengths=counts[:n], rejected_lengths=counts[n:])
             loss = losses.mean()
         else:
             avg_a = pol_a / counts[:n].clamp(min=1)
@@ -290,11 +291,11 @@ class PreferenceTask(Task):
             beta=self.beta, desirable_weight=a.desirable_weight,
             undesirable_weight=a.undesirable_weight,
         )
-        m = {"kl": kl}
-        if cr.numel():
-            m["chosen_reward"] = cr.mean()
-        if rr.numel():
-            m["rejected_reward"] = rr.mean()
+        # a micro-batch may hold only one kind: its mean is then 0 (keys stay the same, so
+        # windows and ranks average alike)
+        m = {"kl": kl, "chosen_reward": cr.sum() / max(1, cr.numel()),
+             "rejected_reward": rr.sum() / max(1, rr.numel()),
+             "desirable_share": good.float().mean()}
         return losses.mean(), m
 
     def _reward_loss(self, net, batch) -> tuple[torch.Tensor, dict]:
@@ -322,7 +323,10 @@ class PreferenceTask(Task):
                            env.world_size, shuffle=False, loop=False, task=self.method)
         sums: dict[str, float] = {}
         n = 0.0
-        for batch in loader:
+        limit = -(-self.cfg.tracking.eval_batches // env.world_size)
+        for i, batch in enumerate(loader):
+            if i >= limit:
+                break
             batch = batch.to(device)
             with autocast_context(self.cfg, device):
                 loss, m = self._loss(model, batch)

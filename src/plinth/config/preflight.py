@@ -192,6 +192,14 @@ def check_align(resolved: Resolved) -> None:
             "exact_match, json_valid, length_penalty, or module:function) and/or "
             "align.reward_model (a run trained with align.method=reward)."
         )
+    if cfg.distributed.strategy in ("fsdp", "hsdp"):
+        raise ConfigError(
+            f"distributed.strategy={cfg.distributed.strategy} (from "
+            f"{resolved.source('distributed.strategy')}): `plinth align` runs data parallel "
+            "(ddp) for now; sharded weights would need every rank in each rollout and "
+            "reference forward. Use distributed.strategy=ddp (or auto) with a LoRA-family "
+            "finetune.method to fit larger models."
+        )
     if a.precompute_ref and a.method not in ("dpo", "kto"):
         raise ConfigError(
             f"align.precompute_ref=true (from {resolved.source('align.precompute_ref')}) has "

@@ -177,6 +177,12 @@ def build_task(cfg: Config, base_dir: Path) -> FinetuneTask:
                 keep, held = held_out(len(records), ft.val_fraction, cfg.seed)
                 val_records = [records[i] for i in held]
                 records = [records[i] for i in keep]
+                if not records:
+                    raise UsageError(
+                        f"{spec.dataset}: holding out finetune.val_fraction={ft.val_fraction:g} "
+                        f"of its {len(held)} examples leaves none to train on. Add examples, "
+                        "lower finetune.val_fraction or give a separate val_dataset."
+                    )
             opts = SFTOptions(fmt, ft.max_length, ft.overlong, ft.system_prompt)
 
             def rows(recs, path, opts=opts):
