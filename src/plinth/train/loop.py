@@ -416,12 +416,12 @@ def _accumulate(p: _Parts, s: TrainState, data_iter) -> Step:
         td = time.perf_counter()
         batch = next(data_iter).to(p.device, non_blocking=True)
         data_time += time.perf_counter() - td
-        step_tokens += p.task.batch_tokens(batch)
         with grad_sync(p.net, p.placement.strategy, sync=i == p.accum - 1):
             with p.amp:
                 out = p.task.loss(p.net, batch, p.mask_gen)
             loss_value = out.loss if p.fault_hook is None else p.fault_hook(s.micro, out.loss)
             s.micro += 1
+            step_tokens += p.task.batch_tokens(batch)  # after the loss: RL batches grow in it
             loss = loss_value / p.accum
             (p.scaler.scale(loss) if p.scaler else loss).backward()
         step_loss += (out.ce.item() if p.fault_hook is None else loss_value.item()) / p.accum
