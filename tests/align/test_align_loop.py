@@ -69,13 +69,17 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("method", ["dpo", "simpo", "orpo", "kto", "reward"])
-def test_method_runs_and_resumes_exactly(method, base_run, tmp_path):
+@pytest.mark.parametrize("method,extra", [
+    ("dpo", []), ("simpo", []), ("orpo", []), ("kto", []), ("reward", []),
+    # a full fine-tune's reference is a frozen copy, rebuilt from the base on resume
+    ("dpo", ["finetune.method=full", "optim.lr=1e-4", "model.dropout=0.1"]),
+])
+def test_method_runs_and_resumes_exactly(method, extra, base_run, tmp_path):
     """N + resume + N == 2N bit for bit (losses, metrics, weights), and the method's own metrics
     are in metrics.jsonl, finite."""
-    resolved, base_dir = load_finetune_config([], _args(base_run, tmp_path, method))
+    resolved, base_dir = load_finetune_config([], _args(base_run, tmp_path, method, *extra))
     whole = run_alignment(resolved, base_dir, progress=False)
-    args = _args(base_run, tmp_path, method, f"tracking.run_name={method}-cut")
+    args = _args(base_run, tmp_path, method, *extra, f"tracking.run_name={method}-cut")
     resolved, base_dir = load_finetune_config([], args)
     cut = run_alignment(resolved, base_dir, progress=False, stop_after=3)
     assert cut.step == 3 < whole.step == 6

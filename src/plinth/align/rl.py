@@ -34,7 +34,6 @@ expected reward of the policy itself, which is what RL raises (greedy answers ma
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ from plinth.align.rewards import (
     load_reward_model,
     resolve_reward_funcs,
 )
+from plinth.align.task import adapters_off, frozen_reference
 from plinth.config.schema import Config
 from plinth.config.sections.align import ONLINE
 from plinth.distributed.env import DistEnv, all_reduce_sum
@@ -186,14 +186,7 @@ class RLTask(Task):
         if self.verbose:
             print(self.summary)
         if cfg.align.kl_beta > 0 and cfg.finetune.method == "full":
-            if self.base_dir is not None:
-                ref = copy.deepcopy(model)
-            else:  # resuming: the model will hold trained weights; the reference is the base
-                from plinth.load import resolve
-
-                ref = build_finetune_model(cfg, resolve(cfg.finetune.base, "finetune.base"),
-                                           device)
-            self.reference = ref.requires_grad_(False).eval()
+            self.reference = frozen_reference(cfg, model, self.base_dir, device)
         if self.reward_model is not None:
             self.reward_model.model.to(device)
         return model
@@ -367,16 +360,8 @@ class RLTask(Task):
     def _reference_logps(self, net: nn.Module, seq: dict) -> torch.Tensor:
         if self.reference is not None:
             return self._logps(self.reference, seq)
-        from plinth.peft.apply import disable_adapters
-
-        base = unwrap(net)
-        was_training = base.training
-        base.eval()  # the reference is the base model as it is, without dropout
-        try:
-            with disable_adapters(base):
-                return self._logps(base, seq)
-        finally:
-            base.train(was_training)
+        with adapters_off(net):
+            return self._logps(unwrap(net), seq)
 
     def _metrics(self, rewards, per_func, completions, stats) -> dict:
         g = self.cfg.align.num_generations

@@ -15,6 +15,7 @@ The losses themselves are plain functions in plinth.align.losses (matched to TRL
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 from pathlib import Path
@@ -38,6 +39,7 @@ from plinth.finetune.task import (
     read_text_setup,
 )
 from plinth.load import build_finetune_model
+from plinth.models import unwrap
 from plinth.models.heads import head_outputs
 from plinth.models.layers import IGNORE_INDEX
 from plinth.peft.apply import disable_adapters
@@ -69,21 +71,44 @@ def reference_kind(cfg: Config) -> str:
     return "copy" if cfg.finetune.method == "full" else "adapters"
 
 
+def frozen_reference(cfg: Config, model: nn.Module, base_dir: Path | None,
+                     device: torch.device) -> nn.Module:
+    """A full fine-tune's reference: a frozen copy of the starting model, or, when resuming
+    (the model is about to receive trained weights), the base rebuilt from finetune.base."""
+    if base_dir is not None:
+        ref = copy.deepcopy(model)
+    else:
+        from plinth.load import resolve
+
+        ref = build_finetune_model(cfg, resolve(cfg.finetune.base, "finetune.base"), device)
+    return ref.requires_grad_(False).eval()
+
+
+@contextlib.contextmanager
+def adapters_off(net: nn.Module):
+    """The reference inside a LoRA-family model: adapters switched off and eval mode (no
+    dropout), both restored on exit."""
+    base = unwrap(net)
+    was = base.training
+    base.eval()
+    try:
+        with torch.no_grad(), disable_adapters(base):
+            yield net
+    finally:
+        base.train(was)
+
+
 class Reference:
     """The reference policy's forward: the model with adapters off, or a frozen copy."""
 
-    def __init__(self, kind: str, model: nn.Module):
-        self.kind = kind
-        self.copy = None
-        if kind == "copy":
-            self.copy = copy.deepcopy(model).eval()
-            self.copy.requires_grad_(False)
+    def __init__(self, copy_of: nn.Module | None):
+        self.copy = copy_of
 
     @torch.no_grad()
     def logps(self, net: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.copy is not None:
             return sequence_logps(self.copy, ids, labels)[0]
-        with disable_adapters(net):
+        with adapters_off(net):
             return sequence_logps(net, ids, labels)[0]
 
 
@@ -127,8 +152,10 @@ class PreferenceTask(Task):
         kind = reference_kind(self.cfg)
         if kind == "precomputed":
             self.precompute(model, device)
-        elif kind != "none":
-            self.ref = Reference(kind, model)
+        elif kind == "copy":
+            self.ref = Reference(frozen_reference(self.cfg, model, self.base_dir, device))
+        elif kind == "adapters":
+            self.ref = Reference(None)
         return model
 
     def loader(self, env: DistEnv):
