@@ -34,7 +34,9 @@ each side's peak RSS is its own; the parent prints the `name: value` lines and t
 2. GRPO rollouts: `--prompts` prompts of the same set (ChatML-rendered, generation prompt),
    each `--num-generations` times, temperature 1.0, top_p 1, top_k off, `--max-tokens` new
    tokens, stop at eos. plinth: `Engine.load("ref-smollm2").generate(prompts, SamplingParams)`
-   (the engine plinth's GRPO task samples with). TRL: GRPOTrainer's non-vLLM path, mirrored:
+   (its fast path: weights merged and re-laid out), and `plinth-gen-task`, the engine as the
+   GRPO task (align/rl.py) drives it on the live policy: `use_fast=False`, a seed per
+   completion. TRL: GRPOTrainer's non-vLLM path, mirrored:
    `model.generate(input_ids, attention_mask, generation_config=GenerationConfig(
    max_new_tokens, do_sample=True, pad/bos/eos ids, temperature=1.0, top_p=1.0, top_k=0,
    min_p=None, repetition_penalty=1.0, cache_implementation=None, disable_compile=True))` on
@@ -252,7 +254,10 @@ def prompt_texts(n: int) -> list[str]:
     return [r["prompt"] for r in rows(n)]
 
 
-def side_plinth_gen(args) -> dict:
+def side_plinth_gen(args, as_task: bool = False) -> dict:
+    """as_task: the engine as plinth's GRPO task (align/rl.py) drives it on the live policy:
+    `use_fast=False` (the fast path re-lays the weights out, not under an optimizer) and a
+    seed per completion."""
     import torch
 
     from plinth.infer.engine import Engine
@@ -265,12 +270,18 @@ def side_plinth_gen(args) -> dict:
              for p in prompt_texts(args.prompts)]
     batch = [t for t in texts for _ in range(args.num_generations)]
     sp = SamplingParams(max_new_tokens=args.max_tokens, temperature=1.0, seed=None)
+    if as_task:
+        eng.use_fast = False
     eng.generate(batch[:2], SamplingParams(max_new_tokens=4, temperature=1.0))  # warm-up
     torch.manual_seed(0)
     times, toks = [], []
-    for _ in range(args.gen_rounds):
+    for r in range(args.gen_rounds):
+        params = sp
+        if as_task:
+            params = [SamplingParams(max_new_tokens=args.max_tokens, temperature=1.0,
+                                     seed=r * len(batch) + i) for i in range(len(batch))]
         t = time.perf_counter()
-        outs = eng.generate(batch, sp)
+        outs = eng.generate(batch, params)
         times.append(time.perf_counter() - t)
         toks.append(sum(len(o.token_ids) for o in outs))
     ids = eng.prompt_ids(batch)
@@ -340,6 +351,7 @@ SIDES = {
     "plinth-dpo-precomputed": lambda a: side_plinth_dpo(a, True),
     "trl-dpo": side_trl_dpo,
     "plinth-gen": side_plinth_gen,
+    "plinth-gen-task": lambda a: side_plinth_gen(a, True),
     "trl-gen": side_trl_gen,
 }
 
@@ -439,7 +451,7 @@ def dpo(args) -> None:
 
 
 def gen(args) -> None:
-    res = {n: child(n, args) for n in ("plinth-gen", "trl-gen")}
+    res = {n: child(n, args) for n in ("plinth-gen", "plinth-gen-task", "trl-gen")}
     rows_n = args.prompts * args.num_generations
     print(f"\n== GRPO rollouts: {args.prompts} prompts x {args.num_generations} generations "
           f"= {rows_n} rows, temperature 1.0, max {args.max_tokens} new tokens, "
@@ -452,7 +464,9 @@ def gen(args) -> None:
         print(f"{key}_batch_s: {' '.join(f'{x:.2f}' for x in r['times'])}")
         print(f"{key}_generated_tokens: {' '.join(str(x) for x in r['tokens'])}")
         print(f"{key}_peak_rss_mib: {r['max_rss']:.0f}")
-    print(f"rollout_tokens_per_s_plinth_over_trl: {tps['plinth-gen'] / tps['trl-gen']:.3f}")
+    for n in ("plinth-gen", "plinth-gen-task"):
+        print(f"rollout_tokens_per_s_{n.replace('-', '_')}_over_trl: "
+              f"{tps[n] / tps['trl-gen']:.3f}")
 
 
 if __name__ == "__main__":
