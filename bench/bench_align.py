@@ -192,6 +192,9 @@ def side_trl_dpo(args) -> dict:
     rss0 = rss_mib()
     t0 = time.perf_counter()
     model = hf_model(gguf)
+    # the GGUF is dequantised to fp32 on load, but the model keeps the GGUF "quantizer" mark,
+    # which transformers' Trainer refuses to train: drop the mark (the weights are plain fp32)
+    model.hf_quantizer, model.is_quantized = None, False
     tok = hf_tokenizer(gguf)
     assert tok.chat_template, "the GGUF's tokenizer carries no chat template"
     ds = Dataset.from_list([
@@ -402,7 +405,7 @@ def main() -> None:
         print("RESULT " + json.dumps(SIDES[args.side](args)))
         return
     if args.quick:
-        args.steps, args.prompts, args.gen_rounds = 3, 4, 2
+        args.steps, args.prompts, args.gen_rounds = 2, 4, 1
     print(f"threads: {args.threads} (each side alone, in its own child process, one after "
           "the other)")
     if not args.skip_dpo:
