@@ -375,6 +375,7 @@ def child(name: str, args) -> dict:
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1]
     res = json.loads(line[len("RESULT "):])
     res["wall_s"] = time.perf_counter() - t0
+    print(f"# {name}: {res['wall_s']:.0f} s", file=sys.stderr, flush=True)
     return res
 
 
