@@ -99,6 +99,20 @@ def test_seeded_sampling_reproducible_seed_dependent_and_batch_independent():
                                                                           free)[0].token_ids
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+def test_repeated_prompts_share_their_prefill_and_decode_as_alone(mixed):
+    """n samples of one prompt (GRPO groups) are prefilled once and copied; each row still
+    decodes exactly as it would alone, with equal-length and ragged batches."""
+    eng = tiny_engine()
+    prompts = [PROMPTS[0]] * 3 + ([PROMPTS[2], PROMPTS[0]] if mixed else [PROMPTS[0]])
+    params = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s) for s in range(4)]
+    params += [SamplingParams(max_new_tokens=12, temperature=1.0, seed=9)] * mixed
+    together = eng.generate(prompts, params)
+    for p, sp, out in zip(prompts, params, together, strict=True):
+        assert eng.generate([p], sp)[0].token_ids == out.token_ids
+    assert len({tuple(o.token_ids) for o in together[:3]}) > 1  # different seeds, different rows
+
+
 def test_sampled_tokens_follow_the_distribution():
     """draw() picks token i with probability p_i (a seeded chi-square-free check: frequencies
     of 20000 draws within 0.015 of the probabilities), and never a zero-probability token."""

@@ -66,10 +66,20 @@ class DecoderRunner(Runner):
         copied in after its padding, so the row decodes exactly as it would alone."""
         old, dev = self.cache, self.device
         lens = [len(p) for p in ids]
+        # identical prompts (n samples of one prompt, RL groups) are prefilled once and their
+        # cache rows copied: the same numbers, a fraction of the compute
+        first: dict[tuple, int] = {}
+        uniq = [first.setdefault(tuple(p), len(first)) for p in ids]
         if old is None and len(set(lens)) == 1:  # a fresh batch of equal lengths: one pass
-            self.cache = self.model.new_cache(len(ids), lens[0] + max(max_new))
+            rows = [list(k) for k in first]
+            self.cache = self.model.new_cache(len(rows), lens[0] + max(max_new))
             self.until = [lens[0] + m for m in max_new]
-            return self._forward(torch.tensor(ids, device=dev), self.cache)
+            logits = self._forward(torch.tensor(rows, device=dev), self.cache)
+            if len(rows) == len(ids):
+                return logits
+            inv = torch.tensor(uniq, device=dev)
+            compact_cache(self.cache, inv)
+            return logits.index_select(0, inv)
         A = 0 if old is None else old.k.shape[1]
         pos = 0 if old is None else old.pos
         pads = [] if old is None else (
@@ -85,10 +95,13 @@ class DecoderRunner(Runner):
             src, dst = max(0, -delta), max(0, delta)
             cache.k[:, :A, :, dst:P] = old.k[:, :, :, src:pos]
             cache.v[:, :A, :, dst:P] = old.v[:, :, :, src:pos]
-        logits = []
+        logits, done = [], {}
         for i, p in enumerate(ids):
-            one = self.model.new_cache(1, len(p))
-            logits.append(self._forward(torch.tensor([p], device=dev), one))
+            if uniq[i] not in done:
+                one = self.model.new_cache(1, len(p))
+                done[uniq[i]] = (self._forward(torch.tensor([p], device=dev), one), one)
+            lg, one = done[uniq[i]]
+            logits.append(lg)
             cache.k[:, A + i, :, P - len(p):P] = one.k[:, 0]
             cache.v[:, A + i, :, P - len(p):P] = one.v[:, 0]
         cache.pos = P
