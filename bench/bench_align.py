@@ -45,8 +45,10 @@ each side's peak RSS is its own; the parent prints the `name: value` lines and t
 
 Measured once (2-core shared CPU, load 3-6, --threads 1, defaults): DPO tokens/s plinth 25.2,
 TRL 17.6 (1.43x), peak-RSS growth 2643 vs 3606 MiB (0.73x); precomputed reference 56.5 tokens/s
-(run when the machine was quieter), 2584 MiB. Rollouts (32 rows x 32 tokens): Engine fast path
-49.8, as the GRPO task drives it 39.9, transformers generate 59.6 tokens/s (0.84x, 0.67x).
+(run when the machine was quieter), 2584 MiB. Rollouts (32 rows x 32 tokens): first 0.84x
+(fast path) and 0.67x (as the GRPO task drives it) of transformers' generate; after the engine
+learned to prefill a group's identical prompts once, `--skip-dpo`: 1.25x and 1.01x (83.1 and
+67.4 vs 66.7 tokens/s).
 """
 
 from __future__ import annotations
