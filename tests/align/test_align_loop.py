@@ -239,3 +239,26 @@ def test_an_unmergeable_fine_tune_is_refused_as_a_base(base_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "prefix cannot be folded" in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "on-prefix").exists()
+
+
+def test_grpo_with_a_trained_reward_model(base_run, tmp_path):
+    """A reward model trained by `align.method=reward` scores GRPO's completions: its score is
+    logged as train/reward/reward_model and weighted into the reward with the functions."""
+    resolved, base_dir = load_finetune_config([], _args(base_run, tmp_path, "reward",
+                                                        "finetune.max_steps=2"))
+    rm = run_alignment(resolved, base_dir, progress=False).run_dir
+    args = [f"finetune.base={base_run}", "align.method=grpo",
+            f"align.dataset={DATA / 'arithmetic.train.jsonl'}", "align.num_generations=2",
+            "align.max_new_tokens=4", "align.reward_funcs=[exact_match]",
+            f"align.reward_model={rm}", "align.reward_weights=[1.0, 0.5]",
+            "finetune.max_length=48", "finetune.max_steps=2", "finetune.rank=4",
+            "optim.micro_batch=2", "optim.global_batch=2", "tracking.log_every=1",
+            "tracking.eval_every=100", "tracking.eval_batches=1", "tracking.sample_every=100",
+            f"tracking.output_dir={tmp_path / 'runs'}", "tracking.run_name=grpo-rm"]
+    assert align(None, args, quiet=True) == 0
+    recs = [m for m in _metrics(tmp_path / "runs" / "grpo-rm") if "train/reward" in m]
+    assert len(recs) == 2
+    for m in recs:
+        assert math.isfinite(m["train/reward/reward_model"]) and m["train/reward/reward_model"]
+        want = m["train/reward/exact_match"] + 0.5 * m["train/reward/reward_model"]
+        assert m["train/reward"] == pytest.approx(want, abs=1e-5)
