@@ -1,7 +1,7 @@
 """DPO under torchrun (2 CPU ranks, gloo, DDP) follows the one-process run within 1e-5: loss,
 margins, accuracy, rewards and held-out metrics, step by step.
 
-    python -m pytest tests/align/test_align_torchrun.py -q
+    python -m pytest tests/align/test_align_torchrun.py -q -m slow
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from plinth.track.run import read_jsonl
 
@@ -24,6 +26,7 @@ def _align(nproc: int, args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # 2 torchrun launches, ~90 s; run with -m slow
 def test_ddp_dpo_matches_one_process(base_run, tmp_path):
     common = [
         f"finetune.base={base_run}", "align.method=dpo",
