@@ -19,7 +19,7 @@ import pytest
 
 from plinth.recipes.align import align
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # minutes on a busy CPU
 REPO = Path(__file__).resolve().parents[2]
 VAL = REPO / "configs" / "data" / "concise_prefs.val.jsonl"
 
@@ -59,8 +59,8 @@ def test_dpo_prefers_concise_answers(tmp_path):
 
 def test_reward_model_ranks_held_out_pairs(tmp_path):
     over = [f"tracking.output_dir={tmp_path}", "align.method=reward",
-            "tracking.run_name=rm", "finetune.max_steps=30",
-            "tracking.eval_every=30", "tracking.eval_batches=15"]
+            "tracking.run_name=rm", "finetune.max_steps=15",
+            "tracking.eval_every=15", "tracking.eval_batches=15"]
     t0 = time.perf_counter()
     assert align("dpo-smollm2-lora", over, quiet=True) == 0
     val = [m for m in _metrics(tmp_path / "rm") if "val/accuracy" in m]
