@@ -33,7 +33,7 @@ from plinth.track.run import RunDir
 from plinth.train.hooks import Hooks
 from plinth.train.loop import train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]  # minutes on a busy CPU
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
